@@ -1,0 +1,266 @@
+"""The hardware-assisted backend: guest code runs under /dev/kvm, one thread per vCPU in `run_vcpu`.
+
+The VM is set up as Firecracker does on x86: TSS and identity-map pages at the top of the 32-bit space, the
+in-kernel irqchip (PIC pair, IOAPIC, per-vCPU LAPIC with LINT0 = ExtINT and LINT1 = NMI as firmware leaves them)
+and PIT, one memory slot per RAM region, CPUID from a template. `run_vcpu` is the only exit-handling loop of this
+backend; port and MMIO exits go to `popek.accel.exits.handle_exit`, emulation failures to `kvm_assist`.
+
+Some hosts never complete a hypercall: KVM_RUN retries it in the host forever, the guest still taking its
+interrupts in between. Where the probe found that (family "hypercall"), `watch` kicks each vCPU out
+periodically, and a vCPU found on the same hypercall instruction at two kicks in a row gets it completed as a
+host without that hypercall would: RAX = -KVM_ENOSYS, RIP past the instruction.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import struct
+import threading
+from collections import Counter
+
+from popek.accel import kvm_assist
+from popek.accel.exits import MmioRead, MmioWrite, PioIn, PioOut, Stop, StopReason, handle_exit
+from popek.accel.kvm_probe import VMCALL, VMMCALL, unavailable_families
+from popek.accel.kvm_state import apply_entry, register_dump
+from popek.boot.entry import EntryState
+from popek.bus import Bus
+from popek.cpu import xsave
+from popek.cpuid import apply_template, for_vcpu
+from popek.devices.irq import IrqLine
+from popek.errors import ConfigError, GuestMemoryError
+from popek.kvm import (
+    Cap,
+    ExitReason,
+    InternalError,
+    Kvm,
+    KvmError,
+    SystemEvent,
+    VcpuFd,
+)
+from popek.kvm.consts import KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+from popek.memory import GuestMemory
+
+TSS_ADDR = 0xFFFBD000
+IDENTITY_MAP_ADDR = 0xFFFBC000
+APIC_LVT0 = 0x350
+APIC_LVT1 = 0x360
+APIC_MODE_NMI = 0x4 << 8
+APIC_MODE_EXTINT = 0x7 << 8
+KICK_SIGNAL = signal.SIGUSR1
+
+
+WATCHDOG_PERIOD = 0.25
+KVM_ENOSYS = 1000
+
+
+def _ignore_signal(_signum: int, _frame: object) -> None:
+    """The kick only has to interrupt KVM_RUN; there is nothing to do in Python."""
+
+
+def install_kick_handler() -> None:
+    """KVM_RUN returns EINTR when its thread gets a signal; a no-op handler makes SIGUSR1 harmless."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(KICK_SIGNAL, _ignore_signal)
+
+
+class KvmAccel:
+    name = "kvm"
+
+    def __init__(self, mem: GuestMemory, cpus: int, cpu_template: str = "portable", kvm_path: str = "/dev/kvm") -> None:
+        self.mem = mem
+        install_kick_handler()
+        self.kvm = Kvm(kvm_path)
+        max_vcpus = self.kvm.check_extension(Cap.MAX_VCPUS) or self.kvm.check_extension(Cap.NR_VCPUS) or 1
+        if not 1 <= cpus <= max_vcpus:
+            self.kvm.close()
+            raise ConfigError(f"--cpus must be between 1 and {max_vcpus} on this host, not {cpus}")
+        self.vm = self.kvm.create_vm()
+        self.vm.set_tss_addr(TSS_ADDR)
+        self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+        if self.vm.check_extension(Cap.EXIT_ON_EMULATION_FAILURE):
+            self.vm.enable_cap(Cap.EXIT_ON_EMULATION_FAILURE, 1)
+        for slot, region in enumerate(mem):
+            self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address)
+        self.unavailable = unavailable_families(self.kvm)
+        supported = self.kvm.supported_cpuid()
+        self.cpuid = apply_template(supported, cpu_template, self.unavailable)
+        # the XSAVE layout the guest sees is the host's, even where the template hides XSAVE from CPUID
+        self.xsave_layout = xsave.layout_from_cpuid(
+            {e.index: (e.eax, e.ebx, e.ecx, e.edx) for e in supported if e.function == 0xD}
+        )
+        self.vcpus: list[VcpuFd] = []
+        for i in range(cpus):
+            vcpu = self.vm.create_vcpu(i)
+            vcpu.set_cpuid2(for_vcpu(self.cpuid, i, cpus))
+            self._set_lint(vcpu)
+            self.vcpus.append(vcpu)
+        self.exit_counts: Counter[str] = Counter()
+        self.assists: Counter[str] = Counter()
+        self._threads: dict[int, int] = {}
+        self._stats_lock = threading.Lock()
+        self._stalled = [False] * cpus
+        self._stuck_rip: list[int | None] = [None] * cpus
+
+    @staticmethod
+    def _set_lint(vcpu: VcpuFd) -> None:
+        lapic = vcpu.get_lapic()
+        regs = memoryview(lapic).cast("B")  # the whole 1 KiB register page, NULs included
+        for offset, mode in ((APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)):
+            value = struct.unpack_from("<I", regs, offset)[0]
+            struct.pack_into("<I", regs, offset, (value & ~0x700) | mode)
+        vcpu.set_lapic(lapic)
+
+    def irq_line(self, number: int) -> IrqLine:
+        return IrqLine(number, lambda n, level: self.vm.irq_line(n, int(level)))
+
+    def set_boot_state(self, entry: EntryState) -> None:
+        apply_entry(self.vcpus[0], entry)
+
+    def kick(self, only: int | None = None) -> None:
+        """Make vCPUs (all, or `only`) leave KVM_RUN soon: now if inside, at their next entry otherwise."""
+        handler_installed = signal.getsignal(KICK_SIGNAL) is _ignore_signal
+        for i, vcpu in enumerate(self.vcpus):
+            if only not in (None, i) or vcpu.closed:
+                continue
+            vcpu.set_immediate_exit(True)
+            ident = self._threads.get(i)
+            if handler_installed and ident is not None:
+                try:
+                    signal.pthread_kill(ident, KICK_SIGNAL)
+                except (ProcessLookupError, OSError):
+                    pass
+
+    def watch(self, stopping: threading.Event) -> None:
+        """On hosts whose hypercalls hang, kick every vCPU each period so `run_vcpu` can look at where it is."""
+        if "hypercall" not in self.unavailable:
+            return
+        while not stopping.wait(WATCHDOG_PERIOD):
+            for i in list(self._threads):
+                self._stalled[i] = True
+                self.kick(i)
+
+    def _check_stuck_hypercall(self, index: int, vcpu: VcpuFd) -> None:
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        linear = regs.rip if sregs.efer & (1 << 10) and sregs.cs.l else (sregs.cs.base + regs.rip) & 0xFFFFFFFF
+        try:
+            insn = kvm_assist.read_linear(vcpu, self.mem, linear, 3)
+        except (kvm_assist.AssistError, GuestMemoryError, KvmError):
+            insn = b""
+        if insn not in (VMCALL, VMMCALL):
+            self._stuck_rip[index] = None
+            return
+        if self._stuck_rip[index] != linear:
+            self._stuck_rip[index] = linear  # give the host one more period to answer
+            return
+        regs.rax = (-KVM_ENOSYS) & 0xFFFFFFFFFFFFFFFF
+        regs.rip += len(insn)
+        vcpu.set_regs(regs)
+        self._stuck_rip[index] = None
+        with self._stats_lock:
+            self.assists["vmmcall" if insn == VMMCALL else "vmcall"] += 1
+
+    def run_vcpu(self, index: int, pio: Bus, mmio: Bus, stopping: threading.Event) -> Stop | None:
+        """Run vCPU `index` until the guest or the VMM ends the VM; returns why (None: stopped from outside)."""
+        vcpu = self.vcpus[index]
+        run = vcpu.run_page
+        counts: Counter[str] = Counter()
+        self._threads[index] = threading.get_ident()
+        try:
+            while not stopping.is_set():
+                reason = vcpu.run()
+                counts[reason.name if isinstance(reason, ExitReason) else str(reason)] += 1
+                if reason == ExitReason.IO:
+                    io = run.exit.io
+                    size, count = io.size, io.count
+                    buf = vcpu.io_data()
+                    if io.direction:  # out
+                        for i in range(count):
+                            handle_exit(PioOut(io.port, bytes(buf[i * size : (i + 1) * size])), pio, mmio)
+                    else:
+                        for i in range(count):
+                            data = handle_exit(PioIn(io.port, size), pio, mmio)
+                            buf[i * size : (i + 1) * size] = data or b"\xff" * size
+                elif reason == ExitReason.MMIO:
+                    m = run.exit.mmio
+                    if m.is_write:
+                        handle_exit(MmioWrite(m.phys_addr, bytes(m.data)[: m.len]), pio, mmio)
+                    else:
+                        data = handle_exit(MmioRead(m.phys_addr, m.len), pio, mmio) or b""
+                        ctypes.memmove(m.data, data, min(len(data), 8))
+                elif reason == ExitReason.INTR:
+                    vcpu.set_immediate_exit(False)
+                    if self._stalled[index]:
+                        self._stalled[index] = False
+                        self._check_stuck_hypercall(index, vcpu)
+                else:
+                    stop = self._slow_exit(vcpu, reason)
+                    if stop is not None:
+                        return stop
+            return None
+        except KvmError as e:
+            return Stop(StopReason.ERROR, f"vCPU {index}: {e}")
+        finally:
+            self._threads.pop(index, None)
+            with self._stats_lock:
+                self.exit_counts.update(counts)
+
+    def _slow_exit(self, vcpu: VcpuFd, reason: ExitReason | int) -> Stop | None:
+        run = vcpu.run_page
+        if reason == ExitReason.SHUTDOWN:
+            return Stop(
+                StopReason.TRIPLE_FAULT, "triple fault (the guest's exception handling failed)\n" + register_dump(vcpu)
+            )
+        if reason == ExitReason.SYSTEM_EVENT:
+            kind = run.exit.system_event.type
+            if kind == SystemEvent.RESET:
+                return Stop(StopReason.RESET, "the guest reset the machine")
+            if kind == SystemEvent.SHUTDOWN:
+                return Stop(StopReason.POWEROFF, "the guest powered off")
+            return Stop(StopReason.INTERNAL_ERROR, f"system event {kind}\n" + register_dump(vcpu))
+        if reason == ExitReason.INTERNAL_ERROR:
+            return self._internal_error(vcpu)
+        if reason == ExitReason.FAIL_ENTRY:
+            code = run.exit.fail_entry.hardware_entry_failure_reason
+            return Stop(
+                StopReason.FAIL_ENTRY,
+                f"KVM could not enter the guest (hardware reason {code:#x})\n" + register_dump(vcpu),
+            )
+        if reason == ExitReason.HLT:
+            return Stop(StopReason.POWEROFF, "the guest halted")
+        if reason in (ExitReason.IRQ_WINDOW_OPEN, ExitReason.DEBUG):
+            return None
+        return Stop(StopReason.INTERNAL_ERROR, f"unexpected KVM exit {reason}\n" + register_dump(vcpu))
+
+    def _internal_error(self, vcpu: VcpuFd) -> Stop | None:
+        run = vcpu.run_page
+        sub = run.exit.internal.suberror
+        if sub == InternalError.EMULATION:
+            ef = run.exit.emulation_failure
+            insn = None
+            if ef.ndata >= 2 and ef.flags & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+                insn = bytes(ef.insn_bytes)[: ef.insn_size]
+            try:
+                mnemonic = kvm_assist.complete(vcpu, self.mem, insn, self.xsave_layout)
+            except kvm_assist.AssistError as e:
+                return Stop(StopReason.INTERNAL_ERROR, f"{e}\n" + register_dump(vcpu))
+            with self._stats_lock:
+                self.assists[mnemonic] += 1
+            return None
+        try:
+            name = InternalError(sub).name
+        except ValueError:
+            name = str(sub)
+        data = " ".join(f"{x:#x}" for x in list(run.exit.internal.data)[: min(run.exit.internal.ndata, 16)])
+        return Stop(StopReason.INTERNAL_ERROR, f"KVM internal error {name} [{data}]\n" + register_dump(vcpu))
+
+    def register_dumps(self) -> str:
+        return "\n".join(register_dump(v) for v in self.vcpus if not v.closed)
+
+    def close(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vm.close()
+        self.kvm.close()

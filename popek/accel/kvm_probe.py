@@ -1,0 +1,111 @@
+"""Finding, at run time, the instruction families this host's KVM cannot execute for a ring-0 guest.
+
+Nested or paravirtual KVM hosts may emulate guest kernel code in software and fail on some instructions
+(KVM_EXIT_INTERNAL_ERROR, emulation failure), or never complete a hypercall (KVM_RUN spins in the host until a
+signal). Rather than knowing hosts by name, popek runs each candidate instruction once in a scratch VM at ring 0
+in 64-bit mode and hides from the guest's CPUID every family that failed (see `popek.cpuid`). On hardware that
+runs guests natively every probe passes and nothing is hidden.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from popek.accel.kvm_state import apply_entry
+from popek.boot.gdt import long_mode_entry
+from popek.cpuid import apply_template, for_vcpu
+from popek.kvm import ExitReason, Kvm, KvmError, VcpuFd
+from popek.memory import GuestMemory
+
+CODE_ADDR = 0x1000
+DATA_ADDR = 0x3000  # 64-byte aligned, as XSAVE requires
+HLT = b"\xf4"
+CR4_OSXSAVE = 1 << 18
+
+# instruction bytes (64-bit mode), and the registers they need
+PROBES: dict[str, tuple[bytes, dict[str, int]]] = {
+    "xsave": (bytes.fromhex("0fae242500300000"), {"rax": 1, "rdx": 0}),  # xsave [0x3000]
+    "cmpxchg16b": (bytes.fromhex("480fc70c2500300000"), {}),  # cmpxchg16b [0x3000]
+    # KVM_HC_CLOCK_PAIRING with an invalid clock type: a working host answers -KVM_EOPNOTSUPP at once
+    "hypercall": (b"", {"rax": 9, "rbx": 0x3000, "rcx": 0xFFFF}),
+}
+VMCALL = bytes.fromhex("0f01c1")
+VMMCALL = bytes.fromhex("0f01d9")
+HYPERCALL_WAIT = 0.1
+KICK_SIGNAL = signal.SIGUSR1
+
+
+def hypercall_instruction(kvm: Kvm) -> bytes:
+    """AMD's VMMCALL or Intel's VMCALL, as the guest kernel would choose from the CPU vendor."""
+    for e in kvm.supported_cpuid():
+        if e.function == 0:
+            return VMMCALL if e.ebx.to_bytes(4, "little") == b"Auth" else VMCALL
+    return VMCALL
+
+
+def _run_with_deadline(vcpu: VcpuFd, seconds: float) -> ExitReason | int | None:
+    """KVM_RUN in a helper thread; None if it did not come back in time (the thread is kicked out)."""
+    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+        return ExitReason.HLT  # no safe way to interrupt KVM_RUN here: assume the host is sound
+    result: list[ExitReason | int] = []
+    thread = threading.Thread(target=lambda: result.append(vcpu.run()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        vcpu.set_immediate_exit(True)
+        while thread.is_alive():
+            signal.pthread_kill(thread.ident or 0, KICK_SIGNAL)
+            thread.join(0.01)
+        return None
+    return result[0]
+
+
+_cache: dict[int, frozenset[str]] = {}
+_lock = threading.Lock()
+
+
+def _runs(kvm: Kvm, family: str) -> bool:
+    code, regs = PROBES[family]
+    supported = kvm.supported_cpuid()
+    with GuestMemory(2 << 20) as mem:
+        vm = kvm.create_vm()
+        try:
+            vm.set_tss_addr(0xFFFBD000)
+            region = mem.regions[0]
+            vm.set_user_memory_region(0, 0, region.size, region.host_address)
+            vcpu = vm.create_vcpu(0)
+            try:
+                vcpu.set_cpuid2(for_vcpu(apply_template(supported, "host"), 0, 1))
+                if family == "hypercall":
+                    code = hypercall_instruction(kvm)
+                mem.write(CODE_ADDR, code + HLT)
+                apply_entry(vcpu, long_mode_entry(mem, CODE_ADDR, regs))
+                if family == "xsave":
+                    sregs = vcpu.get_sregs()
+                    sregs.cr4 |= CR4_OSXSAVE
+                    vcpu.set_sregs(sregs)
+                for _ in range(16):
+                    reason = _run_with_deadline(vcpu, HYPERCALL_WAIT) if family == "hypercall" else vcpu.run()
+                    if reason is None:
+                        return False
+                    if reason == ExitReason.HLT:
+                        return True
+                    if reason != ExitReason.INTR:
+                        return False
+                return False
+            finally:
+                vcpu.close()
+        except KvmError:
+            return False
+        finally:
+            vm.close()
+
+
+def unavailable_families(kvm: Kvm) -> frozenset[str]:
+    """The families (names of `PROBES`) a ring-0 guest cannot execute here; probed once per process."""
+    with _lock:
+        key = id(type(kvm))
+        if key not in _cache:
+            _cache[key] = frozenset(f for f in PROBES if not _runs(kvm, f))
+        return _cache[key]

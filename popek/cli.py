@@ -1,0 +1,168 @@
+"""The `popek` command: `popek run` boots a VM; `popek image build|info` manages the default guest.
+
+Every failure a user can cause is reported as one line on stderr and a non-zero exit status; the exit status
+of `popek run` reflects how the guest ended (see `exit_status`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from popek.accel.exits import Stop, StopReason
+from popek.errors import ConfigError, PopekError
+from popek.kvm import KvmError
+
+EXIT_ERROR = 1
+EXIT_TRIPLE_FAULT = 3
+EXIT_VMM_FAILURE = 4
+EXIT_TIMEOUT = 124
+EXIT_SIGNAL = 130
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'512M', '1G', '65536K', '1048576' (bytes) → bytes; sizes count in powers of 1024, as QEMU's -m does."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ConfigError(f"cannot read {text!r} as a size (examples: 512M, 2G)")
+    number, unit = int(m.group(1)), m.group(2).upper()
+    if not unit and m.group(3) is None and number < 1 << 20:
+        unit = "M"  # like QEMU, a bare small number means MiB
+    return number << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[unit]
+
+
+def exit_status(stop: Stop, guest_status: int | None) -> int:
+    if stop.status is not None:
+        return stop.status & 0xFF
+    if guest_status is not None:
+        return guest_status & 0xFF
+    return {
+        StopReason.POWEROFF: 0,
+        StopReason.RESET: 0,
+        StopReason.USER_QUIT: 0,
+        StopReason.TRIPLE_FAULT: EXIT_TRIPLE_FAULT,
+        StopReason.TIMEOUT: EXIT_TIMEOUT,
+        StopReason.SIGNAL: EXIT_SIGNAL,
+    }.get(stop.reason, EXIT_VMM_FAILURE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="popek", description="popek: a programmable virtual machine monitor")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="boot a VM (the default guest unless --kernel is given)")
+    run.add_argument("--kernel", type=Path, help="bzImage, ELF vmlinux (PVH), Multiboot kernel or boot sector")
+    run.add_argument("--initrd", type=Path, help="initial ramdisk")
+    run.add_argument("--append", default=None, help="kernel command line (added to the default guest's)")
+    run.add_argument("--mem", default="512M", help="guest memory, e.g. 512M or 2G (default 512M)")
+    run.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
+    run.add_argument("--accel", default="kvm", help="backend: kvm (default)")
+    run.add_argument("--cpu-template", default="portable", help="CPUID template: portable (default) or host")
+    run.add_argument("--kvm-device", default="/dev/kvm", help="the KVM device (default /dev/kvm)")
+    run.add_argument("--timeout", type=float, default=None, help="stop the VM after this many seconds")
+    run.add_argument("--stats", action="store_true", help="print exit, port, MMIO and assist counts at the end")
+    run.add_argument("guest_command", nargs=argparse.REMAINDER, help="-- COMMAND...: run it in the default guest")
+    image = sub.add_parser("image", help="the default guest image")
+    image_sub = image.add_subparsers(dest="image_command", required=True)
+    build = image_sub.add_parser("build", help="build (or reuse) the default guest kernel and initramfs")
+    build.add_argument("--force", action="store_true", help="rebuild even if a cached image matches")
+    image_sub.add_parser("info", help="say what is cached and where it came from")
+    return p
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from popek.console import HostConsole
+    from popek.vm import Vm, VmSpec
+
+    command = list(args.guest_command)
+    if command and command[0] == "--":
+        command = command[1:]
+    default_guest = args.kernel is None
+    if default_guest:
+        from popek import image
+
+        guest = image.ensure_default_guest(progress=sys.stderr.isatty())
+        kernel, initrd = guest.kernel, args.initrd or guest.initrd
+        parts = [guest.cmdline]
+        if args.append:
+            parts.append(args.append)
+        if command:
+            parts.append(image.command_parameter(command))
+        cmdline = " ".join(parts)
+    else:
+        if command:
+            raise ConfigError("a guest command (after --) needs the default guest; with --kernel use --append")
+        kernel, initrd, cmdline = args.kernel, args.initrd, args.append or ""
+    spec = VmSpec(
+        kernel=kernel,
+        initrd=initrd,
+        cmdline=cmdline,
+        mem=parse_size(args.mem),
+        cpus=args.cpus,
+        accel=args.accel,
+        cpu_template=args.cpu_template,
+        timeout=args.timeout,
+        kvm_device=args.kvm_device,
+    )
+    console: HostConsole | None = None
+
+    def to_console(data: bytes) -> None:
+        if console is not None:
+            console.write(data)
+
+    with Vm(spec, console=to_console) as vm:
+        console = HostConsole(
+            vm.console_input, lambda: vm.request_stop(Stop(StopReason.USER_QUIT, "quit from the console (Ctrl-A x)"))
+        )
+        with console:
+            stop = vm.run()
+        guest_status = None
+        if default_guest:
+            from popek import image
+
+            guest_status = image.parse_exit_status(bytes(vm.serial_log.tail))
+        if guest_status is None or stop.reason not in (StopReason.RESET, StopReason.POWEROFF):
+            print(
+                f"\npopek: VM stopped: {stop.reason.value}" + (f": {stop.detail}" if stop.detail else ""),
+                file=sys.stderr,
+            )
+        if args.stats:
+            print(vm.stats(), file=sys.stderr)
+        return exit_status(stop, guest_status)
+
+
+def _cmd_image(args: argparse.Namespace) -> int:
+    from popek import image
+
+    if args.image_command == "build":
+        guest = image.ensure_default_guest(progress=sys.stderr.isatty(), force=args.force)
+        print(f"kernel: {guest.kernel}\ninitrd: {guest.initrd}\ncmdline: {guest.cmdline}")
+        return 0
+    print(image.image_info())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _cmd_run(args)
+        return _cmd_image(args)
+    except (PopekError, KvmError) as e:
+        print(f"popek: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:  # the image builder's errors, and anything unexpected, still end in one line
+        from popek import image
+
+        if isinstance(e, image.ImageError):
+            print(f"popek: error: {e}", file=sys.stderr)
+            return EXIT_ERROR
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

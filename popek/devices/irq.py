@@ -1,0 +1,27 @@
+"""Interrupt lines as devices see them: a level they raise and lower. Backends supply the wiring."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+class IrqLine:
+    """A level-sensitive line; only changes of level reach the interrupt controller."""
+
+    def __init__(self, number: int, deliver: Callable[[int, bool], None]) -> None:
+        self.number = number
+        self._deliver = deliver
+        self.level = False
+        self.raised = 0
+
+    def set_level(self, level: bool) -> None:
+        if level != self.level:
+            self.level = level
+            if level:
+                self.raised += 1
+            self._deliver(self.number, level)
+
+
+def null_line(number: int = 0) -> IrqLine:
+    """A line connected to nothing (tests, or a device whose interrupts the guest never enables)."""
+    return IrqLine(number, lambda _n, _level: None)

@@ -1,0 +1,1 @@
+"""PC legacy devices on the port-I/O bus."""

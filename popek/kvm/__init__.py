@@ -1,0 +1,20 @@
+"""A typed wrapper of the Linux KVM API: the only part of popek that knows ioctl numbers and struct layouts."""
+
+from popek.kvm.api import CpuidEntry, Kvm, KvmError, VcpuFd, VmFd
+from popek.kvm.consts import Cap, ExitReason, GuestDebug, InternalError, MemFlag, MpState, SystemEvent, VcpuEventsValid
+
+__all__ = [
+    "Cap",
+    "CpuidEntry",
+    "ExitReason",
+    "GuestDebug",
+    "InternalError",
+    "Kvm",
+    "KvmError",
+    "MemFlag",
+    "MpState",
+    "SystemEvent",
+    "VcpuEventsValid",
+    "VcpuFd",
+    "VmFd",
+]

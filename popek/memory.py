@@ -1,0 +1,187 @@
+"""Guest RAM: anonymous mmaps placed in guest-physical space around the 32-bit MMIO hole.
+
+Every access is bounds-checked against the regions, so a hostile guest address (a virtio descriptor, a boot
+parameter) becomes a `GuestMemoryError`, never a host access outside guest RAM. Writes made by the VMM on the
+guest's behalf mark pages dirty; a backend that tracks guest writes itself (KVM's dirty log) merges its bitmap
+in through `mark_dirty_bitmap`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from popek.errors import ConfigError, GuestMemoryError
+
+PAGE_SIZE = 4096
+MMIO_HOLE_START = 0xC000_0000
+MMIO_HOLE_END = 0x1_0000_0000
+
+
+@dataclass
+class Region:
+    """One contiguous guest-physical range backed by one host mapping."""
+
+    gpa: int
+    size: int
+    mapping: mmap.mmap
+    dirty: bytearray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dirty = bytearray((self.size // PAGE_SIZE + 7) // 8)
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    @property
+    def host_address(self) -> int:
+        """The userspace address KVM needs for a memory slot."""
+        anchor = ctypes.c_char.from_buffer(self.mapping)
+        address = ctypes.addressof(anchor)
+        del anchor
+        return address
+
+
+def layout(size: int) -> list[tuple[int, int]]:
+    """Split `size` bytes of RAM into (gpa, size) ranges that skip the MMIO hole below 4 GiB."""
+    if size <= 0:
+        raise ConfigError(f"guest memory size must be positive, not {size}")
+    if size % PAGE_SIZE:
+        raise ConfigError(f"guest memory size {size} is not a multiple of {PAGE_SIZE}")
+    if size <= MMIO_HOLE_START:
+        return [(0, size)]
+    return [(0, MMIO_HOLE_START), (MMIO_HOLE_END, size - MMIO_HOLE_START)]
+
+
+class GuestMemory:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.regions: list[Region] = []
+        try:
+            for gpa, length in layout(size):
+                mapping = mmap.mmap(
+                    -1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+                )
+                self.regions.append(Region(gpa, length, mapping))
+        except OSError as e:
+            self.close()
+            raise ConfigError(f"cannot allocate {size} bytes of guest memory: {e.strerror}") from None
+
+    def close(self) -> None:
+        for region in self.regions:
+            try:
+                region.mapping.close()
+            except BufferError:
+                pass  # a view is still exported; the mapping goes with the last reference
+        self.regions = []
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Region]:
+        return iter(self.regions)
+
+    @property
+    def top(self) -> int:
+        """The first guest-physical address above all RAM."""
+        return self.regions[-1].end
+
+    @property
+    def low_top(self) -> int:
+        """The end of RAM below the 32-bit MMIO hole."""
+        return self.regions[0].end
+
+    def _find(self, gpa: int, size: int) -> tuple[Region, int]:
+        if size < 0 or gpa < 0:
+            raise GuestMemoryError(f"bad guest access at {gpa:#x} of {size} bytes")
+        for region in self.regions:
+            if region.gpa <= gpa and gpa + size <= region.end:
+                return region, gpa - region.gpa
+        raise GuestMemoryError(f"guest-physical range {gpa:#x}+{size:#x} is not in guest RAM")
+
+    def contains(self, gpa: int, size: int = 1) -> bool:
+        return any(r.gpa <= gpa and gpa + size <= r.end for r in self.regions)
+
+    def view(self, gpa: int, size: int) -> memoryview:
+        """A zero-copy window on guest RAM; the range must lie inside one region."""
+        region, offset = self._find(gpa, size)
+        return memoryview(region.mapping)[offset : offset + size]
+
+    def read(self, gpa: int, size: int) -> bytes:
+        region, offset = self._find(gpa, size)
+        return region.mapping[offset : offset + size]
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        size = len(data)
+        region, offset = self._find(gpa, size)
+        region.mapping[offset : offset + size] = data
+        self._mark(region, offset, size)
+
+    def fill(self, gpa: int, size: int, byte: int = 0) -> None:
+        self.write(gpa, bytes([byte]) * size)
+
+    def read_u8(self, gpa: int) -> int:
+        return self.read(gpa, 1)[0]
+
+    def read_u16(self, gpa: int) -> int:
+        return int(struct.unpack("<H", self.read(gpa, 2))[0])
+
+    def read_u32(self, gpa: int) -> int:
+        return int(struct.unpack("<I", self.read(gpa, 4))[0])
+
+    def read_u64(self, gpa: int) -> int:
+        return int(struct.unpack("<Q", self.read(gpa, 8))[0])
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        self.write(gpa, struct.pack("<B", value))
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self.write(gpa, struct.pack("<H", value))
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.write(gpa, struct.pack("<I", value))
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.write(gpa, struct.pack("<Q", value))
+
+    def read_cstring(self, gpa: int, limit: int = 4096) -> bytes:
+        """A NUL-terminated string starting at `gpa`, at most `limit` bytes, clipped to its region."""
+        region, offset = self._find(gpa, 1)
+        chunk = region.mapping[offset : min(offset + limit, region.size)]
+        end = chunk.find(b"\0")
+        return chunk if end < 0 else chunk[:end]
+
+    # --- dirty tracking ---
+
+    @staticmethod
+    def _mark(region: Region, offset: int, size: int) -> None:
+        if size == 0:
+            return
+        for page in range(offset // PAGE_SIZE, (offset + size - 1) // PAGE_SIZE + 1):
+            region.dirty[page >> 3] |= 1 << (page & 7)
+
+    def mark_dirty_bitmap(self, region_index: int, bitmap: bytes) -> None:
+        """Merge a backend's dirty bitmap (bit per page, little-endian bit order as KVM returns it)."""
+        dirty = self.regions[region_index].dirty
+        for i, byte in enumerate(bitmap[: len(dirty)]):
+            dirty[i] |= byte
+
+    def dirty_pages(self, clear: bool = True) -> list[int]:
+        """Guest-physical addresses of pages written since the last call."""
+        pages = []
+        for region in self.regions:
+            for i, byte in enumerate(region.dirty):
+                if byte:
+                    for bit in range(8):
+                        if byte & (1 << bit):
+                            pages.append(region.gpa + (i * 8 + bit) * PAGE_SIZE)
+            if clear:
+                region.dirty[:] = bytes(len(region.dirty))
+        return pages

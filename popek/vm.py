@@ -1,0 +1,220 @@
+"""A virtual machine built from a `VmSpec`, run on one of the backends, stopped cleanly with a reason.
+
+`Vm.__init__` is the builder, in Firecracker's order and read top to bottom: guest memory → accelerator →
+buses and legacy devices (`_attach_*`) → kernel, initrd and command line → MP table → boot vCPU state.
+`Vm.run` starts one thread per vCPU and returns the `Stop` that ended the VM, whoever caused it: the guest
+(reset, debug-exit port, triple fault), the VMM (an error), or the host (a signal, a timeout).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from popek.accel.exits import Stop, StopReason
+from popek.accel.kvm import KvmAccel
+from popek.boot import load_kernel, mptable
+from popek.boot.loader import BootImage, read_file
+from popek.bus import Bus
+from popek.devices.legacy.cmos import Cmos
+from popek.devices.legacy.i8042 import I8042
+from popek.devices.legacy.misc import DebugExit, PostCode
+from popek.devices.legacy.serial import Serial
+from popek.errors import ConfigError
+from popek.memory import PAGE_SIZE, GuestMemory
+
+COM1_PORT, COM1_IRQ = 0x3F8, 4
+I8042_PORT = 0x60
+CMOS_PORT = 0x70
+POST_PORT = 0x80
+DEBUG_EXIT_PORT = 0xF4
+MMIO_STATS_GRANULE = PAGE_SIZE
+SERIAL_TAIL = 1 << 20
+ACCELS = ("kvm",)
+
+
+@dataclass
+class VmSpec:
+    """Everything a VM is built from; the CLI and the Python API both fill one in."""
+
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = ""
+    mem: int = 512 << 20
+    cpus: int = 1
+    accel: str = "kvm"
+    cpu_template: str = "portable"
+    timeout: float | None = None
+    debug_exit: bool = True
+    kvm_device: str = "/dev/kvm"
+
+    def validate(self) -> None:
+        if self.mem <= 0:
+            raise ConfigError(f"guest memory must be more than 0 bytes (got {self.mem})")
+        if self.mem % PAGE_SIZE:
+            raise ConfigError(f"guest memory must be a multiple of 4 KiB (got {self.mem})")
+        if self.mem < 1 << 20:
+            raise ConfigError("guest memory must be at least 1 MiB")
+        if self.cpus < 1:
+            raise ConfigError(f"a VM needs at least one vCPU (got {self.cpus})")
+        if self.accel not in ACCELS:
+            raise ConfigError(f"unknown accelerator {self.accel!r}: choose one of {', '.join(ACCELS)}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ConfigError("the timeout must be positive")
+
+
+@dataclass
+class SerialLog:
+    """The console's output as it passes to the sink: a bounded tail kept for parsing, and a byte count."""
+
+    sink: Callable[[bytes], None] | None = None
+    tail: bytearray = field(default_factory=bytearray)
+    total: int = 0
+
+    def __call__(self, data: bytes) -> None:
+        self.total += len(data)
+        self.tail += data
+        if len(self.tail) > SERIAL_TAIL:
+            del self.tail[: len(self.tail) - SERIAL_TAIL]
+        if self.sink is not None:
+            self.sink(data)
+
+
+class Vm:
+    def __init__(self, spec: VmSpec, console: Callable[[bytes], None] | None = None) -> None:
+        spec.validate()
+        self.spec = spec
+        kernel = read_file(spec.kernel, "kernel")
+        initrd = read_file(spec.initrd, "initrd") if spec.initrd is not None else None
+        if initrd is not None and len(initrd) >= spec.mem:
+            raise ConfigError(f"the initrd ({len(initrd)} bytes) is larger than guest memory ({spec.mem} bytes)")
+
+        self.mem = GuestMemory(spec.mem)
+        self.accel: KvmAccel | None = None
+        try:
+            self.accel = KvmAccel(self.mem, spec.cpus, spec.cpu_template, spec.kvm_device)
+            self.pio = Bus("port", 1)
+            self.mmio = Bus("mmio", MMIO_STATS_GRANULE)
+            self.serial_log = SerialLog(console)
+            self._stop: Stop | None = None
+            self._stop_lock = threading.Lock()
+            self.stopping = threading.Event()
+            self._attach_legacy_devices()
+            self.boot: BootImage = load_kernel(self.mem, kernel, spec.cmdline, initrd)
+            mptable.write(self.mem, spec.cpus)
+            self.accel.set_boot_state(self.boot.entry)
+        except BaseException:
+            self.close()
+            raise
+        self.started_at: float | None = None
+        self.stopped_at: float | None = None
+
+    # --- devices ---
+
+    def _attach_legacy_devices(self) -> None:
+        assert self.accel is not None
+        self.serial = Serial(self.accel.irq_line(COM1_IRQ), self.serial_log)
+        self.pio.insert(COM1_PORT, 8, self.serial, "serial COM1")
+        self.i8042 = I8042(lambda: self.request_stop(Stop(StopReason.RESET, "the guest reset the machine (i8042)")))
+        self.pio.insert(I8042_PORT, 5, self.i8042, "i8042")  # 0x60 data, 0x64 status/command
+        self.cmos = Cmos()
+        self.pio.insert(CMOS_PORT, 2, self.cmos, "cmos rtc")
+        self.pio.insert(POST_PORT, 1, PostCode(), "post code")
+        if self.spec.debug_exit:
+            exit_dev = DebugExit(
+                lambda status: self.request_stop(
+                    Stop(StopReason.DEBUG_EXIT, f"the guest wrote to the debug-exit port (status {status})", status)
+                )
+            )
+            self.pio.insert(DEBUG_EXIT_PORT, 1, exit_dev, "debug exit")
+
+    # --- running ---
+
+    def request_stop(self, stop: Stop) -> None:
+        """Record why the VM ends (the first reason wins) and make every vCPU leave the guest."""
+        with self._stop_lock:
+            if self._stop is None:
+                self._stop = stop
+        self.stopping.set()
+        if self.accel is not None:
+            self.accel.kick()
+
+    def console_input(self, data: bytes) -> int:
+        """Type bytes on the serial console; returns how many the UART took."""
+        return self.serial.enqueue_input(data)
+
+    def run(self) -> Stop:
+        assert self.accel is not None
+        accel = self.accel
+        self.started_at = time.monotonic()
+
+        def vcpu_thread(index: int) -> None:
+            try:
+                stop = accel.run_vcpu(index, self.pio, self.mmio, self.stopping)
+            except Exception as e:  # a VMM bug must still end the VM cleanly, with its cause
+                stop = Stop(StopReason.ERROR, f"vCPU {index}: {type(e).__name__}: {e}")
+            if stop is not None:
+                self.request_stop(stop)
+
+        threads = [
+            threading.Thread(target=vcpu_thread, args=(i,), name=f"vcpu{i}", daemon=True) for i in range(self.spec.cpus)
+        ]
+        for t in threads:
+            t.start()
+        threading.Thread(target=accel.watch, args=(self.stopping,), name="vcpu-watchdog", daemon=True).start()
+        try:
+            deadline = None if self.spec.timeout is None else self.started_at + self.spec.timeout
+            while not self.stopping.wait(0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))):
+                if deadline is not None and time.monotonic() >= deadline:
+                    self.request_stop(Stop(StopReason.TIMEOUT, f"the VM ran longer than {self.spec.timeout:g} s"))
+        except KeyboardInterrupt:
+            self.request_stop(Stop(StopReason.SIGNAL, "interrupted (SIGINT)"))
+        for t in threads:
+            while t.is_alive():
+                accel.kick()
+                t.join(0.05)
+        self.stopped_at = time.monotonic()
+        assert self._stop is not None
+        if self._stop.reason in (StopReason.TIMEOUT, StopReason.SIGNAL):
+            # where the guest was is the first question about a VM that had to be stopped from outside
+            self._stop = Stop(self._stop.reason, self._stop.detail + "\n" + accel.register_dumps(), self._stop.status)
+        return self._stop
+
+    @property
+    def stop_reason(self) -> Stop | None:
+        return self._stop
+
+    def stats(self) -> str:
+        """Exit counts per reason, per port and per MMIO page, and assists, as `--stats` prints them."""
+        assert self.accel is not None
+        lines = []
+        elapsed = (self.stopped_at or time.monotonic()) - (self.started_at or time.monotonic())
+        exits = self.accel.exit_counts
+        lines.append(f"popek stats: {sum(exits.values())} exits in {elapsed:.3f} s")
+        lines.append("exits: " + " ".join(f"{k.lower()}={v}" for k, v in exits.most_common()))
+        for port, n in sorted(self.pio.counts.items()):
+            lines.append(f"io 0x{port:04x}: {n} ({self.pio.name_of(port)})")
+        for page, n in sorted(self.mmio.counts.items()):
+            lines.append(f"mmio 0x{page:08x}: {n} ({self.mmio.name_of(page)})")
+        unclaimed = sum(self.pio.unclaimed.values()) + sum(self.mmio.unclaimed.values())
+        lines.append(f"unclaimed accesses: {unclaimed}")
+        lines.append("assists: " + (" ".join(f"{k}={v}" for k, v in self.accel.assists.most_common()) or "none"))
+        if self.accel.unavailable:
+            lines.append("hidden from CPUID (host cannot execute): " + ", ".join(sorted(self.accel.unavailable)))
+        lines.append(f"serial: {self.serial_log.total} bytes out, {self.serial.bytes_in} bytes in")
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        if self.accel is not None:
+            self.accel.close()
+            self.accel = None
+        self.mem.close()
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

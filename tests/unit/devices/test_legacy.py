@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import time
+
+from popek.devices.irq import IrqLine
+from popek.devices.legacy import serial as uart
+from popek.devices.legacy.cmos import Cmos
+from popek.devices.legacy.i8042 import I8042
+from popek.devices.legacy.misc import DebugExit
+
+
+def make_uart() -> tuple[uart.Serial, list[bytes], list[bool]]:
+    out: list[bytes] = []
+    levels: list[bool] = []
+    return uart.Serial(IrqLine(4, lambda _n, lvl: levels.append(lvl)), out.append), out, levels
+
+
+def test_uart_transmits_bytes_written_to_thr() -> None:
+    dev, out, _ = make_uart()
+    for b in b"ok\n":
+        dev.write(uart.RBR_THR, bytes([b]))
+    assert b"".join(out) == b"ok\n"
+    assert dev.read(uart.LSR, 1)[0] & uart.LSR_THRE
+
+
+def test_uart_divisor_latch_hides_thr_and_ier() -> None:
+    dev, out, _ = make_uart()
+    dev.write(uart.LCR, b"\x83")
+    dev.write(uart.RBR_THR, b"\x01")
+    dev.write(uart.IER, b"\x00")
+    dev.write(uart.LCR, b"\x03")
+    assert out == []
+    assert (dev.dll, dev.dlm) == (1, 0)
+
+
+def test_uart_raises_thre_interrupt_until_iir_is_read() -> None:
+    dev, _, levels = make_uart()
+    dev.write(uart.IER, bytes([uart.IER_THRE]))
+    assert levels == [True]
+    assert dev.read(uart.IIR_FCR, 1)[0] & 0x0F == uart.IIR_THRE
+    assert levels == [True, False]
+    assert dev.read(uart.IIR_FCR, 1)[0] & 0x0F == uart.IIR_NONE
+
+
+def test_uart_receive_fifo_interrupts_and_fills_up() -> None:
+    dev, _, levels = make_uart()
+    dev.write(uart.IER, bytes([uart.IER_RDA]))
+    assert dev.enqueue_input(b"x" * 100) == uart.RX_FIFO_SIZE
+    assert levels[-1] is True
+    assert dev.read(uart.LSR, 1)[0] & uart.LSR_DR
+    data = bytes(dev.read(uart.RBR_THR, 1)[0] for _ in range(uart.RX_FIFO_SIZE))
+    assert data == b"x" * uart.RX_FIFO_SIZE
+    assert levels[-1] is False
+    assert not dev.read(uart.LSR, 1)[0] & uart.LSR_DR
+
+
+def test_uart_reports_a_16550a_fifo_when_enabled() -> None:
+    dev, _, _ = make_uart()
+    dev.write(uart.IIR_FCR, b"\x07")
+    assert dev.read(uart.IIR_FCR, 1)[0] & 0xC0 == 0xC0
+
+
+def test_uart_loopback_feeds_transmit_back_to_receive() -> None:
+    dev, out, _ = make_uart()
+    dev.write(uart.MCR, bytes([uart.MCR_LOOP | 0x0B]))
+    dev.write(uart.RBR_THR, b"Z")
+    assert out == []
+    assert dev.read(uart.RBR_THR, 1) == b"Z"
+    assert dev.read(uart.MSR, 1)[0] & 0xF0 == 0xB0
+
+
+def test_i8042_pulse_reset_command_resets() -> None:
+    resets: list[int] = []
+    dev = I8042(lambda: resets.append(1))
+    dev.write(4, b"\xfe")
+    assert resets == [1]
+
+
+def test_i8042_answers_ctr_read_and_self_test() -> None:
+    dev = I8042(lambda: None)
+    dev.write(4, b"\x20")
+    assert dev.read(4, 1)[0] & 0x01
+    assert dev.read(0, 1) == bytes([0x47])
+    dev.write(4, b"\x60")
+    dev.write(0, b"\x65")
+    dev.write(4, b"\x20")
+    assert dev.read(0, 1) == b"\x65"
+    dev.write(4, b"\xaa")
+    assert dev.read(0, 1) == b"\x55"
+    assert not dev.read(4, 1)[0] & 0x01
+
+
+def test_i8042_output_port_write_without_reset_bit_resets() -> None:
+    resets: list[int] = []
+    dev = I8042(lambda: resets.append(1))
+    dev.write(4, b"\xd1")
+    dev.write(0, b"\x00")
+    assert resets == [1]
+
+
+def test_cmos_clock_reads_host_time_in_bcd_and_binary() -> None:
+    t = time.mktime((2026, 11, 24, 19, 45, 30, 0, 0, 0)) - time.timezone
+    dev = Cmos(clock=lambda: t)
+
+    def reg(n: int) -> int:
+        dev.write(0, bytes([n]))
+        return dev.read(1, 1)[0]
+
+    assert (reg(4), reg(2), reg(0)) == (0x19, 0x45, 0x30)
+    assert (reg(7), reg(8), reg(9), reg(0x32)) == (0x24, 0x11, 0x26, 0x20)
+    dev.write(0, b"\x0b")
+    dev.write(1, b"\x06")
+    assert reg(4) == 19
+    assert reg(0x0D) & 0x80
+
+
+def test_cmos_nvram_keeps_values_and_index_masks_nmi_bit() -> None:
+    dev = Cmos()
+    dev.write(0, b"\xb0")
+    dev.write(1, b"\x5a")
+    dev.write(0, b"\x30")
+    assert dev.read(1, 1) == b"\x5a"
+    assert dev.nmi_disabled is False
+
+
+def test_debug_exit_status_is_value_shifted_left_plus_one() -> None:
+    got: list[int] = []
+    DebugExit(got.append).write(0, b"\x2a")
+    assert got == [0x55]
