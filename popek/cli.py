@@ -19,6 +19,7 @@ from popek.kvm import KvmError
 EXIT_ERROR = 1
 EXIT_TRIPLE_FAULT = 3
 EXIT_VMM_FAILURE = 4
+EXIT_NO_STATUS = 125
 EXIT_TIMEOUT = 124
 EXIT_SIGNAL = 130
 
@@ -125,6 +126,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             from popek import image
 
             guest_status = image.parse_exit_status(bytes(vm.serial_log.tail))
+            if guest_status is None and command and stop.reason in (StopReason.RESET, StopReason.POWEROFF):
+                # the guest went down without saying how the command ended: that is no success
+                print("\npopek: the guest never reported the command's exit status", file=sys.stderr)
+                guest_status = EXIT_NO_STATUS
         if guest_status is None or stop.reason not in (StopReason.RESET, StopReason.POWEROFF):
             print(
                 f"\npopek: VM stopped: {stop.reason.value}" + (f": {stop.detail}" if stop.detail else ""),

@@ -257,17 +257,25 @@ class VcpuFd(_FdOwner):
     def close(self) -> None:
         if not self.closed:
             del self.run_page
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # a caller still holds a view of kvm_run; the mapping goes with it
         super().close()
 
     def run(self) -> c.ExitReason | int:
-        """Enter the guest until the next exit to userspace; EINTR comes back as ExitReason.INTR."""
-        try:
-            fcntl.ioctl(self.fd, c.KVM_RUN, 0)
-        except OSError as e:
-            if e.errno == errno_mod.EINTR:
-                return c.ExitReason.INTR
-            raise KvmError("KVM_RUN", e.errno or 0) from None
+        """Enter the guest until the next exit to userspace; EINTR comes back as ExitReason.INTR.
+
+        EAGAIN is KVM's way of saying a vCPU waiting for INIT/SIPI woke up: it is simply entered again."""
+        while True:
+            try:
+                fcntl.ioctl(self.fd, c.KVM_RUN, 0)
+                break
+            except OSError as e:
+                if e.errno == errno_mod.EINTR:
+                    return c.ExitReason.INTR
+                if e.errno != errno_mod.EAGAIN:
+                    raise KvmError("KVM_RUN", e.errno or 0) from None
         reason = int(self.run_page.exit_reason)
         try:
             return c.ExitReason(reason)

@@ -1,0 +1,99 @@
+"""The KVM wrapper against the real /dev/kvm: ioeventfd, dirty logging, vCPU state round trips, errors."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from popek.accel.kvm_state import apply_entry
+from popek.boot import load_kernel
+from popek.kvm import ExitReason, Kvm, KvmError, MemFlag
+from popek.memory import GuestMemory
+
+pytestmark = [
+    pytest.mark.kvm,
+    pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs a usable /dev/kvm"),
+]
+
+
+def boot_sector(code: bytes) -> bytes:
+    return code.ljust(510, b"\0") + b"\x55\xaa"
+
+
+# mov cx, 5 ; mov dx, 0x600 ; l: out dx, al ; loop l ; mov byte [0x5000], 1 ; mov byte [0x9000], 1 ; out 0xf4, al
+GUEST = bytes.fromhex("b90500" "ba0006" "ee" "e2fd" "c606005001" "c606009001" "e6f4" "f4")
+
+
+@pytest.fixture
+def machine():  # type: ignore[no-untyped-def]
+    kvm = Kvm()
+    mem = GuestMemory(1 << 20)
+    vm = kvm.create_vm()
+    vm.set_tss_addr(0xFFFBD000)
+    region = mem.regions[0]
+    vm.set_user_memory_region(0, 0, region.size, region.host_address, MemFlag.LOG_DIRTY_PAGES)
+    vcpu = vm.create_vcpu(0)
+    apply_entry(vcpu, load_kernel(mem, boot_sector(GUEST)).entry)
+    yield kvm, vm, vcpu, mem
+    vcpu.close()
+    vm.close()
+    kvm.close()
+    mem.close()
+
+
+def run_to_debug_port(vcpu) -> int:  # type: ignore[no-untyped-def]
+    exits = 0
+    while True:
+        reason = vcpu.run()
+        exits += 1
+        if reason == ExitReason.IO and vcpu.run_page.exit.io.port == 0xF4:
+            return exits
+
+
+def test_ioeventfd_takes_port_writes_without_exits(machine) -> None:  # type: ignore[no-untyped-def]
+    _kvm, vm, vcpu, _mem = machine
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        vm.ioeventfd(fd, 0x600, 1, pio=True)
+        exits = run_to_debug_port(vcpu)
+        assert os.eventfd_read(fd) == 5
+        assert exits == 1
+    finally:
+        os.close(fd)
+
+
+def test_dirty_log_reports_pages_the_guest_wrote(machine) -> None:  # type: ignore[no-untyped-def]
+    _kvm, vm, vcpu, mem = machine
+    vm.dirty_log(0, 256)  # clear what loading the boot sector dirtied
+    run_to_debug_port(vcpu)
+    mem.mark_dirty_bitmap(0, vm.dirty_log(0, 256))
+    dirty = mem.dirty_pages()
+    assert 0x5000 in dirty and 0x9000 in dirty
+    assert 0x6000 not in dirty
+
+
+def test_register_state_round_trips(machine) -> None:  # type: ignore[no-untyped-def]
+    _kvm, _vm, vcpu, _mem = machine
+    regs = vcpu.get_regs()
+    regs.r15 = 0x1122334455667788
+    vcpu.set_regs(regs)
+    assert vcpu.get_regs().r15 == 0x1122334455667788
+    msrs = vcpu.get_msrs([0x174])  # IA32_SYSENTER_CS
+    vcpu.set_msrs({0x174: 0x10})
+    assert vcpu.get_msrs([0x174]) == {0x174: 0x10} and 0x174 in msrs
+    events = vcpu.get_vcpu_events()
+    vcpu.set_vcpu_events(events)
+
+
+def test_errors_name_the_ioctl_and_keep_errno(machine) -> None:  # type: ignore[no-untyped-def]
+    _kvm, vm, _vcpu, _mem = machine
+    with pytest.raises(KvmError) as e:
+        vm.create_vcpu(0)  # already exists
+    assert e.value.op == "KVM_CREATE_VCPU" and e.value.errno == errno.EEXIST
+
+
+def test_missing_device_is_a_clear_error() -> None:
+    with pytest.raises(KvmError, match="no KVM on this host"):
+        Kvm("/nonexistent/kvm")
