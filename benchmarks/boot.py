@@ -94,17 +94,47 @@ def main() -> None:
         args.append = args.append or guest.cmdline
     append = args.append or "console=ttyS0 reboot=k panic=-1"
     guest_bytes = args.mem << 20
-    popek = [sys.executable, "-m", "popek", "run", "--kernel", str(args.kernel), "--append", append,
-             "--mem", f"{args.mem}M", "--timeout", str(args.timeout)]
-    qemu = ["qemu-system-x86_64", "-nographic", "-no-reboot", "-m", str(args.mem), "-kernel", str(args.kernel),
-            "-append", append, "-cpu", "max"]
+    popek = [
+        sys.executable,
+        "-m",
+        "popek",
+        "run",
+        "--kernel",
+        str(args.kernel),
+        "--append",
+        append,
+        "--mem",
+        f"{args.mem}M",
+        "--timeout",
+        str(args.timeout),
+    ]
+    qemu = [
+        "qemu-system-x86_64",
+        "-nographic",
+        "-no-reboot",
+        "-m",
+        str(args.mem),
+        "-kernel",
+        str(args.kernel),
+        "-append",
+        append,
+        "-cpu",
+        "max",
+    ]
     if args.initrd:
         popek += ["--initrd", str(args.initrd)]
         qemu += ["-initrd", str(args.initrd)]
     results = [measure("popek (kvm)", popek, args.marker, guest_bytes, args.timeout)]
     results.append(measure("qemu -accel tcg", [*qemu, "-accel", "tcg"], args.marker, guest_bytes, args.timeout))
-    results.append(measure("qemu -accel kvm", [*qemu[:-2], "-cpu", "host", "-accel", "kvm"], args.marker,
-                           guest_bytes, min(args.timeout, 300)))
+    results.append(
+        measure(
+            "qemu -accel kvm",
+            [*qemu[:-2], "-cpu", "host", "-accel", "kvm"],
+            args.marker,
+            guest_bytes,
+            min(args.timeout, 300),
+        )
+    )
     print(f"kernel {args.kernel}, {args.mem} MiB, marker {args.marker!r}")
     for r in results:
         t = f"{r.seconds:8.1f} s" if r.seconds is not None else "       - "

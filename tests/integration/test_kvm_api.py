@@ -23,7 +23,7 @@ def boot_sector(code: bytes) -> bytes:
 
 
 # mov cx, 5 ; mov dx, 0x600 ; l: out dx, al ; loop l ; mov byte [0x5000], 1 ; mov byte [0x9000], 1 ; out 0xf4, al
-GUEST = bytes.fromhex("b90500" "ba0006" "ee" "e2fd" "c606005001" "c606009001" "e6f4" "f4")
+GUEST = bytes.fromhex("b90500ba0006eee2fdc606005001c606009001e6f4f4")
 
 
 @pytest.fixture

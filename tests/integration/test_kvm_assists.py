@@ -125,7 +125,7 @@ nl: db 10, 0
     )
     r = run(image)
     assert r.returncode == 1, r.stderr
-    assert r.stdout.strip() == "00000010" "00000008" "00000001" "00000000"
+    assert r.stdout.strip() == "00000010000000080000000100000000"
     assists = re.search(r"^assists: (.*)$", r.stderr, re.MULTILINE)
     assert assists, r.stderr
 
