@@ -9,6 +9,11 @@ Some hosts never complete a hypercall: KVM_RUN retries it in the host forever, t
 interrupts in between. Where the probe found that (family "hypercall"), `watch` kicks each vCPU out
 periodically, and a vCPU found on the same hypercall instruction at two kicks in a row gets it completed as a
 host without that hypercall would: RAX = -KVM_ENOSYS, RIP past the instruction.
+
+Some hosts leave a SYSCALL from guest ring 3 at CPL 3 (family "syscall"): each vCPU then watches its guest's
+#GP and #PF handlers with hardware breakpoints and completes such SYSCALLs (`popek.accel.kvm_syscall`). It
+looks for the handlers before every entry until the guest has them, then at the periodic kicks, which follow a
+guest that moves its IDT or rewrites a gate.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from popek.accel import kvm_assist
 from popek.accel.exits import MmioRead, MmioWrite, PioIn, PioOut, Stop, StopReason, handle_exit
 from popek.accel.kvm_probe import VMCALL, VMMCALL, unavailable_families
 from popek.accel.kvm_state import apply_entry, register_dump
+from popek.accel.kvm_syscall import UserSyscallAssist
 from popek.boot.entry import EntryState
 from popek.bus import Bus
 from popek.cpu import xsave
@@ -97,6 +103,9 @@ class KvmAccel:
             vcpu.set_cpuid2(for_vcpu(self.cpuid, i, cpus))
             self._set_lint(vcpu)
             self.vcpus.append(vcpu)
+        self.syscall_assists: list[UserSyscallAssist | None] = [
+            UserSyscallAssist(vcpu, mem) if "syscall" in self.unavailable else None for vcpu in self.vcpus
+        ]
         self.exit_counts: Counter[str] = Counter()
         self.assists: Counter[str] = Counter()
         self._threads: dict[int, int] = {}
@@ -134,8 +143,9 @@ class KvmAccel:
                     pass
 
     def watch(self, stopping: threading.Event) -> None:
-        """On hosts whose hypercalls hang, kick every vCPU each period so `run_vcpu` can look at where it is."""
-        if "hypercall" not in self.unavailable:
+        """On hosts whose hypercalls hang or whose SYSCALL needs completing, kick every vCPU each period so
+        `run_vcpu` can look at where it is and at the guest's IDT."""
+        if not self.unavailable & {"hypercall", "syscall"}:
             return
         while not stopping.wait(WATCHDOG_PERIOD):
             for i in list(self._threads):
@@ -167,9 +177,12 @@ class KvmAccel:
         vcpu = self.vcpus[index]
         run = vcpu.run_page
         counts: Counter[str] = Counter()
+        syscall_assist = self.syscall_assists[index]
         self._threads[index] = threading.get_ident()
         try:
             while not stopping.is_set():
+                if syscall_assist is not None and not syscall_assist.armed:
+                    syscall_assist.arm()  # every entry until the guest has a #GP handler; then at the kicks
                 reason = vcpu.run()
                 counts[reason.name if isinstance(reason, ExitReason) else str(reason)] += 1
                 if reason == ExitReason.IO:
@@ -194,7 +207,19 @@ class KvmAccel:
                     vcpu.set_immediate_exit(False)
                     if self._stalled[index]:
                         self._stalled[index] = False
-                        self._check_stuck_hypercall(index, vcpu)
+                        if "hypercall" in self.unavailable:
+                            self._check_stuck_hypercall(index, vcpu)
+                        if syscall_assist is not None:
+                            syscall_assist.arm()
+                elif reason == ExitReason.DEBUG and syscall_assist is not None:
+                    debug = run.exit.debug
+                    try:
+                        completed = syscall_assist.on_debug_exit(debug.pc, debug.dr6)
+                    except kvm_assist.AssistError as e:
+                        return Stop(StopReason.INTERNAL_ERROR, f"{e}\n" + register_dump(vcpu))
+                    if completed:
+                        with self._stats_lock:
+                            self.assists["syscall"] += 1
                 else:
                     stop = self._slow_exit(vcpu, reason)
                     if stop is not None:

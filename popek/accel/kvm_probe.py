@@ -1,16 +1,20 @@
 """Finding, at run time, the instruction families this host's KVM cannot execute for a ring-0 guest.
 
 Nested or paravirtual KVM hosts may emulate guest kernel code in software and fail on some instructions
-(KVM_EXIT_INTERNAL_ERROR, emulation failure), or never complete a hypercall (KVM_RUN spins in the host until a
-signal). Rather than knowing hosts by name, popek runs each candidate instruction once in a scratch VM at ring 0
-in 64-bit mode and hides from the guest's CPUID every family that failed (see `popek.cpuid`). On hardware that
-runs guests natively every probe passes and nothing is hidden.
+(KVM_EXIT_INTERNAL_ERROR, emulation failure), never complete a hypercall (KVM_RUN spins in the host until a
+signal), or do only half of a SYSCALL from ring 3 (`popek.accel.kvm_syscall`). Rather than knowing hosts by name,
+popek runs each candidate instruction once in a scratch VM in 64-bit mode, at ring 0 (or ring 3 for SYSCALL),
+hides from the guest's CPUID every family that failed (see `popek.cpuid`) and completes for the guest what CPUID
+cannot hide. On hardware that runs guests natively every probe passes and nothing is hidden or completed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import struct
 import threading
+from collections.abc import Iterator
 
 from popek.accel.kvm_state import apply_entry
 from popek.boot.gdt import long_mode_entry
@@ -29,10 +33,16 @@ PROBES: dict[str, tuple[bytes, dict[str, int]]] = {
     "cmpxchg16b": (bytes.fromhex("480fc70c2500300000"), {}),  # cmpxchg16b [0x3000]
     # KVM_HC_CLOCK_PAIRING with an invalid clock type: a working host answers -KVM_EOPNOTSUPP at once
     "hypercall": (b"", {"rax": 9, "rbx": 0x3000, "rcx": 0xFFFF}),
+    # from ring 3 to LSTAR (CODE_ADDR + 2), where HLT exits only if SYSCALL really switched to ring 0
+    "syscall": (bytes.fromhex("0f05"), {}),
 }
 VMCALL = bytes.fromhex("0f01c1")
 VMMCALL = bytes.fromhex("0f01d9")
 HYPERCALL_WAIT = 0.1
+USER_PAGE_TABLES = 0x10000  # PML4, PDPT, PD: the first 2 MiB, user-accessible
+MSR_STAR, MSR_LSTAR, MSR_SFMASK = 0xC0000081, 0xC0000082, 0xC0000084
+EFER_SCE = 1 << 0
+USER_CS, USER_SS = 0x2B, 0x23
 KICK_SIGNAL = signal.SIGUSR1
 
 
@@ -65,9 +75,9 @@ _cache: dict[int, frozenset[str]] = {}
 _lock = threading.Lock()
 
 
-def _runs(kvm: Kvm, family: str) -> bool:
-    code, regs = PROBES[family]
-    supported = kvm.supported_cpuid()
+@contextlib.contextmanager
+def _scratch_vcpu(kvm: Kvm) -> Iterator[tuple[GuestMemory, VcpuFd]]:
+    """A one-vCPU VM over 2 MiB of RAM, with the host's whole CPUID."""
     with GuestMemory(2 << 20) as mem:
         vm = kvm.create_vm()
         try:
@@ -76,30 +86,55 @@ def _runs(kvm: Kvm, family: str) -> bool:
             vm.set_user_memory_region(0, 0, region.size, region.host_address)
             vcpu = vm.create_vcpu(0)
             try:
-                vcpu.set_cpuid2(for_vcpu(apply_template(supported, "host"), 0, 1))
-                if family == "hypercall":
-                    code = hypercall_instruction(kvm)
-                mem.write(CODE_ADDR, code + HLT)
-                apply_entry(vcpu, long_mode_entry(mem, CODE_ADDR, regs))
-                if family == "xsave":
-                    sregs = vcpu.get_sregs()
-                    sregs.cr4 |= CR4_OSXSAVE
-                    vcpu.set_sregs(sregs)
-                for _ in range(16):
-                    reason = _run_with_deadline(vcpu, HYPERCALL_WAIT) if family == "hypercall" else vcpu.run()
-                    if reason is None:
-                        return False
-                    if reason == ExitReason.HLT:
-                        return True
-                    if reason != ExitReason.INTR:
-                        return False
-                return False
+                vcpu.set_cpuid2(for_vcpu(apply_template(kvm.supported_cpuid(), "host"), 0, 1))
+                yield mem, vcpu
             finally:
                 vcpu.close()
-        except KvmError:
-            return False
         finally:
             vm.close()
+
+
+def _enter_user_mode(mem: GuestMemory, vcpu: VcpuFd) -> None:
+    """Make the vCPU start at CPL 3 on user-accessible page tables, with SYSCALL enabled and LSTAR after the
+    probe's SYSCALL (a vCPU may begin in any mode its first KVM_SET_SREGS gives it)."""
+    mem.write(USER_PAGE_TABLES, struct.pack("<Q", (USER_PAGE_TABLES + 0x1000) | 0x7))
+    mem.write(USER_PAGE_TABLES + 0x1000, struct.pack("<Q", (USER_PAGE_TABLES + 0x2000) | 0x7))
+    mem.write(USER_PAGE_TABLES + 0x2000, struct.pack("<Q", 0x87))  # 2 MiB page, user, writable
+    sregs = vcpu.get_sregs()
+    sregs.cr3 = USER_PAGE_TABLES
+    sregs.efer |= EFER_SCE
+    sregs.cs.selector, sregs.cs.dpl = USER_CS, 3
+    sregs.ss.selector, sregs.ss.dpl = USER_SS, 3
+    vcpu.set_sregs(sregs)
+    code, _ = PROBES["syscall"]
+    vcpu.set_msrs({MSR_STAR: (0x10 << 32) | (0x1B << 48), MSR_LSTAR: CODE_ADDR + len(code), MSR_SFMASK: 0x200})
+
+
+def _runs(kvm: Kvm, family: str) -> bool:
+    code, regs = PROBES[family]
+    try:
+        with _scratch_vcpu(kvm) as (mem, vcpu):
+            if family == "hypercall":
+                code = hypercall_instruction(kvm)
+            mem.write(CODE_ADDR, code + HLT)
+            apply_entry(vcpu, long_mode_entry(mem, CODE_ADDR, regs))
+            if family == "xsave":
+                sregs = vcpu.get_sregs()
+                sregs.cr4 |= CR4_OSXSAVE
+                vcpu.set_sregs(sregs)
+            elif family == "syscall":
+                _enter_user_mode(mem, vcpu)
+            for _ in range(16):
+                reason = _run_with_deadline(vcpu, HYPERCALL_WAIT) if family == "hypercall" else vcpu.run()
+                if reason is None:
+                    return False
+                if reason == ExitReason.HLT:
+                    return family != "syscall" or vcpu.get_sregs().cs.dpl == 0
+                if reason != ExitReason.INTR:
+                    return False
+            return False
+    except KvmError:
+        return False
 
 
 def unavailable_families(kvm: Kvm) -> frozenset[str]:
