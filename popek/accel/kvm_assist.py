@@ -7,6 +7,8 @@ registers, guest page tables (through KVM_TRANSLATE) and guest memory:
 - XSAVE family: executed here on the vCPU's XSAVE state (KVM_GET/SET_XSAVE, XCRS) by `popek.cpu.xsave`;
   #UD when CR4.OSXSAVE is clear, #GP(0) for a bad area, as the hardware would raise.
 - CMPXCHG16B: executed here, under a lock shared by all assists.
+- FWAIT: #NM when CR0.MP and CR0.TS are set, #MF when the x87 status word has an unmasked exception pending
+  (FSW.ES), otherwise nothing.
 - The bit-manipulation and data-movement instructions of `popek.cpu.bitops` (POPCNT, LZCNT/TZCNT, BMI1/2,
   MOVBE, ADCX/ADOX, RDRAND/RDSEED): a host's instruction emulator often lacks them, and the guest learns of
   them from CPUID leaves some hosts do not let the VMM change.
@@ -329,8 +331,11 @@ _SHIFTS = {
 }
 RFLAGS_AC = 1 << 18
 MSR_TSC_AUX = 0xC0000103
+NM_VECTOR, MF_VECTOR = 7, 16
+CR0_MP, CR0_TS = 1 << 1, 1 << 3
+FSW_ES = 1 << 7
 _SEGMENT_BASE = {_M.RDFSBASE: "fs", _M.RDGSBASE: "gs", _M.WRFSBASE: "fs", _M.WRGSBASE: "gs"}
-SYSTEM = {_M.CLAC, _M.STAC, _M.RDPID} | set(_SEGMENT_BASE)
+SYSTEM = {_M.CLAC, _M.STAC, _M.RDPID, _M.WAIT} | set(_SEGMENT_BASE)
 SIMPLE = (
     set(_UNARY_FLAGS)
     | set(_SHIFTS)
@@ -381,11 +386,19 @@ def _execute_simple(vcpu: VcpuFd, mem: GuestMemory, d: Decoded) -> None:
 
 
 def _execute_system(vcpu: VcpuFd, mem: GuestMemory, d: Decoded) -> None:
-    """SMAP's CLAC/STAC, the FSGSBASE instructions and RDPID, on the vCPU's flags, segments and MSRs."""
+    """SMAP's CLAC/STAC, the FSGSBASE instructions, RDPID and FWAIT, on the vCPU's flags, segments, MSRs and
+    x87 status."""
     regs = vcpu.get_regs()
     ops = _Operands(vcpu, mem, regs, d)
     m = d.instruction.mnemonic
-    if m == _M.CLAC:
+    if m == _M.WAIT:
+        if vcpu.get_sregs().cr0 & (CR0_MP | CR0_TS) == CR0_MP | CR0_TS:
+            _inject_exception(vcpu, NM_VECTOR)
+            return
+        if vcpu.get_fpu().fsw & FSW_ES:
+            _inject_exception(vcpu, MF_VECTOR)
+            return
+    elif m == _M.CLAC:
         regs.rflags &= ~RFLAGS_AC
     elif m == _M.STAC:
         regs.rflags |= RFLAGS_AC

@@ -92,6 +92,38 @@ after: db "after int3", 10, 0
     assert r.stdout.splitlines() == ["in #BP handler", "after int3"]
 
 
+def test_fwait_continues_or_raises_nm_when_the_fpu_is_switched_out(tmp_path: Path) -> None:
+    image = build(
+        tmp_path,
+        """
+    xor ax, ax
+    mov ds, ax
+    mov word [7*4], nm_handler
+    mov word [7*4+2], 0
+    fninit
+    fwait                       ; nothing pending: a no-op
+    mov si, after
+    call print
+    mov eax, cr0
+    or eax, 0xa                 ; CR0.MP | CR0.TS: the FPU belongs to another task
+    mov cr0, eax
+    fwait                       ; #NM
+    mov al, 0x11
+    out 0xf4, al
+nm_handler:
+    mov si, innm
+    call print
+    mov al, 0
+    out 0xf4, al
+after: db "after fwait", 10, 0
+innm: db "in #NM handler", 10, 0
+""",
+    )
+    r = run(image)
+    assert r.stdout.splitlines() == ["after fwait", "in #NM handler"], r.stdout + r.stderr
+    assert r.returncode == 1, r.stderr
+
+
 def test_popcnt_clac_stac_results_are_architectural(tmp_path: Path) -> None:
     image = build(
         tmp_path,
