@@ -80,7 +80,8 @@ def test_andn_bzhi_bextr_pdep_pext_match_the_cpu(a: int, b: int) -> None:
     rax, _, rflags = _compiled("bextr rax, rax, rbx")(a, b)
     result, flags = bitops.bextr(a, b, 64)
     assert rax == result
-    check_flags(flags, rflags)
+    # BEXTR defines ZF and clears CF/OF; SF, AF and PF are undefined (SDM vol. 2A) and differ between vendors
+    check_flags({k: v for k, v in flags.items() if k not in ("sf", "af", "pf")}, rflags)
     assert _compiled("pdep rax, rax, rbx")(a, b)[0] == bitops.pdep(a, b, 64)
     assert _compiled("pext rax, rax, rbx")(a, b)[0] == bitops.pext(a, b, 64)
     assert _compiled("shlx rax, rax, rbx")(a, b)[0] == bitops.shlx(a, b, 64)
