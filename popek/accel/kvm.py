@@ -113,6 +113,11 @@ class KvmAccel:
         self._stalled = [False] * cpus
         self._stuck_rip: list[int | None] = [None] * cpus
 
+    @property
+    def run_threads(self) -> int:
+        """One host thread per vCPU: KVM_RUN blocks its caller."""
+        return len(self.vcpus)
+
     @staticmethod
     def _set_lint(vcpu: VcpuFd) -> None:
         lapic = vcpu.get_lapic()
@@ -210,7 +215,7 @@ class KvmAccel:
                         if "hypercall" in self.unavailable:
                             self._check_stuck_hypercall(index, vcpu)
                         if syscall_assist is not None:
-                            syscall_assist.arm()
+                            syscall_assist.arm(force=True)
                 elif reason == ExitReason.DEBUG and syscall_assist is not None:
                     debug = run.exit.debug
                     try:

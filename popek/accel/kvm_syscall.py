@@ -26,9 +26,13 @@ the flags: user code runs with IF set and cannot clear it without IOPL 3, while 
 on, KVM_TRANSLATE cannot read user pages).
 
 The breakpoints follow the guest's IDT: `arm` re-reads the two gates and moves the breakpoints when the guest
-moves its IDT or changes a gate; the backend calls it before every entry until the guest has handlers, then
-whenever it has the vCPU out anyway. The guest's own debug registers are overridden while the assist is armed
-(a guest debugger's hardware breakpoints do not work on such hosts).
+moves its IDT or changes a gate. The backend calls it before every entry until the guest has handlers, then
+whenever it has the vCPU out anyway (`force`). Before every entry it must be cheap, as it sits on the exit path
+of guests that never enter long mode: where the host mirrors the special registers in kvm_run
+(KVM_CAP_SYNC_REGS) it reads the gates only when EFER.LMA or the IDT register changed since it last looked.
+
+The guest's own debug registers are overridden while the assist is armed (a guest debugger's hardware
+breakpoints do not work on such hosts).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from dataclasses import dataclass
 from popek.accel.kvm_assist import AssistError, read_linear
 from popek.errors import GuestMemoryError
 from popek.kvm import GuestDebug, KvmError, VcpuFd
-from popek.kvm.structs import kvm_segment
+from popek.kvm.structs import kvm_segment, kvm_sregs
 from popek.memory import GuestMemory
 
 GP_VECTOR, PF_VECTOR = 13, 14
@@ -74,9 +78,10 @@ class ExceptionFrame:
         return cls(*struct.unpack("<6Q", raw))
 
 
-def handler(vcpu: VcpuFd, mem: GuestMemory, vector: int) -> int | None:
+def handler(vcpu: VcpuFd, mem: GuestMemory, vector: int, sregs: kvm_sregs | None = None) -> int | None:
     """The linear address of the guest's 64-bit handler for `vector`, or None where there is none to watch."""
-    sregs = vcpu.get_sregs()
+    if sregs is None:
+        sregs = vcpu.get_sregs()
     if not sregs.efer & EFER_LMA or sregs.idt.limit < vector * GATE_SIZE + GATE_SIZE - 1:
         return None
     try:
@@ -106,16 +111,29 @@ class UserSyscallAssist:
         self.mem = mem
         self.handlers: tuple[int | None, ...] = (None,) * len(WATCHED)
         self.stepping = False  # past a handler's first instruction, breakpoints off until the step's exit
+        # views into kvm_run, kept: building them costs more than reading their fields
+        self._synced = vcpu.synced_sregs if vcpu.sync_sregs() else None
+        self._synced_idt = self._synced.idt if self._synced is not None else None
+        self._looked_at: tuple[int, int, int] | None = None  # (EFER.LMA, IDT base, IDT limit) when last read
 
     @property
     def armed(self) -> bool:
         return any(h is not None for h in self.handlers)
 
-    def arm(self) -> None:
-        """Point the breakpoints at the guest's current handlers (or remove them where there are none)."""
+    def arm(self, force: bool = False) -> None:
+        """Point the breakpoints at the guest's current handlers (or remove them where there are none).
+
+        Without `force`, and where kvm_run mirrors the special registers, nothing is read unless the mode or the
+        IDT register changed since the last look."""
         if self.stepping:
             return
-        handlers = tuple(handler(self.vcpu, self.mem, vector) for vector in WATCHED)
+        sregs, idt = self._synced, self._synced_idt
+        if sregs is not None and idt is not None:
+            seen = (sregs.efer & EFER_LMA, idt.base, idt.limit)
+            if not force and seen == self._looked_at:
+                return
+            self._looked_at = seen
+        handlers = tuple(handler(self.vcpu, self.mem, vector, sregs) for vector in WATCHED)
         if handlers != self.handlers:
             self.handlers = handlers
             self._set_breakpoints()

@@ -1,7 +1,17 @@
 """A typed wrapper of the Linux KVM API: the only part of popek that knows ioctl numbers and struct layouts."""
 
 from popek.kvm.api import CpuidEntry, Kvm, KvmError, VcpuFd, VmFd
-from popek.kvm.consts import Cap, ExitReason, GuestDebug, InternalError, MemFlag, MpState, SystemEvent, VcpuEventsValid
+from popek.kvm.consts import (
+    Cap,
+    ExitReason,
+    GuestDebug,
+    InternalError,
+    MemFlag,
+    MpState,
+    SyncRegs,
+    SystemEvent,
+    VcpuEventsValid,
+)
 
 __all__ = [
     "Cap",
@@ -13,6 +23,7 @@ __all__ = [
     "KvmError",
     "MemFlag",
     "MpState",
+    "SyncRegs",
     "SystemEvent",
     "VcpuEventsValid",
     "VcpuFd",

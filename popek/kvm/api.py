@@ -291,6 +291,20 @@ class VcpuFd(_FdOwner):
     def set_immediate_exit(self, value: bool) -> None:
         self.run_page.immediate_exit = 1 if value else 0
 
+    def sync_sregs(self) -> bool:
+        """Ask KVM to mirror the special registers in kvm_run at every exit (KVM_CAP_SYNC_REGS), so looking at
+        them costs no ioctl; False where the host cannot."""
+        if not self.vm.kvm.check_extension(c.Cap.SYNC_REGS) & c.SyncRegs.SREGS:
+            return False
+        self.run_page.kvm_valid_regs |= c.SyncRegs.SREGS
+        return True
+
+    @property
+    def synced_sregs(self) -> s.kvm_sregs:
+        """The special registers as of the last exit (valid after `sync_sregs()` returned True)."""
+        sregs: s.kvm_sregs = self.run_page.s.regs.sregs
+        return sregs
+
     def get_regs(self) -> s.kvm_regs:
         regs = s.kvm_regs()
         _ioctl(self.fd, c.KVM_GET_REGS, regs)

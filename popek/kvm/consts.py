@@ -146,6 +146,7 @@ class Cap(IntEnum):
     MAX_VCPU_ID = 128
     IMMEDIATE_EXIT = 136
     EXCEPTION_PAYLOAD = 164
+    SYNC_REGS = 74
     EXIT_ON_EMULATION_FAILURE = 204
     X86_TRIPLE_FAULT_EVENT = 218
 
@@ -165,6 +166,14 @@ class VcpuEventsValid(IntFlag):
     SMM = 0x8
     PAYLOAD = 0x10
     TRIPLE_FAULT = 0x20
+
+
+class SyncRegs(IntFlag):
+    """Register sets KVM_CAP_SYNC_REGS can mirror in kvm_run (KVM_SYNC_X86_*)."""
+
+    REGS = 1 << 0
+    SREGS = 1 << 1
+    EVENTS = 1 << 2
 
 
 class GuestDebug(IntFlag):

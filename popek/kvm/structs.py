@@ -296,6 +296,16 @@ class _run_system_event(ctypes.Structure):
     _fields_ = [("type", u32), ("ndata", u32), ("data", u64 * 16)]
 
 
+class kvm_sync_regs(ctypes.Structure):
+    """The registers KVM copies into kvm_run at every exit when asked to (KVM_CAP_SYNC_REGS, x86)."""
+
+    _fields_ = [("regs", kvm_regs), ("sregs", kvm_sregs), ("events", kvm_vcpu_events)]
+
+
+class _run_s(ctypes.Union):
+    _fields_ = [("regs", kvm_sync_regs), ("padding", ctypes.c_char * 2048)]
+
+
 class _run_exit(ctypes.Union):
     _fields_ = [
         ("hw_exit_reason", u64),
@@ -325,12 +335,13 @@ class kvm_run(ctypes.Structure):
         ("exit", _run_exit),
         ("kvm_valid_regs", u64),
         ("kvm_dirty_regs", u64),
-        ("s", ctypes.c_char * 2048),
+        ("s", _run_s),
     ]
 
 
 _SIZES: dict[type[ctypes.Structure], int] = {
     kvm_regs: 144,
+    kvm_sync_regs: 520,
     kvm_segment: 24,
     kvm_dtable: 16,
     kvm_sregs: 312,
