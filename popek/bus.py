@@ -24,6 +24,21 @@ class Device(Protocol):
 
 
 @dataclass(frozen=True)
+class Window:
+    """Part of a device's register block placed at its own address, for devices whose ports are not contiguous
+    (the i8042's 0x60 and 0x64 straddle port 0x61, which belongs to the PIT's system control port)."""
+
+    device: Device
+    offset: int
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self.device.read(self.offset + offset, size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.device.write(self.offset + offset, data)
+
+
+@dataclass(frozen=True)
 class Range:
     base: int
     size: int

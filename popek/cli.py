@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--append", default=None, help="kernel command line (added to the default guest's)")
     run.add_argument("--mem", default="512M", help="guest memory, e.g. 512M or 2G (default 512M)")
     run.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
-    run.add_argument("--accel", default="kvm", help="backend: kvm (default)")
+    run.add_argument("--accel", default="kvm", help="backend: kvm (default) or soft (popek's x86-64 CPU in Python)")
     run.add_argument("--cpu-template", default="portable", help="CPUID template: portable (default) or host")
     run.add_argument("--kvm-device", default="/dev/kvm", help="the KVM device (default /dev/kvm)")
     run.add_argument("--timeout", type=float, default=None, help="stop the VM after this many seconds")

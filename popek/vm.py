@@ -16,9 +16,10 @@ from pathlib import Path
 
 from popek.accel.exits import Stop, StopReason
 from popek.accel.kvm import KvmAccel
+from popek.accel.soft import SoftAccel
 from popek.boot import load_kernel, mptable
 from popek.boot.loader import BootImage, read_file
-from popek.bus import Bus
+from popek.bus import Bus, Window
 from popek.devices.legacy.cmos import Cmos
 from popek.devices.legacy.i8042 import I8042
 from popek.devices.legacy.misc import DebugExit, PostCode
@@ -33,7 +34,7 @@ POST_PORT = 0x80
 DEBUG_EXIT_PORT = 0xF4
 MMIO_STATS_GRANULE = PAGE_SIZE
 SERIAL_TAIL = 1 << 20
-ACCELS = ("kvm",)
+ACCELS = ("kvm", "soft")
 
 
 @dataclass
@@ -93,9 +94,12 @@ class Vm:
             raise ConfigError(f"the initrd ({len(initrd)} bytes) is larger than guest memory ({spec.mem} bytes)")
 
         self.mem = GuestMemory(spec.mem)
-        self.accel: KvmAccel | None = None
+        self.accel: KvmAccel | SoftAccel | None = None
         try:
-            self.accel = KvmAccel(self.mem, spec.cpus, spec.cpu_template, spec.kvm_device)
+            if spec.accel == "soft":
+                self.accel = SoftAccel(self.mem, spec.cpus, spec.cpu_template)
+            else:
+                self.accel = KvmAccel(self.mem, spec.cpus, spec.cpu_template, spec.kvm_device)
             self.pio = Bus("port", 1)
             self.mmio = Bus("mmio", MMIO_STATS_GRANULE)
             self.serial_log = SerialLog(console)
@@ -116,10 +120,17 @@ class Vm:
 
     def _attach_legacy_devices(self) -> None:
         assert self.accel is not None
+        if isinstance(self.accel, SoftAccel):  # KVM keeps these in the kernel; the software backend in Python
+            ports, ranges = self.accel.platform_devices()
+            for base, length, device, name in ports:
+                self.pio.insert(base, length, device, name)
+            for base, length, device, name in ranges:
+                self.mmio.insert(base, length, device, name)
         self.serial = Serial(self.accel.irq_line(COM1_IRQ), self.serial_log)
         self.pio.insert(COM1_PORT, 8, self.serial, "serial COM1")
         self.i8042 = I8042(lambda: self.request_stop(Stop(StopReason.RESET, "the guest reset the machine (i8042)")))
-        self.pio.insert(I8042_PORT, 5, self.i8042, "i8042")  # 0x60 data, 0x64 status/command
+        self.pio.insert(I8042_PORT, 1, self.i8042, "i8042")  # 0x60 data
+        self.pio.insert(I8042_PORT + 4, 1, Window(self.i8042, 4), "i8042")  # 0x64 status/command
         self.cmos = Cmos()
         self.pio.insert(CMOS_PORT, 2, self.cmos, "cmos rtc")
         self.pio.insert(POST_PORT, 1, PostCode(), "post code")
@@ -160,7 +171,8 @@ class Vm:
                 self.request_stop(stop)
 
         threads = [
-            threading.Thread(target=vcpu_thread, args=(i,), name=f"vcpu{i}", daemon=True) for i in range(self.spec.cpus)
+            threading.Thread(target=vcpu_thread, args=(i,), name=f"vcpu{i}", daemon=True)
+            for i in range(accel.run_threads)
         ]
         for t in threads:
             t.start()
@@ -203,7 +215,10 @@ class Vm:
         lines.append(f"unclaimed accesses: {unclaimed}")
         lines.append("assists: " + (" ".join(f"{k}={v}" for k, v in self.accel.assists.most_common()) or "none"))
         if self.accel.unavailable:
-            lines.append("hidden from CPUID (host cannot execute): " + ", ".join(sorted(self.accel.unavailable)))
+            families = ", ".join(sorted(self.accel.unavailable))
+            lines.append(f"host cannot execute (hidden from CPUID or completed by popek): {families}")
+        if isinstance(self.accel, SoftAccel):
+            lines.extend(self.accel.extra_stats())
         lines.append(f"serial: {self.serial_log.total} bytes out, {self.serial.bytes_in} bytes in")
         return "\n".join(lines)
 

@@ -1,5 +1,6 @@
 """Instructions the host's KVM may fail to execute for a ring-0 guest are completed by popek, and the guest sees
-architectural results. On hardware that runs them natively the same guests pass without assists."""
+architectural results. On hardware that runs them natively the same guests pass without assists, and popek's
+software CPU (`--accel soft`) gives the same results."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [
+KVM_MARKS = [
     pytest.mark.kvm,
     pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs a usable /dev/kvm"),
-    pytest.mark.skipif(shutil.which("nasm") is None, reason="needs nasm to build the guest"),
 ]
+pytestmark = [pytest.mark.skipif(shutil.which("nasm") is None, reason="needs nasm to build the guest")]
+BACKENDS = [pytest.param("kvm", marks=KVM_MARKS), "soft"]
 
 PRINT = """
 print:                      ; si -> NUL-terminated string
@@ -56,9 +58,22 @@ def build(tmp_path: Path, body: str) -> Path:
     return out
 
 
-def run(image: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def run(image: Path, *extra: str, backend: str = "kvm") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "popek", "run", "--kernel", str(image), "--stats", "--timeout", "60", *extra],
+        [
+            sys.executable,
+            "-m",
+            "popek",
+            "run",
+            "--accel",
+            backend,
+            "--kernel",
+            str(image),
+            "--stats",
+            "--timeout",
+            "60",
+            *extra,
+        ],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -66,7 +81,8 @@ def run(image: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_int3_at_ring0_is_delivered_as_breakpoint_with_return_after_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int3_at_ring0_is_delivered_as_breakpoint_with_return_after_it(tmp_path: Path, backend: str) -> None:
     image = build(
         tmp_path,
         """
@@ -87,12 +103,13 @@ inbp: db "in #BP handler", 10, 0
 after: db "after int3", 10, 0
 """,
     )
-    r = run(image)
+    r = run(image, backend=backend)
     assert r.returncode == 1, r.stderr
     assert r.stdout.splitlines() == ["in #BP handler", "after int3"]
 
 
-def test_fwait_continues_or_raises_nm_when_the_fpu_is_switched_out(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fwait_continues_or_raises_nm_when_the_fpu_is_switched_out(tmp_path: Path, backend: str) -> None:
     image = build(
         tmp_path,
         """
@@ -119,12 +136,13 @@ after: db "after fwait", 10, 0
 innm: db "in #NM handler", 10, 0
 """,
     )
-    r = run(image)
+    r = run(image, backend=backend)
     assert r.stdout.splitlines() == ["after fwait", "in #NM handler"], r.stdout + r.stderr
     assert r.returncode == 1, r.stderr
 
 
-def test_popcnt_clac_stac_results_are_architectural(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_popcnt_clac_stac_results_are_architectural(tmp_path: Path, backend: str) -> None:
     image = build(
         tmp_path,
         """
@@ -155,7 +173,7 @@ def test_popcnt_clac_stac_results_are_architectural(tmp_path: Path) -> None:
 nl: db 10, 0
 """,
     )
-    r = run(image)
+    r = run(image, backend=backend)
     assert r.returncode == 1, r.stderr
     assert r.stdout.strip() == "00000010000000080000000100000000"
     assists = re.search(r"^assists: (.*)$", r.stderr, re.MULTILINE)
@@ -196,6 +214,8 @@ print32:                    ; esi -> NUL-terminated string
 """
 
 
+@pytest.mark.kvm
+@pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs a usable /dev/kvm")
 def test_a_hypercall_always_returns_to_the_guest(tmp_path: Path) -> None:
     # KVM_HC_CLOCK_PAIRING with a bad clock type: a host answers an error; one that never does gets -KVM_ENOSYS
     image = build(
@@ -228,7 +248,8 @@ pos: db "hypercall returned", 10, 0
     assert "hypercall returned" in r.stdout
 
 
-def test_undecodable_bytes_at_ring0_end_in_a_clean_stop(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_undecodable_bytes_at_ring0_end_in_a_clean_stop(tmp_path: Path, backend: str) -> None:
     # with no IDT, #UD cannot be delivered: #GP, then #DF, then the triple fault that stops the VM
     image = build(
         tmp_path,
@@ -242,6 +263,6 @@ idt: dw 0
 bits 16
 """,
     )
-    r = run(image)
+    r = run(image, backend=backend)
     assert r.returncode == 3, (r.returncode, r.stderr)
     assert "triple fault" in r.stderr and "RIP=" in r.stderr

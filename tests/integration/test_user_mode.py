@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [
+KVM_MARKS = [
     pytest.mark.kvm,
     pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs a usable /dev/kvm"),
-    pytest.mark.skipif(shutil.which("nasm") is None, reason="needs nasm to build the guest"),
 ]
+pytestmark = [pytest.mark.skipif(shutil.which("nasm") is None, reason="needs nasm to build the guest")]
+BACKENDS = [pytest.param("kvm", marks=KVM_MARKS), "soft"]
 
 # A 64-bit kernel entered by popek's bzImage loader at 0x100200: it sets up GDT, TSS, IDT and the SYSCALL MSRs,
 # drops to ring 3, and from there issues SYSCALL; the kernel's entry (SWAPGS first, like Linux's) reports over
@@ -275,7 +276,7 @@ def wrap_bzimage(payload: bytes) -> bytes:
 
 
 def run_user_mode_guest(
-    tmp: Path, supervisor_kernel: bool = False, forge: bool = False
+    tmp: Path, supervisor_kernel: bool = False, forge: bool = False, backend: str = "kvm"
 ) -> subprocess.CompletedProcess[str]:
     src = tmp / "user.asm"
     src.write_text(GUEST)
@@ -285,7 +286,19 @@ def run_user_mode_guest(
     image = tmp / "user.bzimage"
     image.write_bytes(wrap_bzimage((tmp / "user.bin").read_bytes()))
     return subprocess.run(
-        [sys.executable, "-m", "popek", "run", "--kernel", str(image), "--timeout", "30", "--stats"],
+        [
+            sys.executable,
+            "-m",
+            "popek",
+            "run",
+            "--accel",
+            backend,
+            "--kernel",
+            str(image),
+            "--timeout",
+            "30",
+            "--stats",
+        ],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -293,9 +306,12 @@ def run_user_mode_guest(
     )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("supervisor_kernel", [False, True], ids=["user-accessible-kernel", "supervisor-kernel"])
-def test_syscall_from_user_mode_enters_the_kernel_and_sysret_returns(tmp_path: Path, supervisor_kernel: bool) -> None:
-    r = run_user_mode_guest(tmp_path, supervisor_kernel)
+def test_syscall_from_user_mode_enters_the_kernel_and_sysret_returns(
+    tmp_path: Path, supervisor_kernel: bool, backend: str
+) -> None:
+    r = run_user_mode_guest(tmp_path, supervisor_kernel, backend=backend)
     assert r.stdout == (
         "kernel: going to user mode\n"
         "syscall from user mode reached the kernel\n"
@@ -304,6 +320,8 @@ def test_syscall_from_user_mode_enters_the_kernel_and_sysret_returns(tmp_path: P
     assert r.returncode == 0x21, r.stderr
 
 
+@pytest.mark.kvm
+@pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs a usable /dev/kvm")
 @pytest.mark.parametrize("supervisor_kernel", [False, True], ids=["user-accessible-kernel", "supervisor-kernel"])
 def test_completed_syscalls_are_counted_where_the_host_needs_them(tmp_path: Path, supervisor_kernel: bool) -> None:
     from popek.accel.kvm_probe import unavailable_families
@@ -319,8 +337,9 @@ def test_completed_syscalls_are_counted_where_the_host_needs_them(tmp_path: Path
         assert "syscall=" not in assists, r.stderr
 
 
-def test_a_user_jump_to_the_syscall_entry_is_a_page_fault_not_a_syscall(tmp_path: Path) -> None:
-    r = run_user_mode_guest(tmp_path, supervisor_kernel=True, forge=True)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_user_jump_to_the_syscall_entry_is_a_page_fault_not_a_syscall(tmp_path: Path, backend: str) -> None:
+    r = run_user_mode_guest(tmp_path, supervisor_kernel=True, forge=True, backend=backend)
     lines = r.stdout.splitlines()
     assert lines[0] == "kernel: going to user mode", r.stdout + r.stderr
     assert lines[1].startswith("page fault at "), r.stdout + r.stderr  # the kernel's entry is supervisor-only

@@ -1,0 +1,289 @@
+"""The software backend: guest code runs on popek's x86-64 CPU in Python (`popek.cpu`), with the interrupt and
+timer platform modelled in Python too (`popek.devices.platform`: PIC, PIT, I/O APIC, one local APIC per vCPU).
+
+Determinism is the design rule: time is virtual, one nanosecond per retired instruction, and all vCPUs run in one
+host thread, round-robin, each for a quantum of instructions that never crosses the next timer deadline. The same
+guest with the same inputs therefore retires the same instructions and prints the same output on every run,
+which is what makes the lockstep checker and instruction-count benchmarks meaningful. (Input typed on the
+console is the one outside influence: it enters between quanta.)
+
+`run_vcpu` is this backend's only exit-handling loop. Port and MMIO accesses go to `popek.accel.exits.
+handle_exit` exactly as the KVM backend's do, except the local APIC page, which each vCPU sees as its own.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections import Counter
+from collections.abc import Callable
+
+from popek.accel.exits import MmioRead, MmioWrite, PioIn, PioOut, Stop, StopReason, handle_exit
+from popek.boot.entry import EntryState, Mode, Segment
+from popek.bus import Bus
+from popek.cpu.core import Cpu
+from popek.cpu.interp import Interpreter, default_cpuid
+from popek.cpu.segments import UnsupportedTaskSwitch
+from popek.cpu.state import CS, GPR_NAMES, SEGMENT_NAMES, CpuState, TableRegister, TripleFault
+from popek.cpu.state import Segment as CpuSegment
+from popek.devices.irq import IrqLine
+from popek.devices.lapic import LAPIC_BASE, LocalApic
+from popek.devices.platform import PortRange, SoftPlatform
+from popek.errors import ConfigError
+from popek.memory import PAGE_SIZE, GuestMemory
+
+NS_PER_INSTRUCTION = 1  # a 1 GHz virtual processor: TSC, APIC timer and PIT all count from this
+QUANTUM = 20_000  # instructions a vCPU runs before the next one gets its turn (and before input is taken in)
+IDLE_WAIT = 0.05  # seconds a fully halted machine waits for console input before looking again
+MAX_CPUS = 16
+
+
+class _CpuBus:
+    """What one vCPU reaches besides RAM: the machine's port and MMIO buses, and its own local APIC."""
+
+    def __init__(self, accel: SoftAccel, lapic: LocalApic) -> None:
+        self.accel = accel
+        self.lapic = lapic
+        self.pio: Bus | None = None
+        self.mmio: Bus | None = None
+
+    def pio_read(self, port: int, size: int) -> int:
+        assert self.pio is not None and self.mmio is not None
+        self.accel.exit_counts["io"] += 1
+        data = handle_exit(PioIn(port, size), self.pio, self.mmio) or b"\xff" * size
+        return int.from_bytes(data[:size].ljust(size, b"\xff"), "little")
+
+    def pio_write(self, port: int, size: int, value: int) -> None:
+        assert self.pio is not None and self.mmio is not None
+        self.accel.exit_counts["io"] += 1
+        handle_exit(PioOut(port, value.to_bytes(size, "little")), self.pio, self.mmio)
+
+    def mmio_read(self, addr: int, size: int) -> int:
+        if LAPIC_BASE <= addr < LAPIC_BASE + PAGE_SIZE and self.lapic.enabled:
+            return int.from_bytes(self.lapic.read(addr - LAPIC_BASE, size), "little")
+        assert self.pio is not None and self.mmio is not None
+        self.accel.exit_counts["mmio"] += 1
+        data = handle_exit(MmioRead(addr, size), self.pio, self.mmio) or b""
+        return int.from_bytes(data[:size].ljust(size, b"\xff"), "little")
+
+    def mmio_write(self, addr: int, size: int, value: int) -> None:
+        if LAPIC_BASE <= addr < LAPIC_BASE + PAGE_SIZE and self.lapic.enabled:
+            self.lapic.write(addr - LAPIC_BASE, value.to_bytes(size, "little"))
+            return
+        assert self.pio is not None and self.mmio is not None
+        self.accel.exit_counts["mmio"] += 1
+        handle_exit(MmioWrite(addr, value.to_bytes(size, "little")), self.pio, self.mmio)
+
+
+def _cpu_segment(seg: Segment) -> CpuSegment:
+    return CpuSegment(
+        selector=seg.selector, base=seg.base, limit=seg.limit, type=seg.type, s=seg.s, dpl=seg.dpl,
+        present=seg.present, db=seg.db, l=seg.l, g=seg.g, avl=seg.avl,
+    )  # fmt: skip
+
+
+def apply_entry(state: CpuState, entry: EntryState) -> None:
+    """The boot protocol's entry state on a software vCPU (what `kvm_state.apply_entry` does for KVM)."""
+    state.seg[CS] = _cpu_segment(entry.cs)
+    for i in range(6):
+        if i != CS:
+            state.seg[i] = _cpu_segment(entry.ds)
+    if entry.tr is not None:
+        state.tr = _cpu_segment(entry.tr)
+    if entry.mode is not Mode.REAL:
+        state.gdtr = TableRegister(*entry.gdt)
+        state.idtr = TableRegister(*entry.idt)
+        state.cr0, state.cr3, state.cr4, state.efer = entry.cr0, entry.cr3, entry.cr4, entry.efer
+    for i, name in enumerate(GPR_NAMES):
+        state.gpr[i] = entry.regs.get(name, 0)
+    state.rip, state.rflags = entry.rip, entry.rflags
+    state.halted = False
+
+
+def format_state(index: int, s: CpuState) -> str:
+    """The register dump of a software vCPU, laid out as the KVM backend's."""
+    lines = [f"vCPU {index} (soft):"]
+    order = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", *(f"r{i}" for i in range(8, 16)))
+    for row in range(4):
+        names = order[row * 4 : row * 4 + 4]
+        lines.append("  " + " ".join(f"{n.upper():>3}={s.gpr[GPR_NAMES.index(n)]:016x}" for n in names))
+    lines.append(f"  RIP={s.rip:016x} RFLAGS={s.rflags:08x}{' (halted)' if s.halted else ''}")
+    named = [(n.upper(), s.seg[i]) for i, n in enumerate(SEGMENT_NAMES)] + [("TR", s.tr), ("LDT", s.ldtr)]
+    for name, seg in named:
+        lines.append(
+            f"  {name:<3} sel={seg.selector:04x} base={seg.base:016x} limit={seg.limit:08x} type={seg.type:x} "
+            f"s={seg.s} dpl={seg.dpl} p={seg.present} db={seg.db} l={seg.l} g={seg.g}"
+        )
+    lines.append(f"  GDT={s.gdtr.base:016x}/{s.gdtr.limit:04x} IDT={s.idtr.base:016x}/{s.idtr.limit:04x}")
+    lines.append(f"  CR0={s.cr0:08x} CR2={s.cr2:016x} CR3={s.cr3:016x} CR4={s.cr4:08x} EFER={s.efer:x}")
+    return "\n".join(lines)
+
+
+class SoftAccel:
+    name = "soft"
+    run_threads = 1  # every vCPU runs in `run_vcpu(0)`, round-robin, for determinism
+
+    def __init__(self, mem: GuestMemory, cpus: int, cpu_template: str = "portable") -> None:
+        if not 1 <= cpus <= MAX_CPUS:
+            raise ConfigError(f"--cpus must be between 1 and {MAX_CPUS} with --accel soft, not {cpus}")
+        if cpu_template not in ("portable", "host"):
+            raise ConfigError(f"unknown CPU template {cpu_template!r}: choose portable or host")
+        self.mem = mem
+        self.platform = SoftPlatform(cpus)
+        self.clock = self.platform.clock
+        self.exit_counts: Counter[str] = Counter()
+        self.assists: Counter[str] = Counter()  # nothing to complete: every instruction is popek's
+        self.unavailable: frozenset[str] = frozenset()
+        self.buses = [_CpuBus(self, self.platform.lapic_for(i)) for i in range(cpus)]
+        self.cpus = [Cpu(i, mem, self.buses[i], irq=self.platform.lapic_for(i)) for i in range(cpus)]
+        self.interps = [Interpreter(cpu) for cpu in self.cpus]
+        for i, interp in enumerate(self.interps):
+            interp.cpuid = self._cpuid_for(i, cpus)
+            interp.tsc = self._tsc_for(i)
+        # application processors wait for INIT-SIPI-SIPI, as on a PC
+        self.waiting_for_sipi = [i != 0 for i in range(cpus)]
+        for cpu, waiting in zip(self.cpus, self.waiting_for_sipi):
+            cpu.state.halted = waiting
+        self.platform.on_init = self._init
+        self.platform.on_sipi = self._sipi
+        self.platform.on_nmi = self._nmi
+        self._run_thread: int | None = None
+        self._pending_irqs: collections.deque[tuple[int, bool]] = collections.deque()
+        self._wakeup = threading.Event()
+        self._quantum_start = [0] * cpus
+
+    # --- the CPU model ---
+
+    @staticmethod
+    def _cpuid_for(index: int, cpus: int) -> Callable[[int, int], tuple[int, int, int, int]]:
+        """The software CPU's own CPUID (what it implements), with this vCPU's APIC ID and the vCPU count."""
+
+        def cpuid(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+            eax, ebx, ecx, edx = default_cpuid(leaf, subleaf)
+            if leaf == 1:
+                ebx = (ebx & 0x0000FFFF) | (min(cpus, 255) << 16) | (index << 24)
+                edx |= (1 << 28) if cpus > 1 else 0  # HTT: the logical-processor count field is valid
+            return eax, ebx, ecx, edx
+
+        return cpuid
+
+    def _tsc_for(self, index: int) -> Callable[[], int]:
+        def tsc() -> int:
+            return self.clock.now_ns() + (self.cpus[index].instructions - self._quantum_start[index])
+
+        return tsc
+
+    def _init(self, index: int) -> None:
+        """INIT: the vCPU resets and waits for a STARTUP IPI (the BSP ignores INIT, as popek's firmware-less
+        machine has nothing to restart it into)."""
+        if index == 0:
+            return
+        self.cpus[index].state = CpuState(halted=True)
+        self.interps[index].s = self.cpus[index].state
+        self.cpus[index].mmu.flush(global_too=True)
+        self.waiting_for_sipi[index] = True
+
+    def _sipi(self, index: int, vector: int) -> None:
+        """STARTUP: a waiting vCPU starts in real mode at vector * 4 KiB."""
+        if not self.waiting_for_sipi[index]:
+            return
+        s = self.cpus[index].state
+        s.seg[CS] = CpuSegment(selector=vector << 8, base=vector << 12, type=0xB)
+        s.rip = 0
+        s.halted = False
+        self.waiting_for_sipi[index] = False
+
+    def _nmi(self, index: int) -> None:
+        self.cpus[index].nmi_pending = True
+
+    # --- what the VM builder asks of a backend ---
+
+    def irq_line(self, number: int) -> IrqLine:
+        return IrqLine(number, self._set_irq)
+
+    def _set_irq(self, number: int, level: bool) -> None:
+        """Interrupt lines may be driven from other threads (console input): those changes queue for the run
+        loop, which owns the platform."""
+        if threading.get_ident() == self._run_thread:
+            self.platform.set_irq(number, level)
+        else:
+            self._pending_irqs.append((number, level))
+            self._wakeup.set()
+            self.kick()
+
+    def platform_devices(self) -> tuple[list[PortRange], list[PortRange]]:
+        """(port ranges, MMIO ranges) of the Python interrupt and timer platform, for the builder to place."""
+        return list(self.platform.port_devices()), list(self.platform.mmio_devices())
+
+    def set_boot_state(self, entry: EntryState) -> None:
+        apply_entry(self.cpus[0].state, entry)
+
+    def kick(self, only: int | None = None) -> None:
+        for i, interp in enumerate(self.interps):
+            if only in (None, i):
+                interp.stop_requested = True
+
+    def watch(self, stopping: threading.Event) -> None:
+        """Nothing to watch: the run loop is never blocked inside a host call."""
+
+    def extra_stats(self) -> list[str]:
+        total = sum(cpu.instructions for cpu in self.cpus)
+        mmus = [cpu.mmu for cpu in self.cpus]
+        return [
+            f"instructions: {total} retired, virtual time {self.clock.now_ns() / 1e9:.6f} s",
+            f"tlb: hits={sum(m.tlb_hits for m in mmus)} misses={sum(m.tlb_misses for m in mmus)} "
+            f"walks={sum(m.walks for m in mmus)} flushes={sum(m.flushes for m in mmus)}",
+        ]
+
+    # --- running ---
+
+    def run_vcpu(self, index: int, pio: Bus, mmio: Bus, stopping: threading.Event) -> Stop | None:
+        """Run every vCPU until the guest or the VMM ends the VM; returns why (None: stopped from outside)."""
+        self._run_thread = threading.get_ident()
+        for bus in self.buses:
+            bus.pio, bus.mmio = pio, mmio
+        clock = self.clock
+        while not stopping.is_set():
+            while self._pending_irqs:
+                self.platform.set_irq(*self._pending_irqs.popleft())
+            deadline = clock.next_deadline()
+            now = clock.now_ns()
+            quantum = QUANTUM if deadline is None else max(1, min(QUANTUM, (deadline - now) // NS_PER_INSTRUCTION))
+            ran_any = False
+            for i, (cpu, interp) in enumerate(zip(self.cpus, self.interps)):
+                if stopping.is_set():
+                    break
+                self._quantum_start[i] = cpu.instructions
+                interp.stop_requested = False
+                try:
+                    retired = interp.run(quantum)
+                except TripleFault:
+                    self.exit_counts["shutdown"] += 1
+                    return Stop(
+                        StopReason.TRIPLE_FAULT,
+                        "triple fault (the guest's exception handling failed)\n" + format_state(i, cpu.state),
+                    )
+                except UnsupportedTaskSwitch as e:
+                    return Stop(StopReason.INTERNAL_ERROR, f"{e}: not supported\n" + format_state(i, cpu.state))
+                ran_any = ran_any or retired > 0 or not cpu.state.halted
+            if stopping.is_set():
+                break
+            if ran_any:
+                clock.advance_by(quantum * NS_PER_INSTRUCTION)
+                continue
+            # every vCPU is halted: skip to the next timer, or wait for input if nothing else can wake them
+            self.exit_counts["hlt"] += 1
+            if deadline is not None:
+                clock.advance_to(deadline)
+                continue
+            if not any(cpu.state.rflags & (1 << 9) for cpu in self.cpus) and not self._pending_irqs:
+                return Stop(StopReason.POWEROFF, "the guest halted")
+            self._wakeup.wait(IDLE_WAIT)
+            self._wakeup.clear()
+        return None
+
+    def register_dumps(self) -> str:
+        return "\n".join(format_state(i, cpu.state) for i, cpu in enumerate(self.cpus))
+
+    def close(self) -> None:
+        """Nothing outside Python to release: guest memory belongs to the VM."""

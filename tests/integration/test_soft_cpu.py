@@ -1,0 +1,127 @@
+"""What the software backend promises beyond running the same guests as KVM (test_guests, test_kvm_assists):
+determinism, and bad guest code ending in architectural events, never in a Python exception."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .test_guests import boot_sector, popek
+from .test_kvm_assists import PRINT, PRINT32, PROTECTED_MODE
+
+pytestmark = pytest.mark.skipif(shutil.which("nasm") is None, reason="needs nasm to build the guests")
+
+PIT_TICKS = """
+    cli
+    xor ax, ax
+    mov ds, ax
+    mov ss, ax
+    mov sp, 0x7000
+    mov word [0x20*4], tick
+    mov word [0x20*4+2], 0
+    mov al, 0x11
+    out 0x20, al
+    mov al, 0x20
+    out 0x21, al
+    mov al, 0x04
+    out 0x21, al
+    mov al, 0x01
+    out 0x21, al
+    mov al, 0xfe
+    out 0x21, al
+    mov dword [spins], 0
+    mov word [count], 0
+    mov al, 0x34
+    out 0x43, al
+    mov ax, 119             ; ~10 kHz
+    out 0x40, al
+    mov al, ah
+    out 0x40, al
+    sti
+.spin:                      ; busy, not halted: how far it gets between ticks depends only on virtual time
+    inc dword [spins]
+    cmp word [count], 5
+    jb .spin
+    cli
+    mov eax, [spins]
+    call hex32
+    mov al, 0
+    out 0xf4, al
+tick:
+    inc word [count]
+    push ax
+    mov al, 0x20
+    out 0x20, al
+    pop ax
+    iret
+count equ 0x500             ; data away from the code's page, as real programs keep it
+spins equ 0x504
+"""
+
+
+def retired(stderr: str) -> int:
+    found = re.search(r"^instructions: (\d+) retired", stderr, re.MULTILINE)
+    assert found, stderr
+    return int(found.group(1))
+
+
+def test_the_same_guest_retires_the_same_instructions_and_prints_the_same_output(tmp_path: Path) -> None:
+    image = boot_sector(tmp_path, PIT_TICKS + PRINT)
+    first, second = popek(image, "soft", "--stats"), popek(image, "soft", "--stats")
+    assert first.returncode == second.returncode == 1, first.stderr
+    assert re.fullmatch(r"[0-9A-F]{8}", first.stdout), first.stdout
+    assert int(first.stdout, 16) > 1000  # it really spun between the timer interrupts
+    assert first.stdout == second.stdout
+    assert retired(first.stderr) == retired(second.stderr)
+
+
+def test_an_undefined_opcode_raises_ud_in_the_guest(tmp_path: Path) -> None:
+    image = boot_sector(
+        tmp_path,
+        """
+    xor ax, ax
+    mov ds, ax
+    mov word [6*4], ud_handler
+    mov word [6*4+2], 0
+    db 0x0f, 0xff               ; UD0 without its ModRM: not an instruction
+    mov al, 0x11
+    out 0xf4, al
+ud_handler:
+    mov si, msg
+    call print
+    mov al, 0
+    out 0xf4, al
+msg: db "#UD", 10, 0
+"""
+        + PRINT,
+    )
+    r = popek(image, "soft")
+    assert r.stdout == "#UD\n", r.stderr
+    assert r.returncode == 1, r.stderr
+
+
+def test_a_jump_into_garbage_ends_in_a_clean_triple_fault(tmp_path: Path) -> None:
+    # no IDT: the #UD of the garbage becomes #GP, then #DF, then a triple fault, which stops the VM
+    image = boot_sector(
+        tmp_path,
+        PROTECTED_MODE
+        + """
+    lidt [idt]
+    mov edi, 0x20000
+    mov ecx, 4096
+    mov al, 0xff
+    rep stosb
+    jmp 0x20000
+idt: dw 0
+     dd 0
+"""
+        + PRINT32
+        + "bits 16\n",
+    )
+    r = popek(image, "soft")
+    assert r.returncode == 3, (r.returncode, r.stderr)
+    assert "triple fault" in r.stderr and "RIP=0000000000020000" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
