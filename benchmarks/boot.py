@@ -3,10 +3,10 @@ initrd and command line, measured in the same run.
 
     python3 benchmarks/boot.py [--kernel vmlinux --initrd initrd.cpio] [--mem 256] [--marker TEXT]
 
-Time is from process start to the first appearance of the marker on the serial console (default: the kernel
-handing over to /init). Memory overhead is the VMM's resident set minus the resident part of its guest-RAM
-mapping (from /proc/PID/smaps), sampled when the marker appears. A peer that cannot reach the marker is reported
-as such, with the end of its output.
+Time is from process start to the first appearance of the marker on the serial console (default: the default
+guest's init announcing userspace, `popek-guest-ready`). Memory overhead is the VMM's resident set minus the
+resident part of its guest-RAM mapping (from /proc/PID/smaps), sampled when the marker appears. A peer that cannot
+reach the marker is reported as such, with the end of its output.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_MARKER = "Run /init as init process"
+DEFAULT_MARKER = "popek-guest-ready"
 
 
 @dataclass

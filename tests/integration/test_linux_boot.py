@@ -53,9 +53,14 @@ def test_default_guest_boots_linux_and_returns_the_commands_status(guest: object
 
 
 def test_bzimage_of_the_same_kernel_boots_through_the_64_bit_protocol(guest: object) -> None:
+    from popek import image
+
     g = guest
-    r = popek("--kernel", str(g.bzimage), "--initrd", str(g.initrd), "--append", g.cmdline)  # type: ignore[attr-defined]
+    append = f"{g.cmdline} {image.command_parameter(['sh', '-c', 'exit 3'])}"  # type: ignore[attr-defined]
+    r = popek("--kernel", str(g.bzimage), "--initrd", str(g.initrd), "--append", append)  # type: ignore[attr-defined]
     log = f"stdout:\n{r.stdout[-6000:]}\nstderr:\n{r.stderr[-4000:]}"
     assert "Linux version 6.1" in r.stdout, log
-    assert "Run /init as init process" in r.stdout, log
+    assert "popek-guest-ready" in r.stdout and "popek-exit-status: 3" in r.stdout, log
+    # with --kernel popek does not read the default guest's protocol: the guest's reset ends the VM
     assert "popek: VM stopped: reset" in r.stderr, log
+    assert r.returncode == 0, log
