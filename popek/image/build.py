@@ -115,6 +115,7 @@ REQUIREMENTS = (
     Requirement("gcc", "gcc", command="gcc"),
     Requirement("the C library headers (stdio.h)", "libc6-dev", path="/usr/include/stdio.h"),
     Requirement("bc", "bc", command="bc"),
+    Requirement("lz4", "lz4", command="lz4"),
     Requirement("bison", "bison", command="bison"),
     Requirement("flex", "flex", command="flex"),
     Requirement("libelf.h", "libelf-dev", path="/usr/include/libelf.h"),

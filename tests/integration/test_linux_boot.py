@@ -12,14 +12,15 @@ import sys
 
 import pytest
 
+BOOT_TIMEOUT = 1200  # ring-0 code may be emulated by the host at ~1.4 M instructions/s
+
 pytestmark = [
+    pytest.mark.timeout(BOOT_TIMEOUT + 180),  # the suite's default (600 s) is for everything else
     pytest.mark.kvm,
     pytest.mark.linux,
     pytest.mark.slow,
     pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs a usable /dev/kvm"),
 ]
-
-BOOT_TIMEOUT = 1200  # ring-0 code may be emulated by the host at ~1.4 M instructions/s
 
 
 @pytest.fixture(scope="module")
