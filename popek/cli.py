@@ -19,6 +19,7 @@ from popek.kvm import KvmError
 EXIT_ERROR = 1
 EXIT_TRIPLE_FAULT = 3
 EXIT_VMM_FAILURE = 4
+EXIT_DIVERGENCE = 5
 EXIT_NO_STATUS = 125
 EXIT_TIMEOUT = 124
 EXIT_SIGNAL = 130
@@ -49,6 +50,7 @@ def exit_status(stop: Stop, guest_status: int | None) -> int:
         StopReason.TRIPLE_FAULT: EXIT_TRIPLE_FAULT,
         StopReason.TIMEOUT: EXIT_TIMEOUT,
         StopReason.SIGNAL: EXIT_SIGNAL,
+        StopReason.DIVERGENCE: EXIT_DIVERGENCE,
     }.get(stop.reason, EXIT_VMM_FAILURE)
 
 
@@ -61,7 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--append", default=None, help="kernel command line (added to the default guest's)")
     run.add_argument("--mem", default="512M", help="guest memory, e.g. 512M or 2G (default 512M)")
     run.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
-    run.add_argument("--accel", default="kvm", help="backend: kvm (default) or soft (popek's x86-64 CPU in Python)")
+    run.add_argument(
+        "--accel",
+        default="kvm",
+        help="backend: kvm (default), soft (popek's x86-64 CPU in Python), or lockstep (both, compared)",
+    )
     run.add_argument("--cpu-template", default="portable", help="CPUID template: portable (default) or host")
     run.add_argument("--kvm-device", default="/dev/kvm", help="the KVM device (default /dev/kvm)")
     run.add_argument("--timeout", type=float, default=None, help="stop the VM after this many seconds")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from popek.accel.exits import Stop, StopReason
 from popek.accel.kvm import KvmAccel
+from popek.accel.lockstep import LockstepAccel
 from popek.accel.soft import SoftAccel
 from popek.boot import load_kernel, mptable
 from popek.boot.loader import BootImage, read_file
@@ -34,7 +35,7 @@ POST_PORT = 0x80
 DEBUG_EXIT_PORT = 0xF4
 MMIO_STATS_GRANULE = PAGE_SIZE
 SERIAL_TAIL = 1 << 20
-ACCELS = ("kvm", "soft")
+ACCELS = ("kvm", "soft", "lockstep")
 
 
 @dataclass
@@ -94,10 +95,12 @@ class Vm:
             raise ConfigError(f"the initrd ({len(initrd)} bytes) is larger than guest memory ({spec.mem} bytes)")
 
         self.mem = GuestMemory(spec.mem)
-        self.accel: KvmAccel | SoftAccel | None = None
+        self.accel: KvmAccel | SoftAccel | LockstepAccel | None = None
         try:
             if spec.accel == "soft":
                 self.accel = SoftAccel(self.mem, spec.cpus, spec.cpu_template)
+            elif spec.accel == "lockstep":
+                self.accel = LockstepAccel(self.mem, spec.cpus, spec.cpu_template, spec.kvm_device)
             else:
                 self.accel = KvmAccel(self.mem, spec.cpus, spec.cpu_template, spec.kvm_device)
             self.pio = Bus("port", 1)
@@ -217,7 +220,7 @@ class Vm:
         if self.accel.unavailable:
             families = ", ".join(sorted(self.accel.unavailable))
             lines.append(f"host cannot execute (hidden from CPUID or completed by popek): {families}")
-        if isinstance(self.accel, SoftAccel):
+        if isinstance(self.accel, SoftAccel | LockstepAccel):
             lines.extend(self.accel.extra_stats())
         lines.append(f"serial: {self.serial_log.total} bytes out, {self.serial.bytes_in} bytes in")
         return "\n".join(lines)

@@ -66,6 +66,7 @@ class StopReason(str, Enum):
     TIMEOUT = "timeout"
     USER_QUIT = "user-quit"
     ERROR = "error"
+    DIVERGENCE = "divergence"  # lockstep: the software CPU and KVM disagreed
 
 
 @dataclass(frozen=True)
