@@ -2,7 +2,10 @@
 timer platform modelled in Python too (`popek.devices.platform`: PIC, PIT, I/O APIC, one local APIC per vCPU).
 
 Determinism is the design rule: time is virtual, one nanosecond per retired instruction, and all vCPUs run in one
-host thread, round-robin, each for a quantum of instructions that never crosses the next timer deadline. The same
+host thread, round-robin, each for a quantum of instructions that never crosses the next timer deadline. PAUSE,
+which guests execute in every spin-wait and delay loop, ends the vCPU's quantum: the rest of the quantum counts as
+spent spinning, so a guest waiting for time to pass (Linux's udelay, its timer checks) gets there in a few
+iterations instead of millions, and the outcome still depends only on the instructions executed. The same
 guest with the same inputs therefore retires the same instructions and prints the same output on every run,
 which is what makes the lockstep checker and instruction-count benchmarks meaningful. (Input typed on the
 console is the one outside influence: it enters between quanta.)
@@ -140,6 +143,7 @@ class SoftAccel:
         for i, interp in enumerate(self.interps):
             interp.cpuid = self._cpuid_for(i, cpus)
             interp.tsc = self._tsc_for(i)
+            interp.on_pause = self._pause_for(interp)
         # application processors wait for INIT-SIPI-SIPI, as on a PC
         self.waiting_for_sipi = [i != 0 for i in range(cpus)]
         for cpu, waiting in zip(self.cpus, self.waiting_for_sipi):
@@ -172,6 +176,13 @@ class SoftAccel:
             return self.clock.now_ns() + (self.cpus[index].instructions - self._quantum_start[index])
 
         return tsc
+
+    @staticmethod
+    def _pause_for(interp: Interpreter) -> Callable[[], None]:
+        def pause() -> None:
+            interp.stop_requested = True  # the rest of the quantum is spent spinning
+
+        return pause
 
     def _init(self, index: int) -> None:
         """INIT: the vCPU resets and waits for a STARTUP IPI (the BSP ignores INIT, as popek's firmware-less

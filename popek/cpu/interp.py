@@ -394,6 +394,7 @@ class Interpreter:
         self.cpuid: Callable[[int, int], tuple[int, int, int, int]] = default_cpuid
         self.tsc: Callable[[], int] = lambda: self.cpu.instructions
         self.stop_requested = False
+        self.on_pause: Callable[[], None] = lambda: None
         self._cache: dict[int, tuple[Handler, Instruction, int, int, int]] = {}
         self._page_keys: dict[int, list[int]] = {}
         self._by_mn: dict[int, Handler] = {m: getattr(self, n) for m, n in self._mnemonic_table.items()}
@@ -1747,10 +1748,16 @@ class Interpreter:
 
     # ------------------------------------------------------------------ no-ops and hints
 
-    @handles(M.NOP, M.PAUSE, M.LFENCE, M.MFENCE, M.SFENCE, M.PREFETCHNTA, M.PREFETCHT0, M.PREFETCHT1,
+    @handles(M.NOP, M.LFENCE, M.MFENCE, M.SFENCE, M.PREFETCHNTA, M.PREFETCHT0, M.PREFETCHT1,
              M.PREFETCHT2, M.PREFETCHW, M.ENDBR64, M.ENDBR32, M.CLFLUSH, M.CLFLUSHOPT, M.CLWB)  # fmt: skip
     def _nop(self, ins: Instruction) -> None:
         """Hints and fences: nothing to do for an in-order interpreter (memory operands are not touched)."""
+
+    @handles(M.PAUSE)
+    def _pause(self, ins: Instruction) -> None:
+        """PAUSE marks a spin-wait loop; how long it takes is the implementation's choice, so the backend may
+        make it long (`on_pause`): a guest waiting for time to pass then needs far fewer instructions."""
+        self.on_pause()
 
     @handles(M.UD0, M.UD1, M.UD2)
     def _ud2(self, ins: Instruction) -> None:

@@ -125,3 +125,28 @@ idt: dw 0
     assert r.returncode == 3, (r.returncode, r.stderr)
     assert "triple fault" in r.stderr and "RIP=0000000000020000" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_pause_loop_waiting_for_the_tsc_costs_few_instructions(tmp_path: Path) -> None:
+    # 10 ms of TSC at 1 instruction per ns would be 10 M instructions of spinning; PAUSE ends the quantum instead
+    image = boot_sector(
+        tmp_path,
+        """
+    rdtsc
+    mov ebx, eax
+.wait:
+    pause
+    rdtsc
+    sub eax, ebx
+    cmp eax, 10000000
+    jb .wait
+    mov al, 0
+    out 0xf4, al
+""",
+    )
+    r = popek(image, "soft", "--stats")
+    assert r.returncode == 1, r.stderr
+    instructions = retired(r.stderr)
+    assert instructions < 20_000, instructions
+    virtual = re.search(r"virtual time (\d+\.\d+) s", r.stderr)
+    assert virtual and float(virtual.group(1)) >= 0.010, r.stderr  # and the guest did wait 10 ms of its time
