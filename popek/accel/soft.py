@@ -5,7 +5,9 @@ Determinism is the design rule: time is virtual, one nanosecond per retired inst
 host thread, round-robin, each for a quantum of instructions that never crosses the next timer deadline. PAUSE,
 which guests execute in every spin-wait and delay loop, ends the vCPU's quantum: the rest of the quantum counts as
 spent spinning, so a guest waiting for time to pass (Linux's udelay, its timer checks) gets there in a few
-iterations instead of millions, and the outcome still depends only on the instructions executed. The same
+iterations instead of millions, and the outcome still depends only on the instructions executed. A port access
+takes PORT_IO_NS of virtual time, as an ISA bus cycle takes about a microsecond on a PC: loops that poll a port
+while time passes (the PIT-based TSC calibration) need a thousand times fewer instructions. The same
 guest with the same inputs therefore retires the same instructions and prints the same output on every run,
 which is what makes the lockstep checker and instruction-count benchmarks meaningful. (Input typed on the
 console is the one outside influence: it enters between quanta.)
@@ -37,6 +39,7 @@ from popek.memory import PAGE_SIZE, GuestMemory
 
 NS_PER_INSTRUCTION = 1  # a 1 GHz virtual processor: TSC, APIC timer and PIT all count from this
 QUANTUM = 20_000  # instructions a vCPU runs before the next one gets its turn (and before input is taken in)
+PORT_IO_NS = 1_000  # virtual time an IN or OUT takes
 IDLE_WAIT = 0.05  # seconds a fully halted machine waits for console input before looking again
 MAX_CPUS = 16
 
@@ -44,8 +47,9 @@ MAX_CPUS = 16
 class _CpuBus:
     """What one vCPU reaches besides RAM: the machine's port and MMIO buses, and its own local APIC."""
 
-    def __init__(self, accel: SoftAccel, lapic: LocalApic) -> None:
+    def __init__(self, accel: SoftAccel, index: int, lapic: LocalApic) -> None:
         self.accel = accel
+        self.index = index
         self.lapic = lapic
         self.pio: Bus | None = None
         self.mmio: Bus | None = None
@@ -53,12 +57,14 @@ class _CpuBus:
     def pio_read(self, port: int, size: int) -> int:
         assert self.pio is not None and self.mmio is not None
         self.accel.exit_counts["io"] += 1
+        self.accel.stall(self.index, PORT_IO_NS)
         data = handle_exit(PioIn(port, size), self.pio, self.mmio) or b"\xff" * size
         return int.from_bytes(data[:size].ljust(size, b"\xff"), "little")
 
     def pio_write(self, port: int, size: int, value: int) -> None:
         assert self.pio is not None and self.mmio is not None
         self.accel.exit_counts["io"] += 1
+        self.accel.stall(self.index, PORT_IO_NS)
         handle_exit(PioOut(port, value.to_bytes(size, "little")), self.pio, self.mmio)
 
     def mmio_read(self, addr: int, size: int) -> int:
@@ -137,13 +143,13 @@ class SoftAccel:
         self.exit_counts: Counter[str] = Counter()
         self.assists: Counter[str] = Counter()  # nothing to complete: every instruction is popek's
         self.unavailable: frozenset[str] = frozenset()
-        self.buses = [_CpuBus(self, self.platform.lapic_for(i)) for i in range(cpus)]
+        self.buses = [_CpuBus(self, i, self.platform.lapic_for(i)) for i in range(cpus)]
         self.cpus = [Cpu(i, mem, self.buses[i], irq=self.platform.lapic_for(i)) for i in range(cpus)]
         self.interps = [Interpreter(cpu) for cpu in self.cpus]
         for i, interp in enumerate(self.interps):
             interp.cpuid = self._cpuid_for(i, cpus)
             interp.tsc = self._tsc_for(i)
-            interp.on_pause = self._pause_for(interp)
+            interp.on_pause = self._pause_for(i)
         # application processors wait for INIT-SIPI-SIPI, as on a PC
         self.waiting_for_sipi = [i != 0 for i in range(cpus)]
         for cpu, waiting in zip(self.cpus, self.waiting_for_sipi):
@@ -154,7 +160,11 @@ class SoftAccel:
         self._run_thread: int | None = None
         self._pending_irqs: collections.deque[tuple[int, bool]] = collections.deque()
         self._wakeup = threading.Event()
+        # this round's accounting, per vCPU: where its instruction count started, and the extra virtual time
+        # it spent (port accesses, PAUSE) beyond one nanosecond per instruction
         self._quantum_start = [0] * cpus
+        self._stall_ns = [0] * cpus
+        self._quantum_ns = QUANTUM * NS_PER_INSTRUCTION
 
     # --- the CPU model ---
 
@@ -171,16 +181,27 @@ class SoftAccel:
 
         return cpuid
 
+    def _spent_ns(self, index: int) -> int:
+        """Virtual time vCPU `index` has used in this round."""
+        retired = self.cpus[index].instructions - self._quantum_start[index]
+        return retired * NS_PER_INSTRUCTION + self._stall_ns[index]
+
     def _tsc_for(self, index: int) -> Callable[[], int]:
         def tsc() -> int:
-            return self.clock.now_ns() + (self.cpus[index].instructions - self._quantum_start[index])
+            return self.clock.now_ns() + self._spent_ns(index)
 
         return tsc
 
-    @staticmethod
-    def _pause_for(interp: Interpreter) -> Callable[[], None]:
+    def stall(self, index: int, ns: int) -> None:
+        """vCPU `index` spends `ns` of virtual time without retiring instructions; its turn ends with the round's
+        time."""
+        self._stall_ns[index] += ns
+        if self._spent_ns(index) >= self._quantum_ns:
+            self.interps[index].stop_requested = True
+
+    def _pause_for(self, index: int) -> Callable[[], None]:
         def pause() -> None:
-            interp.stop_requested = True  # the rest of the quantum is spent spinning
+            self.stall(index, max(0, self._quantum_ns - self._spent_ns(index)))  # the rest of the round: spinning
 
         return pause
 
@@ -260,11 +281,13 @@ class SoftAccel:
             deadline = clock.next_deadline()
             now = clock.now_ns()
             quantum = QUANTUM if deadline is None else max(1, min(QUANTUM, (deadline - now) // NS_PER_INSTRUCTION))
+            self._quantum_ns = quantum * NS_PER_INSTRUCTION
             ran_any = False
             for i, (cpu, interp) in enumerate(zip(self.cpus, self.interps)):
                 if stopping.is_set():
                     break
                 self._quantum_start[i] = cpu.instructions
+                self._stall_ns[i] = 0
                 interp.stop_requested = False
                 try:
                     retired = interp.run(quantum)
@@ -280,7 +303,8 @@ class SoftAccel:
             if stopping.is_set():
                 break
             if ran_any:
-                clock.advance_by(quantum * NS_PER_INSTRUCTION)
+                # a port access at the end of a turn may overrun it by a little: time never runs backwards
+                clock.advance_by(max(self._quantum_ns, *(self._spent_ns(i) for i in range(len(self.cpus)))))
                 continue
             # every vCPU is halted: skip to the next timer, or wait for input if nothing else can wake them
             self.exit_counts["hlt"] += 1

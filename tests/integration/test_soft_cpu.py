@@ -150,3 +150,39 @@ def test_a_pause_loop_waiting_for_the_tsc_costs_few_instructions(tmp_path: Path)
     assert instructions < 20_000, instructions
     virtual = re.search(r"virtual time (\d+\.\d+) s", r.stderr)
     assert virtual and float(virtual.group(1)) >= 0.010, r.stderr  # and the guest did wait 10 ms of its time
+
+
+def test_polling_a_port_while_the_pit_counts_costs_few_instructions(tmp_path: Path) -> None:
+    # Linux calibrates the TSC this way: PIT channel 2 one-shot for 10 ms, poll port 0x61 until OUT2 rises.
+    # A port access takes a microsecond of virtual time, so the loop runs about ten thousand times, not millions.
+    image = boot_sector(
+        tmp_path,
+        """
+    in al, 0x61
+    and al, 0xfd
+    or al, 0x01             ; gate channel 2 on, speaker off
+    out 0x61, al
+    mov al, 0xb0            ; channel 2, lobyte/hibyte, mode 0
+    out 0x43, al
+    mov ax, 11932           ; 10 ms at 1.193182 MHz
+    out 0x42, al
+    mov al, ah
+    out 0x42, al
+    xor ecx, ecx
+.poll:
+    inc ecx
+    in al, 0x61
+    test al, 0x20           ; OUT2
+    jz .poll
+    mov eax, ecx
+    call hex32
+    mov al, 0
+    out 0xf4, al
+"""
+        + PRINT,
+    )
+    r = popek(image, "soft", "--stats")
+    assert r.returncode == 1, r.stderr
+    polls = int(r.stdout, 16)
+    assert 5_000 <= polls <= 12_000, polls  # ~10 ms / (1 µs per IN + a few ns per instruction)
+    assert retired(r.stderr) < 100_000
