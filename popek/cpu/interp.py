@@ -347,8 +347,8 @@ def default_cpuid(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
     if leaf == 0x80000000:
         return 0x80000008, 0, 0, 0
     if leaf == 0x80000001:
-        # ECX: LAHF/SAHF in 64-bit mode, LZCNT; EDX: SYSCALL, NX, RDTSCP, LM
-        return 0, 0, 1 << 0 | 1 << 5, 1 << 11 | 1 << 20 | 1 << 27 | 1 << 29
+        # ECX: LAHF/SAHF in 64-bit mode, LZCNT; EDX: SYSCALL, NX, 1-GiB pages (the MMU maps them), RDTSCP, LM
+        return 0, 0, 1 << 0 | 1 << 5, 1 << 11 | 1 << 20 | 1 << 26 | 1 << 27 | 1 << 29
     if leaf in (0x80000002, 0x80000003, 0x80000004):
         text = b"popek software x86-64 CPU".ljust(48, b"\0")
         off = (leaf - 0x80000002) * 16

@@ -120,6 +120,7 @@ class Mmu:
         self._phys_bits = bits
         self._addr_mask = ((1 << bits) - 1) & ~0xFFF  # address bits of an entry, for 4-KiB frames/tables
         self._rsvd_hi = ((1 << 52) - 1) & ~((1 << bits) - 1)  # bits 51:M of 64-bit entries
+        self._rsvd_pae = ((1 << 63) - 1) & ~((1 << bits) - 1)  # bits 62:M of PAE PDEs/PTEs (SDM tables 4-8..4-11)
         self.flush()
 
     # --- TLB management ---
@@ -268,7 +269,7 @@ class Mmu:
             pdpte = pdptes[(linear >> 30) & 3]
             if not pdpte & _P:
                 raise self._fault(linear, access, user, False)
-            rsvd = self._rsvd_hi | (0 if nxe else _XD)
+            rsvd = self._rsvd_pae | (0 if nxe else _XD)
             table = pdpte & self._addr_mask
             shift = 21
             while True:
