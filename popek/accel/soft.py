@@ -29,7 +29,7 @@ from popek.bus import Bus
 from popek.cpu.core import Cpu
 from popek.cpu.interp import Interpreter, default_cpuid
 from popek.cpu.segments import UnsupportedTaskSwitch
-from popek.cpu.state import CS, GPR_NAMES, SEGMENT_NAMES, CpuState, TableRegister, TripleFault
+from popek.cpu.state import CS, GPR_NAMES, IF, SEGMENT_NAMES, CpuState, TableRegister, TripleFault
 from popek.cpu.state import Segment as CpuSegment
 from popek.devices.irq import IrqLine
 from popek.devices.lapic import LAPIC_BASE, LocalApic
@@ -311,7 +311,7 @@ class SoftAccel:
             if deadline is not None:
                 clock.advance_to(deadline)
                 continue
-            if not any(cpu.state.rflags & (1 << 9) for cpu in self.cpus) and not self._pending_irqs:
+            if not any(cpu.state.rflags & IF for cpu in self.cpus) and not self._pending_irqs:
                 return Stop(StopReason.POWEROFF, "the guest halted")
             self._wakeup.wait(IDLE_WAIT)
             self._wakeup.clear()
