@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from popek import image
+
 BOOT_TIMEOUT = 1200  # ring-0 code may be emulated by the host at ~1.4 M instructions/s
 
 pytestmark = [
@@ -24,9 +26,7 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def guest() -> object:
-    from popek import image
-
+def guest() -> image.GuestImage:
     try:
         return image.ensure_default_guest(progress=False)
     except image.ImageError as e:
@@ -43,7 +43,7 @@ def popek(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_default_guest_boots_linux_and_returns_the_commands_status(guest: object) -> None:
+def test_default_guest_boots_linux_and_returns_the_commands_status(guest: image.GuestImage) -> None:
     r = popek("--stats", "--", "sh", "-c", "echo popek-linux-marker; uname -sr; exit 7")
     log = f"stdout:\n{r.stdout[-6000:]}\nstderr:\n{r.stderr[-4000:]}"
     assert "Linux version 6.1" in r.stdout, log
@@ -53,12 +53,9 @@ def test_default_guest_boots_linux_and_returns_the_commands_status(guest: object
     assert "assists:" in r.stderr, log
 
 
-def test_bzimage_of_the_same_kernel_boots_through_the_64_bit_protocol(guest: object) -> None:
-    from popek import image
-
-    g = guest
-    append = f"{g.cmdline} {image.command_parameter(['sh', '-c', 'exit 3'])}"  # type: ignore[attr-defined]
-    r = popek("--kernel", str(g.bzimage), "--initrd", str(g.initrd), "--append", append)  # type: ignore[attr-defined]
+def test_bzimage_of_the_same_kernel_boots_through_the_64_bit_protocol(guest: image.GuestImage) -> None:
+    append = f"{guest.cmdline} {image.command_parameter(['sh', '-c', 'exit 3'])}"
+    r = popek("--kernel", str(guest.bzimage), "--initrd", str(guest.initrd), "--append", append)
     log = f"stdout:\n{r.stdout[-6000:]}\nstderr:\n{r.stderr[-4000:]}"
     assert "Linux version 6.1" in r.stdout, log
     assert "popek-guest-ready" in r.stdout and "popek-exit-status: 3" in r.stdout, log
