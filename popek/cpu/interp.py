@@ -140,6 +140,7 @@ R = iced_x86.Register
 K = iced_x86.OpKind
 
 M32 = 0xFFFF_FFFF
+FSW_ES = 1 << 7  # x87 status word: exception summary
 REGISTER = K.REGISTER
 MEMORY = K.MEMORY
 _READ, _WRITE, _EXECUTE = Access.READ, Access.WRITE, Access.EXECUTE
@@ -494,6 +495,36 @@ class Interpreter:
         if trap:
             s.dr[6] |= 0x4000  # BS: single step
             exceptions.deliver(cpu, Vector.DB, return_rip=s.rip)
+
+    def execute_one(self) -> Instruction:
+        """Execute the instruction at RIP and nothing else: no pending event is taken first, no single-step trap
+        after, and a fault leaves the instruction as a `CpuException` (RIP at the instruction, no state changed)
+        instead of being delivered here. This is how another backend borrows the software CPU for one
+        instruction (`popek.accel.kvm_softcpu`), delivering what it raises its own way. Raises
+        `NotImplementedError` for a valid instruction this CPU does not implement, which is no guest error."""
+        s = self.s = self.cpu.state
+        rip = s.rip
+        cs = s.seg[CS]
+        bits = 64 if s.efer & EFER_LMA and cs.l else (32 if cs.db else 16)
+        lin = rip if bits == 64 else (cs.base + rip) & M32
+        try:
+            phys = self.mmu.translate(lin, _EXECUTE, s.cpl == 3) if s.cr0 & CR0_PG else lin
+            handler, ins, _, next_rip, last = self._decode((phys << 2) | (bits >> 5), lin, phys, rip, bits)
+            if handler == self._ud and ins.code != C.INVALID and not self.implements(ins):
+                raise NotImplementedError(f"popek's CPU does not implement {ins}")
+            if bits != 64 and last > cs.limit:
+                raise _gp0()
+            s.rip = next_rip
+            handler(ins)
+        except CpuException:
+            s.rip = rip
+            raise
+        self.cpu.instructions += 1
+        return ins
+
+    def implements(self, ins: Instruction) -> bool:
+        """Whether this CPU has semantics for `ins` (an instruction it lacks is #UD when it runs a guest)."""
+        return bool(self._by_code.get(ins.code) or self._by_mn.get(ins.mnemonic))
 
     def _decode(self, key: int, lin: int, phys: int, rip: int, bits: int) -> tuple[Handler, Instruction, int, int, int]:
         """Decode at `lin` (a cache miss): fetch up to 15 bytes, crossing into the next page only if needed."""
@@ -958,13 +989,13 @@ class Interpreter:
         bits = self._bits0(ins)
         if ins.op0_kind == MEMORY:
             lin = self._lin(ins, bits >> 3, _WRITE)
-            a = self.mmu.read(lin, bits >> 3, _READ)
+            a = self.mmu.read(lin, bits >> 3, _WRITE)
             b = self._rreg(ins.op1_register)
             self.mmu.write(lin, bits >> 3, b)
             self._wreg(ins.op1_register, a)
         elif ins.op1_kind == MEMORY:
             lin = self._lin(ins, bits >> 3, _WRITE)
-            b = self.mmu.read(lin, bits >> 3, _READ)
+            b = self.mmu.read(lin, bits >> 3, _WRITE)
             a = self._rreg(ins.op0_register)
             self.mmu.write(lin, bits >> 3, a)
             self._wreg(ins.op0_register, b)
@@ -1047,7 +1078,7 @@ class Interpreter:
         else:
             bits = MEMSIZE[ins.memory_size] << 3
             lin = self._lin(ins, bits >> 3, _READ if kind >= 7 else _WRITE)
-            a = self.mmu.read(lin, bits >> 3, _READ)
+            a = self.mmu.read(lin, bits >> 3, _READ if kind >= 7 else _WRITE)
             b = self._read(ins, 1, bits)
         if kind == 0:
             res, fl = add(a, b, bits)
@@ -1110,13 +1141,15 @@ class Interpreter:
         self._arith(ins, 8)
 
     def _rmw_unary(self, ins: Instruction) -> tuple[int, int, int]:
-        """Operand 0 of a read-modify-write instruction: (value, bits, linear address or -1 for a register)."""
+        """Operand 0 of a read-modify-write instruction: (value, bits, linear address or -1 for a register).
+        The read translates for writing, as the processor's does: a not-present page faults with W=1 in the error
+        code, a read-only one before anything is read (as in XCHG, CMPXCHG8B/16B and the ALU forms)."""
         if ins.op0_kind == REGISTER:
             r = ins.op0_register
             return self._rreg(r), RBITS[r], -1
         bits = MEMSIZE[ins.memory_size] << 3
         lin = self._lin(ins, bits >> 3, _WRITE)
-        return self.mmu.read(lin, bits >> 3, _READ), bits, lin
+        return self.mmu.read(lin, bits >> 3, _WRITE), bits, lin
 
     def _commit0(self, ins: Instruction, lin: int, bits: int, value: int) -> None:
         if lin < 0:
@@ -1181,7 +1214,7 @@ class Interpreter:
         lin = self._lin(ins, size, _WRITE)
         if wide and lin & 15:
             raise _gp0()
-        mem = self.mmu.read(lin, size, _READ)
+        mem = self.mmu.read(lin, size, _WRITE)
         gpr = self.s.gpr
         mask = MASKS[half]
         expected = ((gpr[RDX] & mask) << half) | (gpr[RAX] & mask)
@@ -1346,8 +1379,9 @@ class Interpreter:
             else:
                 off = ins.immediate(1) & (bits - 1)
                 ea = self._ea(ins)
-            lin = segments.linear(self.cpu, SEG_OF[ins.memory_segment], ea, size, _READ if mn == M.BT else _WRITE)
-            v = self.mmu.read(lin, size, _READ)
+            access = _READ if mn == M.BT else _WRITE
+            lin = segments.linear(self.cpu, SEG_OF[ins.memory_segment], ea, size, access)
+            v = self.mmu.read(lin, size, access)
         bit = (v >> off) & 1
         if mn != M.BT:
             if mn == M.BTS:
@@ -2530,6 +2564,8 @@ class Interpreter:
         s = self.s
         if s.cr0 & CR0_TS and s.cr0 & CR0_MP:
             raise _fault(Vector.NM)
+        if s.fsw & FSW_ES and s.cr0 & CR0_NE:
+            raise _fault(Vector.MF)  # an unmasked x87 exception is pending (loaded by FRSTOR/FXRSTOR/FLDENV)
 
     @handles(M.FXSAVE, M.FXSAVE64)
     def _fxsave(self, ins: Instruction) -> None:
@@ -2538,7 +2574,7 @@ class Interpreter:
         if lin & 15:
             raise _gp0()
         s = self.s
-        area = bytearray(self.mmu.read_bytes(lin, 512, _READ, s.cpl == 3))
+        area = bytearray(self.mmu.read_bytes(lin, 512, _WRITE, s.cpl == 3))
         area[0:2] = s.fcw.to_bytes(2, "little")
         area[2:4] = s.fsw.to_bytes(2, "little")
         area[4] = s.ftw & 0xFF

@@ -654,6 +654,37 @@ def test_ps_in_a_pdpte_is_reserved_where_cpuid_has_no_1g_pages(tmp_path: Path, b
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_read_modify_write_instructions_fault_as_writes(tmp_path: Path, backend: str) -> None:
+    # SDM §4.7: W in the error code is the access type; an instruction that reads and writes its operand makes a
+    # write access, so a not-present page faults with W=1 before anything is read (ring 3: KVM runs it natively)
+    lines, status, err = run64(
+        tmp_path,
+        r"""
+    mov rdi, .user
+    call to_user
+    ret
+.user:
+    mov rbx, T + 0x5000                 ; not present
+    TRY add [rbx], eax                  ; err 0006
+    TRY inc qword [rbx + 8]             ; err 0006
+    TRY xchg [rbx + 16], eax            ; err 0006
+    TRY lock cmpxchg16b [rbx + 32]      ; err 0006
+    TRY lock xadd [rbx + 48], eax       ; err 0006
+    TRY bts dword [rbx + 56], 3         ; err 0006
+    TRY shl dword [rbx + 64], 3         ; err 0006
+    TRY cmp [rbx + 72], eax             ; read only: err 0004
+    TRY bt dword [rbx + 80], 3          ; err 0004
+    UEXIT
+""",
+        backend,
+    )
+    rmw = [f"#PF err=0006 cr2={0x8000005000 + off:016X} rip=ok cpl=3" for off in (0, 8, 16, 32, 48, 56, 64)]
+    reads = [f"#PF err=0004 cr2={0x8000005000 + off:016X} rip=ok cpl=3" for off in (72, 80)]
+    assert lines == rmw + reads, "\n".join(lines) + err
+    assert status == DONE, err
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_accessed_and_dirty_flags(tmp_path: Path, backend: str) -> None:
     # SDM §4.8: A is set in every paging-structure entry a successful translation used; D in the entry that maps
     # the page, on a write (never in an entry that references a table, and not when the write faults)
