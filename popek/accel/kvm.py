@@ -3,7 +3,8 @@
 The VM is set up as Firecracker does on x86: TSS and identity-map pages at the top of the 32-bit space, the
 in-kernel irqchip (PIC pair, IOAPIC, per-vCPU LAPIC with LINT0 = ExtINT and LINT1 = NMI as firmware leaves them)
 and PIT, one memory slot per RAM region, CPUID from a template. `run_vcpu` is the only exit-handling loop of this
-backend; port and MMIO exits go to `popek.accel.exits.handle_exit`, emulation failures to `kvm_assist`.
+backend; port and MMIO exits go to `popek.accel.exits.handle_exit`, emulation failures to `kvm_assist` (and
+through it to the software CPU, `kvm_softcpu`).
 
 Some hosts never complete a hypercall: KVM_RUN retries it in the host forever, the guest still taking its
 interrupts in between. Where the probe found that (family "hypercall"), `watch` kicks each vCPU out
@@ -19,6 +20,7 @@ guest that moves its IDT or rewrites a gate.
 from __future__ import annotations
 
 import ctypes
+import functools
 import signal
 import struct
 import threading
@@ -27,6 +29,7 @@ from collections import Counter
 from popek.accel import kvm_assist
 from popek.accel.exits import MmioRead, MmioWrite, PioIn, PioOut, Stop, StopReason, handle_exit
 from popek.accel.kvm_probe import VMCALL, VMMCALL, unavailable_families
+from popek.accel.kvm_softcpu import SoftStep
 from popek.accel.kvm_state import apply_entry, register_dump
 from popek.accel.kvm_syscall import UserSyscallAssist
 from popek.boot.entry import EntryState
@@ -103,6 +106,8 @@ class KvmAccel:
             vcpu.set_cpuid2(for_vcpu(self.cpuid, i, cpus))
             self._set_lint(vcpu)
             self.vcpus.append(vcpu)
+        # the software CPU that completes, one vCPU's instruction at a time, what neither KVM nor `kvm_assist` can
+        self.soft_steps = [SoftStep(vcpu, mem, for_vcpu(self.cpuid, i, cpus)) for i, vcpu in enumerate(self.vcpus)]
         self.syscall_assists: list[UserSyscallAssist | None] = [
             UserSyscallAssist(vcpu, mem) if "syscall" in self.unavailable else None for vcpu in self.vcpus
         ]
@@ -226,7 +231,7 @@ class KvmAccel:
                         with self._stats_lock:
                             self.assists["syscall"] += 1
                 else:
-                    stop = self._slow_exit(vcpu, reason)
+                    stop = self._slow_exit(vcpu, reason, pio, mmio)
                     if stop is not None:
                         return stop
             return None
@@ -237,7 +242,7 @@ class KvmAccel:
             with self._stats_lock:
                 self.exit_counts.update(counts)
 
-    def _slow_exit(self, vcpu: VcpuFd, reason: ExitReason | int) -> Stop | None:
+    def _slow_exit(self, vcpu: VcpuFd, reason: ExitReason | int, pio: Bus, mmio: Bus) -> Stop | None:
         run = vcpu.run_page
         if reason == ExitReason.SHUTDOWN:
             return Stop(
@@ -251,7 +256,7 @@ class KvmAccel:
                 return Stop(StopReason.POWEROFF, "the guest powered off")
             return Stop(StopReason.INTERNAL_ERROR, f"system event {kind}\n" + register_dump(vcpu))
         if reason == ExitReason.INTERNAL_ERROR:
-            return self._internal_error(vcpu)
+            return self._internal_error(vcpu, pio, mmio)
         if reason == ExitReason.FAIL_ENTRY:
             code = run.exit.fail_entry.hardware_entry_failure_reason
             return Stop(
@@ -264,7 +269,7 @@ class KvmAccel:
             return None
         return Stop(StopReason.INTERNAL_ERROR, f"unexpected KVM exit {reason}\n" + register_dump(vcpu))
 
-    def _internal_error(self, vcpu: VcpuFd) -> Stop | None:
+    def _internal_error(self, vcpu: VcpuFd, pio: Bus, mmio: Bus) -> Stop | None:
         run = vcpu.run_page
         sub = run.exit.internal.suberror
         if sub == InternalError.EMULATION:
@@ -273,7 +278,8 @@ class KvmAccel:
             if ef.ndata >= 2 and ef.flags & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
                 insn = bytes(ef.insn_bytes)[: ef.insn_size]
             try:
-                mnemonic = kvm_assist.complete(vcpu, self.mem, insn, self.xsave_layout)
+                fallback = functools.partial(self.soft_steps[vcpu.id].execute, pio, mmio)
+                mnemonic = kvm_assist.complete(vcpu, self.mem, insn, self.xsave_layout, fallback)
             except kvm_assist.AssistError as e:
                 return Stop(StopReason.INTERNAL_ERROR, f"{e}\n" + register_dump(vcpu))
             with self._stats_lock:

@@ -56,6 +56,7 @@ registers and MSRs are not compared (their effects show up in GPRs or memory soo
 from __future__ import annotations
 
 import ctypes
+import functools
 import signal
 import threading
 from collections import Counter
@@ -78,6 +79,7 @@ from popek.accel.kvm_convert import (
     store_cpu_to_kvm,
 )
 from popek.accel.kvm_convert import store_segment as _store_segment
+from popek.accel.kvm_softcpu import SoftStep
 from popek.accel.kvm_state import register_dump
 from popek.accel.soft import format_state
 from popek.boot.entry import EntryState
@@ -419,8 +421,10 @@ class Lockstep:
         interpreter: type[Interpreter] = Interpreter,
         check_memory: bool = True,
         transplant_returns: bool = True,
+        assist: SoftStep | None = None,
     ) -> None:
         self.vcpu = vcpu
+        self.assist = assist  # completes on KVM's side what its emulator cannot (see KvmAccel)
         self.kvm_mem = kvm_mem
         self.soft_mem = soft_mem
         self.xsave_layout = xsave_layout or {}
@@ -643,7 +647,8 @@ class Lockstep:
                     insn = None
                     if ef.ndata >= 2 and ef.flags & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
                         insn = bytes(ef.insn_bytes)[: ef.insn_size]
-                    self.assists[kvm_assist.complete(vcpu, self.kvm_mem, insn, self.xsave_layout)] += 1
+                    fallback = None if self.assist is None else functools.partial(self.assist.execute, pio, mmio)
+                    self.assists[kvm_assist.complete(vcpu, self.kvm_mem, insn, self.xsave_layout, fallback)] += 1
                     continue  # the breakpoint (or the single step) ends the step where the instruction went
                 if reason == ExitReason.INTR:
                     vcpu.set_immediate_exit(False)
@@ -926,7 +931,7 @@ class LockstepAccel:
         copy_guest_memory(self.mem, self.soft_mem)
         self.lockstep = Lockstep(
             self.kvm.vcpus[0], self.mem, self.soft_mem, xsave_layout=self.kvm.xsave_layout,
-            interpreter=self.interpreter,
+            interpreter=self.interpreter, assist=self.kvm.soft_steps[0],
         )  # fmt: skip
         self.lockstep.exit_counts = self.exit_counts
         self.lockstep.assists = self.assists

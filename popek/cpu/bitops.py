@@ -1,9 +1,10 @@
-"""Semantics of the integer instructions a hardware-assisted backend may have to complete in software (Intel SDM
-vol. 2): bit counting (POPCNT, LZCNT, TZCNT), BMI1/BMI2, MOVBE, ADCX/ADOX and RDRAND/RDSEED.
+"""Semantics of the bit-manipulation instructions (Intel SDM vol. 2): bit counting (POPCNT, LZCNT, TZCNT),
+BMI1/BMI2, MOVBE, ADCX/ADOX and RDRAND/RDSEED. The interpreter runs them for the software backend and, where the
+host's KVM cannot, for the KVM backend too (`popek.accel.kvm_softcpu`).
 
 Each function takes operand values and the operand size in bits and returns the result and the flags it
 defines, as a dict of flag name → bit; flags the SDM leaves undefined are left out, so callers keep their old
-values. Operands come from `popek.cpu.operands`, which knows registers and memory; this module knows neither.
+values. The interpreter knows registers and memory; this module knows neither.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ instantiated with a sized subclass by `with_entries`.
 from __future__ import annotations
 
 import ctypes
+import functools
 from ctypes import c_int32, c_uint8, c_uint16, c_uint32, c_uint64
 from typing import Any, TypeVar
 
@@ -376,8 +377,10 @@ assert kvm_run.exit.offset == 32 and kvm_run.kvm_valid_regs.offset == 288
 S = TypeVar("S", bound=ctypes.Structure)
 
 
-def with_entries(base: type[S], count: int) -> S:
-    """Instantiate a flexible-array KVM struct with room for `count` entries after its header."""
+@functools.cache
+def _sized(base: type[ctypes.Structure], count: int) -> type[ctypes.Structure]:
+    """The struct type with `count` entries: made once per (struct, count), since building a ctypes class costs
+    far more than the ioctl it is for (KVM_GET_MSRS runs on the exit path)."""
     fields: list[Any] = list(base._fields_)
     last_name, last_type = fields[-1]
     element = last_type._type_
@@ -386,4 +389,9 @@ def with_entries(base: type[S], count: int) -> S:
         _fields_ = [*fields[:-1], (last_name, element * count)]
 
     Sized.__name__ = base.__name__
-    return Sized()  # type: ignore[return-value]
+    return Sized
+
+
+def with_entries(base: type[S], count: int) -> S:
+    """Instantiate a flexible-array KVM struct with room for `count` entries after its header."""
+    return _sized(base, count)()  # type: ignore[return-value]

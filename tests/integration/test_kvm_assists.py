@@ -266,3 +266,186 @@ bits 16
     r = run(image, backend=backend)
     assert r.returncode == 3, (r.returncode, r.stderr)
     assert "triple fault" in r.stderr and "RIP=" in r.stderr
+
+
+# XSAVE/XRSTOR/XSETBV/XGETBV and CMPXCHG16B at ring 0 in 64-bit mode: the families a host's instruction emulator
+# may fail on (KVM_EXIT_INTERNAL_ERROR); popek completes them. The guest uses each family only if CPUID
+# advertises it, as a kernel would. Expected values follow SDM vol. 1 ch. 13 (XSAVE) and vol. 2A (CMPXCHG16B).
+CX16_AND_XSAVE_BODY = r"""
+    mov eax, 1
+    cpuid
+    mov r12d, ecx                       ; leaf 1 ECX: CX16 is bit 13, XSAVE bit 26
+    bt r12d, 13
+    jc .cx16
+    SAY "cmpxchg16b not advertised"
+    NL
+    jmp .xsave
+.cx16:
+    SET [page_b], 0x1111111111111111
+    SET [page_b + 8], 0x2222222222222222
+    mov rax, 0x1111111111111111         ; RDX:RAX equals m128: ZF=1, m128 <- RCX:RBX
+    mov rdx, 0x2222222222222222
+    mov rbx, 0x3333333333333333
+    mov rcx, 0x4444444444444444
+    lock cmpxchg16b [page_b]
+    setz r13b
+    SAY "cmpxchg16b equal "
+    movzx eax, r13b
+    HEX rax, 1
+    SAY " "
+    HEX [page_b + 8], 16
+    HEX [page_b], 16
+    NL
+    xor eax, eax                        ; RDX:RAX differs: ZF=0, RDX:RAX <- m128, m128 unchanged
+    xor edx, edx
+    lock cmpxchg16b [page_b]
+    setz r13b
+    SAY "cmpxchg16b differ "
+    movzx r13d, r13b
+    HEX r13, 1
+    SAY " "
+    HEX rdx, 16
+    HEX rax, 16
+    NL
+.xsave:
+    bt r12d, 26
+    jc .xs
+    SAY "xsave not advertised"
+    NL
+    ret
+.xs:
+    mov rax, cr4
+    or eax, (1 << 9) | (1 << 18)        ; CR4.OSFXSR, CR4.OSXSAVE
+    mov cr4, rax
+    xor ecx, ecx
+    mov eax, 3                          ; XCR0 = x87 | SSE
+    xor edx, edx
+    xsetbv
+    SET [page_c], 0x0123456789abcdef
+    SET [page_c + 8], 0xfedcba9876543210
+    movdqu xmm0, [page_c]
+    mov eax, 3
+    xor edx, edx
+    xsave [page_a]                      ; XMM0 goes to offset 160 of the legacy region
+    pxor xmm0, xmm0
+    xrstor [page_a]
+    movdqu [page_c + 16], xmm0
+    SAY "xrstor "
+    HEX [page_c + 24], 16
+    HEX [page_c + 16], 16
+    SAY " saved "
+    HEX [page_a + 168], 16
+    HEX [page_a + 160], 16
+    SAY " sse-in-use "
+    mov rax, [page_a + 512]             ; XSTATE_BV
+    shr eax, 1
+    and eax, 1
+    HEX rax, 1
+    NL
+    and qword [page_a + 512], ~2        ; SSE marked as in its initial state: XRSTOR zeroes XMM0
+    mov eax, 3
+    xor edx, edx
+    xrstor [page_a]
+    movdqu [page_c + 16], xmm0
+    SAY "xrstor init "
+    HEX [page_c + 24], 16
+    HEX [page_c + 16], 16
+    NL
+    xor ecx, ecx
+    xgetbv
+    SAY "xcr0 "
+    HEX rax, 8
+    NL
+    ret
+"""
+
+
+def _families_and_assists(stats: str) -> tuple[set[str], dict[str, int]]:
+    families = re.search(r"^host cannot execute [^:]*: (.*)$", stats, re.MULTILINE)
+    assists = re.search(r"^assists: (.*)$", stats, re.MULTILINE)
+    assert assists, stats
+    counts = {k: int(v) for k, v in (a.split("=") for a in assists.group(1).split() if "=" in a)}
+    return (set(families.group(1).split(", ")) if families else set()), counts
+
+
+@pytest.mark.parametrize(
+    "backend,template",
+    [
+        pytest.param("kvm", "portable", marks=KVM_MARKS),
+        pytest.param("kvm", "host", marks=KVM_MARKS),  # nothing hidden: the guest uses what the host cannot run
+        ("soft", "portable"),
+    ],
+)
+def test_cmpxchg16b_and_xsave_family_at_ring0_give_architectural_results(
+    tmp_path: Path, backend: str, template: str
+) -> None:
+    from .test_guests import nasm, popek
+    from .test_paging import DONE, KERNEL  # test_paging imports this module: import it only once both exist
+    from .test_user_mode import wrap_bzimage
+
+    binary = nasm(tmp_path, KERNEL.replace("%%BODY%%", CX16_AND_XSAVE_BODY), "kernel")
+    image = tmp_path / "kernel.bzimage"
+    image.write_bytes(wrap_bzimage(binary.read_bytes()))
+    r = popek(image, backend, "--stats", "--cpu-template", template)
+    assert r.returncode == DONE, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    families, assists = _families_and_assists(r.stderr)
+    if lines[0] != "cmpxchg16b not advertised":
+        assert lines[:2] == [
+            "cmpxchg16b equal 1 44444444444444443333333333333333",
+            "cmpxchg16b differ 0 44444444444444443333333333333333",
+        ], r.stdout
+        lines = lines[2:]
+        if "cmpxchg16b" in families:  # the host cannot run it: both executions were popek's
+            assert assists.get("cmpxchg16b") == 2, r.stderr
+    else:
+        lines = lines[1:]
+    if lines != ["xsave not advertised"]:
+        assert lines == [
+            "xrstor FEDCBA98765432100123456789ABCDEF saved FEDCBA98765432100123456789ABCDEF sse-in-use 1",
+            "xrstor init 00000000000000000000000000000000",
+            "xcr0 00000003",
+        ], r.stdout
+        if "xsave" in families:
+            assert assists.get("xsave", 0) >= 1 and assists.get("xrstor", 0) >= 2, r.stderr
+    if backend == "soft":  # the software CPU implements CMPXCHG16B and says so (XSAVE it does not advertise)
+        assert "cmpxchg16b not advertised" not in r.stdout, r.stdout
+
+
+# Where popek's software CPU completes an instruction for KVM, a fault it raises reaches the guest as the processor
+# would deliver it: #PF with the error code and CR2 of the access, RIP at the instruction (SDM vol. 3A §4.7).
+FAULTING_OPERANDS_BODY = r"""
+    mov rax, cr4
+    or eax, 1 << 9                      ; CR4.OSFXSR: SSE
+    mov cr4, rax
+    mov rbx, T + 0x5000                 ; in the test region, where nothing is mapped yet
+    TRY pxor xmm0, [rbx]                ; a read of a not-present page
+    TRY popcnt rax, [rbx + 8]
+    TRY lock cmpxchg16b [rbx + 16]      ; a locked read-modify-write: a write access
+    SET [tpt + I1(T + 0x5000) * 8], page_a + 3
+    SET [page_a + 8], 0xf0f0
+    popcnt rax, [rbx + 8]               ; mapped now: no fault
+    SAY "popcnt "
+    HEX rax, 2
+    NL
+    ret
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_faults_of_completed_instructions_reach_the_guest_as_page_faults(tmp_path: Path, backend: str) -> None:
+    from .test_guests import nasm, popek
+    from .test_paging import DONE, KERNEL
+    from .test_user_mode import wrap_bzimage
+
+    binary = nasm(tmp_path, KERNEL.replace("%%BODY%%", FAULTING_OPERANDS_BODY), "kernel")
+    image = tmp_path / "kernel.bzimage"
+    image.write_bytes(wrap_bzimage(binary.read_bytes()))
+    r = popek(image, backend, "--stats", "--cpu-template", "host")
+    assert r.stdout.splitlines() == [
+        "#PF err=0000 cr2=0000008000005000 rip=ok cpl=0",
+        "#PF err=0000 cr2=0000008000005008 rip=ok cpl=0",
+        "#PF err=0002 cr2=0000008000005010 rip=ok cpl=0",
+        "popcnt 08",
+    ], r.stdout + r.stderr
+    assert r.returncode == DONE, r.stderr

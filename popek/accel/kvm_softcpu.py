@@ -1,0 +1,208 @@
+"""One guest instruction executed on popek's software CPU for a KVM vCPU, where the host's KVM cannot execute it.
+
+Hosts that emulate guest ring-0 code in their own instruction emulator fail on whatever that emulator does not
+know (KVM_EXIT_INTERNAL_ERROR, emulation failure): SSE at ring 0, for one. `kvm_assist` completes the families
+seen most often with small dedicated routines; every other instruction comes here. The vCPU's state (KVM_GET_REGS,
+SREGS, FPU, XCRS and the MSRs the software CPU's semantics read) is loaded into a `popek.cpu` processor over the
+same guest memory, which executes the one instruction with its own page walk, segmentation and privilege checks
+(`Interpreter.execute_one`), and what changed is written back. A fault the instruction raises is not delivered by
+the software CPU but injected through KVM_SET_VCPU_EVENTS, so KVM's own event logic (nesting into #DF, its
+pending-event state) stays in charge, exactly as for an exception the processor raised.
+
+Port and MMIO accesses go to popek's buses, as KVM's exits would; the devices KVM keeps in the kernel (local APIC,
+I/O APIC, PIC, PIT) cannot be reached from here, and an instruction that touches them stops the VM with a clear
+error rather than reading a wrong value.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import iced_x86
+
+from popek.accel.exits import MmioRead, MmioWrite, PioIn, PioOut, handle_exit
+from popek.accel.kvm_assist import AssistError, inject_exception, xcr0_of
+from popek.accel.kvm_convert import load_cpu_from_kvm, store_cpu_to_kvm
+from popek.bus import Bus
+from popek.cpu.core import Cpu
+from popek.cpu.interp import Interpreter
+from popek.cpu.state import (
+    MSR_CSTAR,
+    MSR_IA32_SYSENTER_CS,
+    MSR_IA32_SYSENTER_EIP,
+    MSR_IA32_SYSENTER_ESP,
+    MSR_IA32_TSC,
+    MSR_KERNEL_GS_BASE,
+    MSR_LSTAR,
+    MSR_SFMASK,
+    MSR_STAR,
+    MSR_TSC_AUX,
+    CpuException,
+    CpuState,
+    Vector,
+)
+from popek.kvm import CpuidEntry, MpState, VcpuEventsValid, VcpuFd
+from popek.kvm.structs import kvm_fpu, kvm_xcrs
+from popek.memory import GuestMemory
+
+# the MSRs that instructions read or write as part of their semantics (SYSCALL/SYSRET, SYSENTER/SYSEXIT, SWAPGS,
+# RDTSCP/RDPID); FS/GS bases travel in the segment registers, EFER in sregs
+SEMANTIC_MSRS = (
+    MSR_STAR,
+    MSR_LSTAR,
+    MSR_CSTAR,
+    MSR_SFMASK,
+    MSR_KERNEL_GS_BASE,
+    MSR_TSC_AUX,
+    MSR_IA32_SYSENTER_CS,
+    MSR_IA32_SYSENTER_ESP,
+    MSR_IA32_SYSENTER_EIP,
+)
+# what KVM emulates in the kernel (KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2): never on popek's buses
+IN_KERNEL_MMIO = ((0xFEE00000, 0x1000, "local APIC"), (0xFEC00000, 0x1000, "I/O APIC"))
+IN_KERNEL_PORTS = ((0x20, 2, "PIC"), (0xA0, 2, "PIC"), (0x4D0, 2, "ELCR"), (0x40, 4, "PIT"))
+SHADOW_MOV_SS, SHADOW_STI = 0x1, 0x2  # KVM_X86_SHADOW_INT_*
+# one instruction at a time across all vCPUs: a LOCKed read-modify-write done here (CMPXCHG16B where the host
+# cannot) must not interleave with another vCPU's done here
+_atomic = threading.Lock()
+
+
+def _check_not_in_kernel(kind: str, addr: int, size: int) -> None:
+    for base, length, name in IN_KERNEL_MMIO if kind == "mmio" else IN_KERNEL_PORTS:
+        if addr < base + length and base < addr + size:
+            raise AssistError(f"the instruction accesses the in-kernel {name} at {addr:#x}")
+
+
+class _Buses:
+    """The software CPU's view of what lies outside RAM: popek's port and MMIO buses, through `handle_exit`."""
+
+    def __init__(self) -> None:
+        self.pio: Bus | None = None
+        self.mmio: Bus | None = None
+
+    def _buses(self) -> tuple[Bus, Bus]:
+        if self.pio is None or self.mmio is None:
+            raise AssistError("the instruction accesses a device, and no bus is attached")
+        return self.pio, self.mmio
+
+    def pio_read(self, port: int, size: int) -> int:
+        _check_not_in_kernel("port", port, size)
+        data = handle_exit(PioIn(port, size), *self._buses()) or b""
+        return int.from_bytes(data[:size].ljust(size, b"\xff"), "little")
+
+    def pio_write(self, port: int, size: int, value: int) -> None:
+        _check_not_in_kernel("port", port, size)
+        handle_exit(PioOut(port, value.to_bytes(size, "little")), *self._buses())
+
+    def mmio_read(self, addr: int, size: int) -> int:
+        _check_not_in_kernel("mmio", addr, size)
+        data = handle_exit(MmioRead(addr, size), *self._buses()) or b""
+        return int.from_bytes(data[:size].ljust(size, b"\xff"), "little")
+
+    def mmio_write(self, addr: int, size: int, value: int) -> None:
+        _check_not_in_kernel("mmio", addr, size)
+        handle_exit(MmioWrite(addr, value.to_bytes(size, "little")), *self._buses())
+
+
+def _load_fpu(state: CpuState, fpu: kvm_fpu) -> None:
+    state.fcw, state.fsw, state.ftw, state.mxcsr = int(fpu.fcw), int(fpu.fsw), int(fpu.ftwx), int(fpu.mxcsr)
+    state.st = [int.from_bytes(bytes(fpu.fpr[i])[:10], "little") for i in range(8)]
+    state.xmm = [int.from_bytes(bytes(fpu.xmm[i]), "little") for i in range(16)]
+
+
+def _fpu_view(state: CpuState) -> tuple[int, ...]:
+    return (state.fcw, state.fsw, state.ftw, state.mxcsr, *state.st, *state.xmm)
+
+
+def _system_view(state: CpuState) -> tuple[int, ...]:
+    """What KVM keeps in kvm_sregs, as the software CPU holds it."""
+    view: list[int] = [state.gdtr.base, state.gdtr.limit, state.idtr.base, state.idtr.limit]
+    view += (state.cr0, state.cr2, state.cr3, state.cr4, state.cr8, state.efer)
+    for g in (*state.seg, state.tr, state.ldtr):
+        view += (g.selector, g.base, g.limit, g.type, g.s, g.dpl, g.present, g.db, g.l, g.g, g.avl, g.unusable)
+    return tuple(view)
+
+
+def _store_fpu(state: CpuState, fpu: kvm_fpu) -> None:
+    fpu.fcw, fpu.fsw, fpu.ftwx, fpu.mxcsr = state.fcw, state.fsw, state.ftw & 0xFF, state.mxcsr
+    for i in range(8):
+        fpu.fpr[i][:] = list((state.st[i] & ((1 << 80) - 1)).to_bytes(10, "little") + bytes(6))
+    for i in range(16):
+        fpu.xmm[i][:] = list((state.xmm[i] & ((1 << 128) - 1)).to_bytes(16, "little"))
+
+
+def cpuid_function(entries: Sequence[CpuidEntry]) -> dict[tuple[int, int], tuple[int, int, int, int]]:
+    """The vCPU's CPUID table, keyed (leaf, subleaf); leaves without subleaves are keyed with subleaf 0."""
+    return {(e.function, e.index): (e.eax, e.ebx, e.ecx, e.edx) for e in entries}
+
+
+class SoftStep:
+    """A software processor kept for one KVM vCPU, loaded from it whenever KVM hands over an instruction."""
+
+    def __init__(self, vcpu: VcpuFd, mem: GuestMemory, cpuid: Sequence[CpuidEntry]) -> None:
+        self.vcpu = vcpu
+        self.buses = _Buses()
+        self.cpu = Cpu(vcpu.id, mem, self.buses)
+        self.interp = Interpreter(self.cpu)
+        table = cpuid_function(cpuid)
+        indexed = {e.function for e in cpuid if e.flags & 1}  # KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+
+        def lookup(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+            return table.get((leaf, subleaf if leaf in indexed else 0), (0, 0, 0, 0))
+
+        self.interp.cpuid = lookup
+        self.interp.tsc = lambda: vcpu.get_msrs([MSR_IA32_TSC]).get(MSR_IA32_TSC, 0)
+        for e in cpuid:
+            if e.function == 0x80000008:
+                self.cpu.mmu.phys_bits = e.eax & 0xFF
+
+    def execute(self, pio: Bus, mmio: Bus) -> None:
+        """Execute the instruction at the vCPU's RIP and write the result back to KVM, or inject its fault."""
+        vcpu, s = self.vcpu, self.cpu.state
+        regs, sregs, fpu = vcpu.get_regs(), vcpu.get_sregs(), vcpu.get_fpu()
+        msrs = vcpu.get_msrs(SEMANTIC_MSRS)
+        xcr0 = xcr0_of(vcpu)
+        load_cpu_from_kvm(s, regs, sregs)
+        _load_fpu(s, fpu)
+        s.msrs, s.xcr0, s.interrupt_shadow = dict(msrs), xcr0, False
+        fpu_before, system_before = _fpu_view(s), _system_view(s)
+        # guest memory and the vCPU's state have moved on since the last time: nothing cached may be used
+        self.cpu.mmu.flush()
+        self.interp.flush_decode_cache()
+        self.buses.pio, self.buses.mmio = pio, mmio
+        try:
+            with _atomic:
+                ins = self.interp.execute_one()
+        except CpuException as exc:
+            if exc.vector == Vector.PF and exc.cr2 is not None:  # the processor loads CR2 before delivering #PF
+                sregs.cr2 = exc.cr2
+                vcpu.set_sregs(sregs)
+            inject_exception(vcpu, exc.vector, exc.error_code)
+            return
+        except NotImplementedError as e:
+            raise AssistError(str(e)) from None
+        finally:
+            self.buses.pio = self.buses.mmio = None
+        store_cpu_to_kvm(s, regs, sregs)
+        if _system_view(s) != system_before:  # one ioctl fewer where nothing there changed
+            sregs.cr8 = s.cr8
+            vcpu.set_sregs(sregs)
+        vcpu.set_regs(regs)
+        if _fpu_view(s) != fpu_before:
+            _store_fpu(s, fpu)
+            vcpu.set_fpu(fpu)
+        changed = {i: v for i, v in s.msrs.items() if i in SEMANTIC_MSRS and msrs.get(i) != v}
+        if changed:
+            vcpu.set_msrs(changed)
+        if s.xcr0 != xcr0:
+            xcrs = kvm_xcrs(nr_xcrs=1)
+            xcrs.xcrs[0].xcr, xcrs.xcrs[0].value = 0, s.xcr0
+            vcpu.set_xcrs(xcrs)
+        if s.interrupt_shadow:  # after STI, MOV SS or POP SS no interrupt comes before the next instruction
+            events = vcpu.get_vcpu_events()
+            events.interrupt.shadow = SHADOW_STI if ins.mnemonic == iced_x86.Mnemonic.STI else SHADOW_MOV_SS
+            events.flags = VcpuEventsValid.SHADOW
+            vcpu.set_vcpu_events(events)
+        if s.halted:
+            vcpu.set_mp_state(MpState.HALTED)
