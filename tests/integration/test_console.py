@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_guests import boot_sector
+from .guests import boot_sector
 
 pytestmark = [
     pytest.mark.kvm,

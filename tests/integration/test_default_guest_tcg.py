@@ -18,14 +18,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def guest() -> image.GuestImage:
-    try:
-        return image.ensure_default_guest(progress=False)
-    except image.ImageError as e:
-        pytest.fail(f"the default guest could not be built: {e}")
-
-
 def qemu(guest: image.GuestImage, argv: list[str]) -> bytes:
     cmdline = f"{guest.cmdline} {image.command_parameter(argv)}"
     r = subprocess.run(

@@ -5,51 +5,17 @@ test_kvm_assists; bad input: test_cli_errors.)"""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from .test_kvm_assists import PRINT, PRINT32, PROTECTED_MODE
+from .guests import BACKENDS, PRINT, PRINT32, PROTECTED_MODE, boot_sector, nasm, popek
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("nasm") is None, reason="needs nasm to build the guests"),
 ]
-BACKENDS = [
-    pytest.param(
-        "kvm",
-        marks=[
-            pytest.mark.kvm,
-            pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs a usable /dev/kvm"),
-        ],
-    ),
-    "soft",
-]
-
-
-def nasm(tmp: Path, source: str, name: str = "guest") -> Path:
-    src, out = tmp / f"{name}.asm", tmp / f"{name}.bin"
-    src.write_text(source)
-    subprocess.run(["nasm", "-f", "bin", "-o", str(out), str(src)], check=True)
-    return out
-
-
-def boot_sector(tmp: Path, body: str) -> Path:
-    return nasm(tmp, "bits 16\norg 0x7c00\n" + body + "\ntimes 510-($-$$) db 0\ndw 0xaa55\n")
-
-
-def popek(image: Path, backend: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "popek", "run", "--accel", backend, "--kernel", str(image), "--timeout", "60", *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.fixture(params=BACKENDS)

@@ -13,41 +13,9 @@ from pathlib import Path
 
 import pytest
 
-KVM_MARKS = [
-    pytest.mark.kvm,
-    pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs a usable /dev/kvm"),
-]
-pytestmark = [pytest.mark.skipif(shutil.which("nasm") is None, reason="needs nasm to build the guest")]
-BACKENDS = [pytest.param("kvm", marks=KVM_MARKS), "soft"]
+from .guests import BACKENDS, DONE, KVM_MARKS, PRINT, PRINT32, PROTECTED_MODE, run64
 
-PRINT = """
-print:                      ; si -> NUL-terminated string
-    mov dx, 0x3f8
-.next:
-    lodsb
-    test al, al
-    jz .done
-    out dx, al
-    jmp .next
-.done:
-    ret
-hex32:                      ; eax -> 8 hex digits
-    mov cx, 8
-    mov dx, 0x3f8
-.digit:
-    rol eax, 4
-    push eax
-    and al, 0x0f
-    add al, '0'
-    cmp al, '9'
-    jbe .out
-    add al, 7
-.out:
-    out dx, al
-    pop eax
-    loop .digit
-    ret
-"""
+pytestmark = [pytest.mark.skipif(shutil.which("nasm") is None, reason="needs nasm to build the guest")]
 
 
 def build(tmp_path: Path, body: str) -> Path:
@@ -178,40 +146,6 @@ nl: db 10, 0
     assert r.stdout.strip() == "00000010000000080000000100000000"
     assists = re.search(r"^assists: (.*)$", r.stderr, re.MULTILINE)
     assert assists, r.stderr
-
-
-PROTECTED_MODE = """
-    cli
-    xor ax, ax
-    mov ds, ax
-    lgdt [gdt_desc]
-    mov eax, cr0
-    or eax, 1
-    mov cr0, eax
-    jmp 0x08:pm32
-gdt: dq 0, 0x00cf9b000000ffff, 0x00cf93000000ffff
-gdt_desc: dw 23
-          dd gdt
-bits 32
-pm32:
-    mov ax, 0x10
-    mov ds, ax
-    mov es, ax
-    mov ss, ax
-    mov esp, 0x7000
-"""
-PRINT32 = """
-print32:                    ; esi -> NUL-terminated string
-    mov dx, 0x3f8
-.next:
-    lodsb
-    test al, al
-    jz .done
-    out dx, al
-    jmp .next
-.done:
-    ret
-"""
 
 
 @pytest.mark.kvm
@@ -379,25 +313,18 @@ def _families_and_assists(stats: str) -> tuple[set[str], dict[str, int]]:
 def test_cmpxchg16b_and_xsave_family_at_ring0_give_architectural_results(
     tmp_path: Path, backend: str, template: str
 ) -> None:
-    from .test_guests import nasm, popek
-    from .test_paging import DONE, KERNEL  # test_paging imports this module: import it only once both exist
-    from .test_user_mode import wrap_bzimage
-
-    binary = nasm(tmp_path, KERNEL.replace("%%BODY%%", CX16_AND_XSAVE_BODY), "kernel")
-    image = tmp_path / "kernel.bzimage"
-    image.write_bytes(wrap_bzimage(binary.read_bytes()))
-    r = popek(image, backend, "--stats", "--cpu-template", template)
-    assert r.returncode == DONE, r.stdout + r.stderr
-    lines = r.stdout.splitlines()
-    families, assists = _families_and_assists(r.stderr)
+    lines, status, err = run64(tmp_path, CX16_AND_XSAVE_BODY, backend, "--stats", "--cpu-template", template)
+    assert status == DONE, "\n".join(lines) + err
+    families, assists = _families_and_assists(err)
+    out = "\n".join(lines)
     if lines[0] != "cmpxchg16b not advertised":
         assert lines[:2] == [
             "cmpxchg16b equal 1 44444444444444443333333333333333",
             "cmpxchg16b differ 0 44444444444444443333333333333333",
-        ], r.stdout
+        ], out
         lines = lines[2:]
         if "cmpxchg16b" in families:  # the host cannot run it: both executions were popek's
-            assert assists.get("cmpxchg16b") == 2, r.stderr
+            assert assists.get("cmpxchg16b") == 2, err
     else:
         lines = lines[1:]
     if lines != ["xsave not advertised"]:
@@ -405,11 +332,11 @@ def test_cmpxchg16b_and_xsave_family_at_ring0_give_architectural_results(
             "xrstor FEDCBA98765432100123456789ABCDEF saved FEDCBA98765432100123456789ABCDEF sse-in-use 1",
             "xrstor init 00000000000000000000000000000000",
             "xcr0 00000003",
-        ], r.stdout
+        ], out
         if "xsave" in families:
-            assert assists.get("xsave", 0) >= 1 and assists.get("xrstor", 0) >= 2, r.stderr
+            assert assists.get("xsave", 0) >= 1 and assists.get("xrstor", 0) >= 2, err
     if backend == "soft":  # the software CPU implements CMPXCHG16B and says so (XSAVE it does not advertise)
-        assert "cmpxchg16b not advertised" not in r.stdout, r.stdout
+        assert "cmpxchg16b not advertised" not in out, out
 
 
 # Where popek's software CPU completes an instruction for KVM, a fault it raises reaches the guest as the processor
@@ -434,18 +361,11 @@ FAULTING_OPERANDS_BODY = r"""
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_faults_of_completed_instructions_reach_the_guest_as_page_faults(tmp_path: Path, backend: str) -> None:
-    from .test_guests import nasm, popek
-    from .test_paging import DONE, KERNEL
-    from .test_user_mode import wrap_bzimage
-
-    binary = nasm(tmp_path, KERNEL.replace("%%BODY%%", FAULTING_OPERANDS_BODY), "kernel")
-    image = tmp_path / "kernel.bzimage"
-    image.write_bytes(wrap_bzimage(binary.read_bytes()))
-    r = popek(image, backend, "--stats", "--cpu-template", "host")
-    assert r.stdout.splitlines() == [
+    lines, status, err = run64(tmp_path, FAULTING_OPERANDS_BODY, backend, "--cpu-template", "host")
+    assert lines == [
         "#PF err=0000 cr2=0000008000005000 rip=ok cpl=0",
         "#PF err=0000 cr2=0000008000005008 rip=ok cpl=0",
         "#PF err=0002 cr2=0000008000005010 rip=ok cpl=0",
         "popcnt 08",
-    ], r.stdout + r.stderr
-    assert r.returncode == DONE, r.stderr
+    ], "\n".join(lines) + err
+    assert status == DONE, err

@@ -25,14 +25,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def guest() -> image.GuestImage:
-    try:
-        return image.ensure_default_guest(progress=False)
-    except image.ImageError as e:
-        pytest.fail(f"the default guest could not be built: {e}")
-
-
 def popek(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "popek", "run", "--timeout", str(BOOT_TIMEOUT), *args],

@@ -16,14 +16,6 @@ BOOT_TIMEOUT = 2400  # ~8 minutes on a busy 2-core machine; the margin is for sl
 pytestmark = [pytest.mark.linux, pytest.mark.slow, pytest.mark.timeout(BOOT_TIMEOUT + 180)]
 
 
-@pytest.fixture(scope="module")
-def guest() -> image.GuestImage:
-    try:
-        return image.ensure_default_guest(progress=False)
-    except image.ImageError as e:
-        pytest.fail(f"the default guest could not be built: {e}")
-
-
 def test_default_guest_boots_to_userspace_on_the_software_cpu(guest: image.GuestImage) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "popek", "run", "--accel", "soft", "--timeout", str(BOOT_TIMEOUT), "--stats", "--",

@@ -450,8 +450,7 @@ def test_a_device_read_the_software_cpu_makes_differently_is_an_io_divergence(
 
 
 def test_popek_run_accel_lockstep_runs_the_guest_and_reports_the_steps_it_compared(tmp_path: Path) -> None:
-    from .test_guests import boot_sector, popek
-    from .test_kvm_assists import PRINT
+    from .guests import PRINT, boot_sector, popek
 
     image = boot_sector(
         tmp_path,

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_guests import boot_sector, popek
-from .test_kvm_assists import PRINT, PRINT32, PROTECTED_MODE
+from .guests import PRINT, PRINT32, PROTECTED_MODE, boot_sector, popek
 
 pytestmark = pytest.mark.skipif(shutil.which("nasm") is None, reason="needs nasm to build the guests")
 

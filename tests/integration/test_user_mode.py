@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-KVM_MARKS = [
-    pytest.mark.kvm,
-    pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs a usable /dev/kvm"),
-]
+from .guests import BACKENDS, wrap_bzimage
+
 pytestmark = [pytest.mark.skipif(shutil.which("nasm") is None, reason="needs nasm to build the guest")]
-BACKENDS = [pytest.param("kvm", marks=KVM_MARKS), "soft"]
 
 # A 64-bit kernel entered by popek's bzImage loader at 0x100200: it sets up GDT, TSS, IDT and the SYSCALL MSRs,
 # drops to ring 3, and from there issues SYSCALL; the kernel's entry (SWAPGS first, like Linux's) reports over
@@ -256,23 +252,6 @@ kstack_top:
       times 4096 db 0
 ustack_top:
 """
-
-
-def wrap_bzimage(payload: bytes) -> bytes:
-    """A minimal Linux boot-protocol 2.15 header around a 64-bit payload (see tests/unit/boot)."""
-    header = bytearray(1024)
-    header[0x1F1] = 1
-    struct.pack_into("<I", header, 0x1F4, (len(payload) + 15) // 16)
-    struct.pack_into("<H", header, 0x1FE, 0xAA55)
-    header[0x200:0x202] = b"\xeb\x66"
-    header[0x202:0x206] = b"HdrS"
-    struct.pack_into("<H", header, 0x206, 0x020F)
-    header[0x211] = 1
-    struct.pack_into("<I", header, 0x22C, 0x37FFFFFF)
-    struct.pack_into("<H", header, 0x236, 1)
-    struct.pack_into("<I", header, 0x238, 255)
-    struct.pack_into("<I", header, 0x260, len(payload) + 0x10000)
-    return bytes(header) + payload.ljust((len(payload) + 15) // 16 * 16, b"\0")
 
 
 def run_user_mode_guest(
