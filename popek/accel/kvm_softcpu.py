@@ -61,7 +61,7 @@ SEMANTIC_MSRS = (
 )
 # what KVM emulates in the kernel (KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2): never on popek's buses
 IN_KERNEL_MMIO = ((0xFEE00000, 0x1000, "local APIC"), (0xFEC00000, 0x1000, "I/O APIC"))
-IN_KERNEL_PORTS = ((0x20, 2, "PIC"), (0xA0, 2, "PIC"), (0x4D0, 2, "ELCR"), (0x40, 4, "PIT"))
+IN_KERNEL_PORTS = ((0x20, 2, "PIC"), (0xA0, 2, "PIC"), (0x4D0, 2, "ELCR"), (0x40, 4, "PIT"), (0x61, 1, "PIT speaker"))
 SHADOW_MOV_SS, SHADOW_STI = 0x1, 0x2  # KVM_X86_SHADOW_INT_*
 # one instruction at a time across all vCPUs: a LOCKed read-modify-write done here (CMPXCHG16B where the host
 # cannot) must not interleave with another vCPU's done here
@@ -132,11 +132,6 @@ def _store_fpu(state: CpuState, fpu: kvm_fpu) -> None:
         fpu.xmm[i][:] = list((state.xmm[i] & ((1 << 128) - 1)).to_bytes(16, "little"))
 
 
-def cpuid_function(entries: Sequence[CpuidEntry]) -> dict[tuple[int, int], tuple[int, int, int, int]]:
-    """The vCPU's CPUID table, keyed (leaf, subleaf); leaves without subleaves are keyed with subleaf 0."""
-    return {(e.function, e.index): (e.eax, e.ebx, e.ecx, e.edx) for e in entries}
-
-
 class SoftStep:
     """A software processor kept for one KVM vCPU, loaded from it whenever KVM hands over an instruction."""
 
@@ -145,7 +140,7 @@ class SoftStep:
         self.buses = _Buses()
         self.cpu = Cpu(vcpu.id, mem, self.buses)
         self.interp = Interpreter(self.cpu)
-        table = cpuid_function(cpuid)
+        table = {(e.function, e.index): (e.eax, e.ebx, e.ecx, e.edx) for e in cpuid}
         indexed = {e.function for e in cpuid if e.flags & 1}  # KVM_CPUID_FLAG_SIGNIFCANT_INDEX
 
         def lookup(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
