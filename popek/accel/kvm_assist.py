@@ -20,8 +20,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import iced_x86
+
+if TYPE_CHECKING:
+    from iced_x86._iced_x86_py import Register as RegisterT
 
 from popek.cpu import xsave
 from popek.errors import GuestMemoryError
@@ -146,23 +150,43 @@ def _advance(vcpu: VcpuFd, regs: kvm_regs, length: int) -> None:
     vcpu.set_regs(regs)
 
 
+_SEGMENT_OF = {
+    iced_x86.Register.ES: "es",
+    iced_x86.Register.CS: "cs",
+    iced_x86.Register.SS: "ss",
+    iced_x86.Register.DS: "ds",
+    iced_x86.Register.FS: "fs",
+    iced_x86.Register.GS: "gs",
+}
+
+
+def _register_value(regs: kvm_regs, reg: RegisterT, d: Decoded) -> int:
+    """A general register as the address computation reads it: RAX, or EAX/AX of it (32/16-bit addressing)."""
+    name = _REGISTER_NAMES.get(iced_x86.RegisterExt.full_register(reg))
+    if name is None:
+        raise AssistError(f"unsupported addressing in {d.describe()}")
+    return int(getattr(regs, name)) & ((1 << (8 * iced_x86.RegisterExt.size(reg))) - 1)
+
+
 def _effective_address(vcpu: VcpuFd, regs: kvm_regs, d: Decoded) -> int:
+    """The linear address of the memory operand (SDM vol. 1 §3.7.5): base + index * scale + displacement, wrapped
+    to the address size, plus the segment base (in 64-bit mode only FS and GS have one)."""
     ins = d.instruction
     if ins.is_ip_rel_memory_operand:
         return int(ins.ip_rel_memory_address)
-    addr = ins.memory_displacement
-    addr = int(addr)
+    addr = int(ins.memory_displacement)
+    address_bits = 64 if d.bitness == 64 else 32
     if ins.memory_base != iced_x86.Register.NONE:
-        addr += getattr(regs, _REGISTER_NAMES[ins.memory_base])
+        address_bits = 8 * iced_x86.RegisterExt.size(ins.memory_base)
+        addr += _register_value(regs, ins.memory_base, d)
     if ins.memory_index != iced_x86.Register.NONE:
-        addr += getattr(regs, _REGISTER_NAMES[ins.memory_index]) * ins.memory_index_scale
-    seg = ins.memory_segment
-    sregs = vcpu.get_sregs()
-    if seg == iced_x86.Register.FS:
-        addr += sregs.fs.base
-    elif seg == iced_x86.Register.GS:
-        addr += sregs.gs.base
-    return int(addr & 0xFFFFFFFFFFFFFFFF)
+        address_bits = 8 * iced_x86.RegisterExt.size(ins.memory_index)
+        addr += _register_value(regs, ins.memory_index, d) * ins.memory_index_scale
+    addr &= (1 << address_bits) - 1
+    segment = _SEGMENT_OF.get(ins.memory_segment)
+    if segment is not None and (d.bitness != 64 or segment in ("fs", "gs")):
+        addr += getattr(vcpu.get_sregs(), segment).base
+    return addr & (0xFFFFFFFFFFFFFFFF if d.bitness == 64 else 0xFFFFFFFF)
 
 
 def xcr0_of(vcpu: VcpuFd) -> int:

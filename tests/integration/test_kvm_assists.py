@@ -369,3 +369,60 @@ def test_faults_of_completed_instructions_reach_the_guest_as_page_faults(tmp_pat
         "popcnt 08",
     ], "\n".join(lines) + err
     assert status == DONE, err
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_xsave_with_32_bit_addressing_and_a_segment_base(tmp_path: Path, backend: str) -> None:
+    # in protected mode the operand's linear address is the segment base plus a 32-bit effective address
+    image = build(
+        tmp_path,
+        PROTECTED_MODE
+        + """
+    lgdt [gdt2_desc]
+    mov ax, 0x18                ; ES: a data segment based at 0x1000
+    mov es, ax
+    mov eax, 1
+    cpuid
+    bt ecx, 26
+    jc .xsave
+    mov esi, none
+    jmp .say
+.xsave:
+    mov eax, cr4
+    or eax, (1 << 9) | (1 << 18)
+    mov cr4, eax
+    xor ecx, ecx
+    mov eax, 3
+    xor edx, edx
+    xsetbv
+    movdqu xmm1, [marker]
+    mov ebx, 0x8000
+    xsave [es:ebx]              ; linear 0x9000; XMM1 at offset 176
+    mov esi, bad
+    mov eax, [0x9000 + 176]
+    cmp eax, [marker]
+    jne .say
+    mov eax, [0x9000 + 188]
+    cmp eax, [marker + 12]
+    jne .say
+    mov esi, good
+.say:
+    call print32
+    mov al, 0
+    out 0xf4, al
+align 8
+gdt2: dq 0, 0x00cf9b000000ffff, 0x00cf93000000ffff, 0x00cf93001000ffff
+gdt2_desc: dw 31
+           dd gdt2
+marker: dd 0x11223344, 0x55667788, 0x99aabbcc, 0xddeeff00
+none: db "xsave not advertised", 10, 0
+bad: db "xsave stored elsewhere", 10, 0
+good: db "xsave stored at es:ebx", 10, 0
+"""
+        + PRINT32
+        + "bits 16\n",
+    )
+    r = run(image, *(["--cpu-template", "host"] if backend == "kvm" else []), backend=backend)
+    assert r.returncode == 1, r.stdout + r.stderr
+    expected = "xsave not advertised" if backend == "soft" else "xsave stored at es:ebx"  # the soft CPU has none
+    assert r.stdout.strip() == expected, r.stdout + r.stderr
