@@ -8,9 +8,9 @@ the file fast while every snippet still sees hundreds of operand sets (edge valu
 
 Every snippet starts with `add edx, 0` (RDX is 0), so all status flags have known values before it: an
 instruction that leaves a flag alone must leave the same value on both sides. Each case lists the flags the
-SDM defines for it, and only those are compared on an Intel host. popek gives the undefined flags the values
-AMD processors produce (AF set by shifts, SF/ZF/AF/PF kept by MUL, the fixed pattern DIV leaves, PF/AF/SF of
-the BMI instructions...), so on an AMD host every status flag is compared.
+SDM defines for it, and only those are compared, on every host: the values processors leave in undefined flags
+differ between generations of one vendor (BSF's PF differs between AMD families), so no vendor's set of values
+is a reference.
 """
 
 from __future__ import annotations
@@ -61,21 +61,7 @@ def interpret(body: str, a: int, b: int, c: int) -> tuple[int, int, int]:
     return s.gpr[0], s.gpr[3], s.rflags
 
 
-def _host_is_amd() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "AuthenticAMD" in f.read()
-    except OSError:
-        return False
-
-
-# popek gives the SDM's undefined flags the values AMD processors produce; on such a host they are compared too
-AMD_HOST = _host_is_amd()
-
-
 def compare(body: str, a: int, b: int, c: int = 0, mask: int = STATUS_FLAGS) -> None:
-    if AMD_HOST:
-        mask = STATUS_FLAGS
     body = "add edx, 0\n" + body
     if body not in _natives:
         _natives[body] = native.Native(body)
