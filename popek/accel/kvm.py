@@ -278,8 +278,9 @@ class KvmAccel:
             if ef.ndata >= 2 and ef.flags & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
                 insn = bytes(ef.insn_bytes)[: ef.insn_size]
             try:
-                fallback = functools.partial(self.soft_steps[vcpu.id].execute, pio, mmio)
-                mnemonic = kvm_assist.complete(vcpu, self.mem, insn, self.xsave_layout, fallback)
+                soft = self.soft_steps[vcpu.id]
+                fallback = functools.partial(soft.execute, pio, mmio)
+                mnemonic = kvm_assist.complete(vcpu, self.mem, insn, self.xsave_layout, fallback, soft.linear_memory)
             except kvm_assist.AssistError as e:
                 return Stop(StopReason.INTERNAL_ERROR, f"{e}\n" + register_dump(vcpu))
             with self._stats_lock:

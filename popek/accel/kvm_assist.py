@@ -6,7 +6,11 @@ KVM_TRANSLATE) and guest memory, as the architecture (Intel SDM vol. 2) specifie
 - INT3: the trap delivers #BP with the return address after the instruction.
 - XSAVE family: executed on the vCPU's XSAVE state (KVM_GET/SET_XSAVE, XCRS) by `popek.cpu.xsave`, in the
   host's own XSAVE layout (popek's software CPU has no XSAVE); #UD when CR4.OSXSAVE is clear, #GP(0) for a bad
-  area, as the hardware would raise.
+  area, as the hardware would raise. The save area is reached through the caller's `memory` (the software
+  CPU's page walker over the vCPU's paging state, `SoftStep.linear_memory`), so an area on a page that is not
+  present, or not writable, is the guest's #PF with the right error code and CR2, and the walk sets the
+  accessed and dirty bits as the processor's would. Linux's signal delivery XSAVEs at ring 0 straight into the
+  user's signal frame and relies on that #PF to fault the page in (SDM vol. 1 §13.7; vol. 3A §4.7).
 - CLAC/STAC: Linux brackets every user access with them, so they are the commonest failures by far.
 - Bytes that do not decode: #UD, as the processor raises.
 Every other instruction goes to the caller's `fallback`: the software CPU (`popek.accel.kvm_softcpu`), which has
@@ -20,7 +24,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import iced_x86
 
@@ -28,6 +32,7 @@ if TYPE_CHECKING:
     from iced_x86._iced_x86_py import Register as RegisterT
 
 from popek.cpu import xsave
+from popek.cpu.state import CpuException, Vector
 from popek.errors import GuestMemoryError
 from popek.kvm import KvmError, VcpuFd
 from popek.kvm.structs import kvm_regs, kvm_xcrs
@@ -72,6 +77,33 @@ _formatter = iced_x86.Formatter(iced_x86.FormatterSyntax.INTEL)
 
 class AssistError(Exception):
     """The instruction cannot be completed by popek; the message shows it."""
+
+
+class LinearMemory(Protocol):
+    """Guest linear memory as the vCPU's current instruction reaches it: translated by its page tables with its
+    privilege (CPL, CR0.WP, SMAP and RFLAGS.AC); an access the architecture refuses raises the `CpuException`
+    (#PF with its error code and CR2, #GP for a non-canonical address) for the caller to inject."""
+
+    def read(self, linear: int, size: int, for_write: bool = False) -> bytes:
+        """`for_write`: the bytes are read to be written back (XSAVE merging into its area), so the access is
+        checked, and faults, as a write."""
+        ...
+
+    def write(self, linear: int, data: bytes) -> None: ...
+
+
+class _TranslatedMemory:
+    """Linear memory through KVM_TRANSLATE, for callers without a software CPU: a page that does not translate
+    stops the assist (AssistError), since KVM_TRANSLATE does not say why it failed."""
+
+    def __init__(self, vcpu: VcpuFd, mem: GuestMemory) -> None:
+        self.vcpu, self.mem = vcpu, mem
+
+    def read(self, linear: int, size: int, for_write: bool = False) -> bytes:
+        return read_linear(self.vcpu, self.mem, linear, size)
+
+    def write(self, linear: int, data: bytes) -> None:
+        write_linear(self.vcpu, self.mem, linear, data)
 
 
 @dataclass(frozen=True)
@@ -145,6 +177,16 @@ def inject_exception(vcpu: VcpuFd, vector: int, error_code: int | None = None) -
     vcpu.set_vcpu_events(events)
 
 
+def inject_cpu_exception(vcpu: VcpuFd, exc: CpuException) -> None:
+    """Deliver through KVM a fault the software CPU's semantics raised, loading CR2 first for a #PF as the
+    processor does before delivering it (SDM vol. 3A §4.7)."""
+    if exc.vector == Vector.PF and exc.cr2 is not None:
+        sregs = vcpu.get_sregs()
+        sregs.cr2 = exc.cr2
+        vcpu.set_sregs(sregs)
+    inject_exception(vcpu, exc.vector, exc.error_code)
+
+
 def _advance(vcpu: VcpuFd, regs: kvm_regs, length: int) -> None:
     regs.rip += length
     vcpu.set_regs(regs)
@@ -197,7 +239,7 @@ def xcr0_of(vcpu: VcpuFd) -> int:
     return 1
 
 
-def _xsave_family(vcpu: VcpuFd, mem: GuestMemory, d: Decoded, layout: dict[int, xsave.Component]) -> None:
+def _xsave_family(vcpu: VcpuFd, mem: LinearMemory, d: Decoded, layout: dict[int, xsave.Component]) -> None:
     m = d.instruction.mnemonic
     regs = vcpu.get_regs()
     xcr0 = xcr0_of(vcpu)
@@ -230,20 +272,20 @@ def _xsave_family(vcpu: VcpuFd, mem: GuestMemory, d: Decoded, layout: dict[int, 
     with _lock:
         try:
             if m in _XRSTOR:
-                header = read_linear(vcpu, mem, addr, xsave.EXTENDED_START)
+                header = mem.read(addr, xsave.EXTENDED_START)
                 compacted = bool(xsave._header(header)[1] & xsave.COMPACTED)
                 size = xsave.area_size(
                     layout, xsave._header(header)[1] & ~xsave.COMPACTED if compacted else xcr0, compacted
                 )
-                area = read_linear(vcpu, mem, addr, size)
+                area = mem.read(addr, size)
                 new_state = xsave.restore(state, area, xcr0, mask, layout)
                 memoryview(kvm_state).cast("B")[: len(new_state)] = new_state
                 vcpu.set_xsave(kvm_state)
             else:
                 compacted = m in _XSAVE_COMPACTED
                 size = xsave.area_size(layout, xcr0 & mask, compacted)
-                old = read_linear(vcpu, mem, addr, size)
-                write_linear(vcpu, mem, addr, xsave.save(state, old, xcr0, mask, layout, compacted))
+                old = mem.read(addr, size, for_write=True)
+                mem.write(addr, xsave.save(state, old, xcr0, mask, layout, compacted))
         except xsave.XsaveFault:
             inject_exception(vcpu, GP_VECTOR, 0)
             return
@@ -256,9 +298,11 @@ def complete(
     insn_bytes: bytes | None,
     xsave_layout: dict[int, xsave.Component],
     fallback: Callable[[], None] | None = None,
+    memory: Callable[[], LinearMemory] | None = None,
 ) -> str:
     """Finish the instruction at RIP; returns its mnemonic for the assist counters. The families below have
-    routines of their own; `fallback` (the software CPU, `popek.accel.kvm_softcpu`) takes every other one."""
+    routines of their own; `fallback` (the software CPU, `popek.accel.kvm_softcpu`) takes every other one, and
+    `memory` gives the routines the vCPU's view of linear memory (KVM_TRANSLATE without it)."""
     d = decode(vcpu, mem, insn_bytes)
     m = d.instruction.mnemonic
     if d.instruction.code == iced_x86.Code.INVALID:
@@ -273,7 +317,9 @@ def complete(
             inject_exception(vcpu, UD_VECTOR)
             return d.mnemonic
         try:
-            _xsave_family(vcpu, mem, d, xsave_layout)
+            _xsave_family(vcpu, memory() if memory is not None else _TranslatedMemory(vcpu, mem), d, xsave_layout)
+        except CpuException as exc:
+            inject_cpu_exception(vcpu, exc)
         except GuestMemoryError as e:
             raise AssistError(f"{d.describe()}: {e}") from None
         return d.mnemonic

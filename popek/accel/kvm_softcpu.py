@@ -22,11 +22,12 @@ from collections.abc import Sequence
 import iced_x86
 
 from popek.accel.exits import MmioRead, MmioWrite, PioIn, PioOut, handle_exit
-from popek.accel.kvm_assist import AssistError, inject_exception, xcr0_of
+from popek.accel.kvm_assist import AssistError, inject_cpu_exception, xcr0_of
 from popek.accel.kvm_convert import load_cpu_from_kvm, store_cpu_to_kvm
 from popek.bus import Bus
 from popek.cpu.core import Cpu
 from popek.cpu.interp import Interpreter
+from popek.cpu.mmu import Access
 from popek.cpu.state import (
     MSR_CSTAR,
     MSR_IA32_SYSENTER_CS,
@@ -40,7 +41,6 @@ from popek.cpu.state import (
     MSR_TSC_AUX,
     CpuException,
     CpuState,
-    Vector,
 )
 from popek.kvm import CpuidEntry, MpState, VcpuEventsValid, VcpuFd
 from popek.kvm.structs import kvm_fpu, kvm_xcrs
@@ -132,6 +132,17 @@ def _store_fpu(state: CpuState, fpu: kvm_fpu) -> None:
         fpu.xmm[i][:] = list((state.xmm[i] & ((1 << 128) - 1)).to_bytes(16, "little"))
 
 
+class _LinearMemory:
+    def __init__(self, cpu: Cpu) -> None:
+        self.mmu = cpu.mmu
+
+    def read(self, linear: int, size: int, for_write: bool = False) -> bytes:
+        return self.mmu.read_bytes(linear, size, Access.WRITE if for_write else Access.READ)
+
+    def write(self, linear: int, data: bytes) -> None:
+        self.mmu.write_bytes(linear, data)
+
+
 class SoftStep:
     """A software processor kept for one KVM vCPU, loaded from it whenever KVM hands over an instruction."""
 
@@ -152,6 +163,13 @@ class SoftStep:
             if e.function == 0x80000008:
                 self.cpu.mmu.phys_bits = e.eax & 0xFF
 
+    def linear_memory(self) -> _LinearMemory:
+        """The vCPU's linear memory as its current instruction reaches it (`kvm_assist.LinearMemory`): the
+        software CPU loaded with the vCPU's registers and paging state, its page walker doing the translation."""
+        load_cpu_from_kvm(self.cpu.state, self.vcpu.get_regs(), self.vcpu.get_sregs())
+        self.cpu.mmu.flush()
+        return _LinearMemory(self.cpu)
+
     def execute(self, pio: Bus, mmio: Bus) -> None:
         """Execute the instruction at the vCPU's RIP and write the result back to KVM, or inject its fault."""
         vcpu, s = self.vcpu, self.cpu.state
@@ -170,10 +188,7 @@ class SoftStep:
             with _atomic:
                 ins = self.interp.execute_one()
         except CpuException as exc:
-            if exc.vector == Vector.PF and exc.cr2 is not None:  # the processor loads CR2 before delivering #PF
-                sregs.cr2 = exc.cr2
-                vcpu.set_sregs(sregs)
-            inject_exception(vcpu, exc.vector, exc.error_code)
+            inject_cpu_exception(vcpu, exc)
             return
         except NotImplementedError as e:
             raise AssistError(str(e)) from None

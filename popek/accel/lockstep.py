@@ -648,7 +648,9 @@ class Lockstep:
                     if ef.ndata >= 2 and ef.flags & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
                         insn = bytes(ef.insn_bytes)[: ef.insn_size]
                     fallback = None if self.assist is None else functools.partial(self.assist.execute, pio, mmio)
-                    self.assists[kvm_assist.complete(vcpu, self.kvm_mem, insn, self.xsave_layout, fallback)] += 1
+                    memory = None if self.assist is None else self.assist.linear_memory
+                    mnemonic = kvm_assist.complete(vcpu, self.kvm_mem, insn, self.xsave_layout, fallback, memory)
+                    self.assists[mnemonic] += 1
                     continue  # the breakpoint (or the single step) ends the step where the instruction went
                 if reason == ExitReason.INTR:
                     vcpu.set_immediate_exit(False)

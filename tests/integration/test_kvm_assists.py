@@ -426,3 +426,69 @@ good: db "xsave stored at es:ebx", 10, 0
     assert r.returncode == 1, r.stdout + r.stderr
     expected = "xsave not advertised" if backend == "soft" else "xsave stored at es:ebx"  # the soft CPU has none
     assert r.stdout.strip() == expected, r.stdout + r.stderr
+
+
+# The XSAVE family completed for KVM reaches its save area through the guest's page tables as the processor does:
+# an area on a not-present page, or a read-only one with CR0.WP set, is the guest's #PF with the error code and
+# CR2 of the access (SDM vol. 3A §4.7), and XSAVE retried after the handler maps the page succeeds. Linux's signal
+# delivery XSAVEs at ring 0 into the user's signal frame and relies on exactly this to fault the frame's page in.
+XSAVE_FAULT_BODY = r"""
+    mov eax, 1
+    cpuid
+    bt ecx, 26
+    jc .xs
+    SAY "xsave not advertised"
+    NL
+    ret
+.xs:
+    mov rax, cr4
+    or eax, (1 << 9) | (1 << 18)        ; CR4.OSFXSR, CR4.OSXSAVE
+    mov cr4, rax
+    mov rax, cr0
+    or eax, 1 << 16                     ; CR0.WP: ring 0 honours read-only pages
+    mov cr0, rax
+    xor ecx, ecx
+    mov eax, 3
+    xor edx, edx
+    xsetbv
+    mov rbx, T + 0x6000                 ; not mapped yet
+    mov eax, 3
+    xor edx, edx
+    TRY xsave [rbx]
+    SET [tpt + I1(T + 0x6000) * 8], page_a + 1   ; present, read-only
+    mov eax, 3
+    xor edx, edx
+    TRY xsave [rbx]
+    mov eax, 3
+    xor edx, edx
+    TRY xrstor [rbx]                    ; reading a read-only page is allowed: no fault, nothing printed
+    SET [tpt + I1(T + 0x6000) * 8], page_a + 3   ; writable now
+    invlpg [rbx]
+    mov eax, 3
+    xor edx, edx
+    xsave [rbx]
+    SAY "xsave fcw "
+    movzx eax, word [page_a]
+    HEX rax, 4
+    SAY " dirty "
+    mov rax, [tpt + I1(T + 0x6000) * 8]
+    shr eax, 6                          ; the D bit the page walk set for the write
+    and eax, 1
+    HEX rax, 1
+    NL
+    ret
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_xsave_into_a_not_present_or_read_only_page_is_the_guests_page_fault(tmp_path: Path, backend: str) -> None:
+    lines, status, err = run64(tmp_path, XSAVE_FAULT_BODY, backend, "--cpu-template", "host")
+    assert status == DONE, "\n".join(lines) + err
+    if lines == ["xsave not advertised"]:
+        assert backend == "soft", err  # the software CPU has no XSAVE; every KVM host here advertises it
+        return
+    assert lines == [
+        "#PF err=0002 cr2=0000008000006000 rip=ok cpl=0",
+        "#PF err=0003 cr2=0000008000006000 rip=ok cpl=0",
+        "xsave fcw 037F dirty 1",
+    ], "\n".join(lines) + err
