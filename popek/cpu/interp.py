@@ -308,14 +308,29 @@ def _cc(prefix: str) -> tuple[int, ...]:
 CPUID7_EBX_SMAP = 1 << 20
 
 # --- the default CPUID: only what this interpreter executes ---
-_VENDOR = b"PopekSoftCPU"
+# The processor presents itself as an Intel one, family 6, as QEMU's named CPU models name a vendor and model kernels
+# know: Linux and the conformance suite take vendor-specific paths (Linux's "unknown vendor, using generic init"
+# warning, the suite's AMD-only performance-counter set-up) by the vendor string alone. Where Intel and AMD
+# processors differ architecturally, the interpreter follows the vendor its CPUID names (`Interpreter.intel`):
+# SYSCALL/SYSRET exist only in 64-bit mode on Intel, SYSENTER/SYSEXIT only outside long mode on AMD.
+INTEL_VENDOR = b"GenuineIntel"
+AMD_VENDOR = b"AuthenticAMD"
+_VENDOR = INTEL_VENDOR
+MAX_BASIC_LEAF = 0x16
+CRYSTAL_HZ = 1_000_000_000  # leaf 0x15's core crystal clock: the 1 GHz the TSC and APIC timer count at
+
+
+def vendor_of(leaf0: tuple[int, int, int, int]) -> bytes:
+    """The 12-byte vendor string of a CPUID leaf 0 result (EBX, EDX, ECX)."""
+    _, ebx, ecx, edx = leaf0
+    return b"".join((r & M32).to_bytes(4, "little") for r in (ebx, edx, ecx))
 
 
 def default_cpuid(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
     """CPUID for a processor with exactly the features implemented here (vol. 2A CPUID)."""
     v = [int.from_bytes(_VENDOR[i : i + 4], "little") for i in (0, 4, 8)]
     if leaf == 0:
-        return 7, v[0], v[2], v[1]
+        return MAX_BASIC_LEAF, v[0], v[2], v[1]
     if leaf == 1:
         # family 6 model 0x3A stepping 9; CLFLUSH line 8 qwords; one logical processor
         eax = (6 << 8) | (0xA << 4) | (0x3 << 16) | 9
@@ -345,6 +360,10 @@ def default_cpuid(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
         # FSGSBASE, BMI1, SMEP, BMI2, ERMS, RDSEED, ADX, SMAP; ECX: UMIP, RDPID
         ebx = 1 << 0 | 1 << 3 | 1 << 7 | 1 << 8 | 1 << 9 | 1 << 18 | 1 << 19 | 1 << 20
         return 0, ebx, 1 << 2 | 1 << 22, 0
+    if leaf == 0x15:
+        return 1, 1, CRYSTAL_HZ, 0  # TSC = crystal * EBX / EAX: Linux takes the TSC frequency from here
+    if leaf == 0x16:
+        return CRYSTAL_HZ // 1_000_000, CRYSTAL_HZ // 1_000_000, 100, 0  # base, maximum and bus MHz
     if leaf == 0x80000000:
         return 0x80000008, 0, 0, 0
     if leaf == 0x80000001:
@@ -392,7 +411,7 @@ class Interpreter:
         self.cpu = cpu
         self.s = cpu.state
         self.mmu = cpu.mmu
-        self.cpuid: Callable[[int, int], tuple[int, int, int, int]] = default_cpuid
+        self.cpuid = default_cpuid
         self.tsc: Callable[[], int] = lambda: self.cpu.instructions
         self.stop_requested = False
         self.on_pause: Callable[[], None] = lambda: None
@@ -405,6 +424,16 @@ class Interpreter:
         self._fetch_ppage = 0
         self._fetch_gen = -1
         self._fetch_user = False
+
+    @property
+    def cpuid(self) -> Callable[[int, int], tuple[int, int, int, int]]:
+        return self._cpuid_fn
+
+    @cpuid.setter
+    def cpuid(self, fn: Callable[[int, int], tuple[int, int, int, int]]) -> None:
+        """A new CPUID: the vendor it names decides the vendor-specific behaviours (`intel`)."""
+        self._cpuid_fn = fn
+        self.intel = vendor_of(fn(0, 0)) != AMD_VENDOR
 
     # ------------------------------------------------------------------ the loop
 
@@ -2508,11 +2537,22 @@ class Interpreter:
             raise _gp0()  # only x87 and SSE state exist here
         s.xcr0 = value
 
+    def _vendor_mode_check(self, fast_syscall: bool) -> None:
+        """#UD where the vendor this CPU names has no such instruction: Intel's SYSCALL and SYSRET outside 64-bit
+        mode (SDM vol. 2B), AMD's SYSENTER and SYSEXIT in long mode (APM vol. 3)."""
+        s = self.s
+        long64 = bool(s.efer & EFER_LMA) and bool(s.seg[CS].l)
+        if fast_syscall and self.intel and not long64:
+            raise _ud()
+        if not fast_syscall and not self.intel and s.efer & EFER_LMA:
+            raise _ud()
+
     @handles(M.SYSCALL)
     def _syscall(self, ins: Instruction) -> None:
         s = self.s
         if not s.efer & EFER_SCE:
             raise _ud()
+        self._vendor_mode_check(True)
         segments.syscall(self.cpu, s.rip)
 
     @handles(M.SYSRET, M.SYSRETQ)  # iced-x86 names the REX.W forms apart
@@ -2520,15 +2560,18 @@ class Interpreter:
         s = self.s
         if not s.efer & EFER_SCE:
             raise _ud()
+        self._vendor_mode_check(True)
         self._need_cpl0()
         segments.sysret(self.cpu, 64 if ins.code == C.SYSRETQ else 32)
 
     @handles(M.SYSENTER)
     def _sysenter(self, ins: Instruction) -> None:
+        self._vendor_mode_check(False)
         segments.sysenter(self.cpu)
 
     @handles(M.SYSEXIT, M.SYSEXITQ)
     def _sysexit(self, ins: Instruction) -> None:
+        self._vendor_mode_check(False)
         segments.sysexit(self.cpu, 64 if ins.code == C.SYSEXITQ else 32)
 
     # ------------------------------------------------------------------ x87 control, FXSAVE, MXCSR

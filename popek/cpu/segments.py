@@ -913,8 +913,8 @@ def _flat(selector: int, code: bool, dpl: int, long: bool = False) -> Segment:
 def syscall(cpu: Cpu, next_rip: int) -> None:
     """SYSCALL (vol. 2 SYSCALL). In 64-bit mode: RCX ← next RIP, R11 ← RFLAGS, RIP ← LSTAR, RFLAGS &= ~SFMASK,
     CS/SS from STAR[47:32]. Compatibility mode uses CSTAR, legacy protected mode STAR[31:0] with IF/VM/RF
-    cleared — AMD's definition; Intel processors raise #UD outside 64-bit mode, so guests told they run on
-    Intel never use them. #UD when EFER.SCE = 0 or in real/virtual-8086 mode."""
+    cleared — AMD's definition; on a CPU that names itself Intel the interpreter raises #UD outside 64-bit mode
+    before this is reached. #UD when EFER.SCE = 0 or in real/virtual-8086 mode."""
     st = cpu.state
     if not st.efer & EFER_SCE or not _protected(st):
         raise CpuException(Vector.UD)

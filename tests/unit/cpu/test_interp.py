@@ -10,6 +10,7 @@ import pytest
 
 from popek.cpu import exceptions
 from popek.cpu.core import Cpu
+from popek.cpu.interp import default_cpuid, vendor_of
 from popek.cpu.state import (
     CF,
     CR0_PG,
@@ -17,6 +18,8 @@ from popek.cpu.state import (
     CR4_OSXSAVE,
     DF,
     EFER_NXE,
+    EFER_SCE,
+    MSR_STAR,
     FS,
     GS,
     IF,
@@ -302,6 +305,44 @@ def test_cpuid_rdtsc_hooks_and_xgetbv(faults: Faults) -> None:
     m.load("xor ecx, ecx\nxgetbv\nhlt")
     m.run()
     assert m.gpr[0] == 1
+
+
+def _amd_cpuid(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+    eax, ebx, ecx, edx = default_cpuid(leaf, subleaf)
+    if leaf == 0:
+        ebx, edx, ecx = (int.from_bytes(b"AuthenticAMD"[i : i + 4], "little") for i in (0, 4, 8))
+    return eax, ebx, ecx, edx
+
+
+def test_default_cpuid_names_intel_and_the_tsc_frequency() -> None:
+    leaf0 = default_cpuid(0, 0)
+    assert vendor_of(leaf0) == b"GenuineIntel" and leaf0[0] >= 0x15
+    eax, ebx, ecx, _ = default_cpuid(0x15, 0)
+    assert ecx * ebx // eax == 1_000_000_000  # the TSC the software backend counts: 1 GHz
+
+
+@pytest.mark.parametrize("amd", [False, True])
+def test_the_vendor_cpuid_names_decides_where_syscall_and_sysenter_exist(faults: Faults, amd: bool) -> None:
+    """Intel: SYSCALL is #UD outside 64-bit mode (SDM vol. 2B); AMD: SYSENTER is #UD in long mode (APM vol. 3)."""
+    m = Machine(32)
+    if amd:
+        m.interp.cpuid = _amd_cpuid
+    m.cpu.state.efer |= EFER_SCE
+    target = m.place("hlt")
+    m.cpu.state.msrs[MSR_STAR] = 0x0008_0000_0000_0000 | target
+    m.load("syscall\nhlt")
+    m.run()
+    if amd:
+        assert not faults.seen and m.cpu.state.rip == target + 1  # at STAR's EIP, past its HLT
+    else:
+        assert faults.seen[0][0] == Vector.UD
+    faults.seen.clear()
+    m = Machine(64)
+    if amd:
+        m.interp.cpuid = _amd_cpuid
+    m.load("sysenter\nhlt")
+    m.run()
+    assert faults.seen[0][:2] == ((Vector.UD, None) if amd else (Vector.GP, 0))  # Intel: SYSENTER_CS is null
 
 
 def test_sse_strlen_style_sequence_and_fxsave() -> None:
