@@ -232,10 +232,10 @@ def run_one(entry: Entry, backend: str, suite: Path, logs: Path, popek: list[str
     traceback = backend != "tcg" and "Traceback (most recent call last)" in errtext
     qemu_errors = [ln for ln in errtext.splitlines() if backend == "tcg" and ln and "warning" not in ln.lower()]
     if qemu_errors and not re.search(r"^(PASS|FAIL|SKIP|SUMMARY):", text, re.MULTILINE):
-        # QEMU refused the entry's options before the guest ran (upstream's premature_failure: a SKIP)
-        return Result(
-            entry.name, backend, "SKIP", status, round(seconds, 1), "", qemu_errors[-1][:160], False, str(log)
-        )
+        # QEMU refused the entry's options before the guest ran: upstream's premature_failure, a SKIP that does
+        # not count as run
+        why = qemu_errors[-1][:160]
+        return Result(entry.name, backend, "SKIP", None, round(seconds, 1), "", why, False, str(log))
     if status == EXIT_PASS and not qemu_errors:
         verdict, why = "PASS", ""
     elif status == EXIT_SKIP:
