@@ -31,7 +31,8 @@ def parse_size(text: str) -> int:
     """'512M', '1G', '65536K', '1048576' (bytes) → bytes; sizes count in powers of 1024, as QEMU's -m does."""
     m = _SIZE.match(text)
     if not m:
-        raise ConfigError(f"cannot read {text!r} as a size (examples: 512M, 2G)")
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise ConfigError(f"cannot read {shown!r} as a size (examples: 512M, 2G)")
     number, unit = int(m.group(1)), m.group(2).upper()
     if not unit and m.group(3) is None and number < 1 << 20:
         unit = "M"  # like QEMU, a bare small number means MiB

@@ -138,7 +138,7 @@ def load_pvh(mem: GuestMemory, data: bytes, cmdline: str | bytes, initrd: bytes 
     initrd_range = None
     modules = b""
     if initrd is not None:
-        initrd_range = loader.place_initrd(p, initrd, high, 1 << 32)
+        initrd_range = loader.place_initrd(p, initrd, layout.HIGH_MEMORY, 1 << 32)
         modules = struct.pack("<QQQQ", initrd_range[0], initrd_range[1], 0, 0)
     entries = e820.memory_map(mem)
     table = b"".join(struct.pack("<QQII", e.addr, e.size, e.type, 0) for e in entries)

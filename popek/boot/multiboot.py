@@ -96,7 +96,7 @@ def load(
     if initrd is not None:
         p.claim(mod_string_addr, len(mod_string), "the initrd's module string", popeks=True)
         mem.write(mod_string_addr, mod_string)
-        initrd_range = loader.place_initrd(p, initrd, high, 1 << 32)
+        initrd_range = loader.place_initrd(p, initrd, layout.HIGH_MEMORY, 1 << 32)
         mods = struct.pack("<IIII", initrd_range[0], initrd_range[0] + initrd_range[1], mod_string_addr, 0)
         info_flags |= INFO_MODS
     entries = e820.memory_map(mem)

@@ -46,13 +46,16 @@ class BootPlan:
                 f"{self.protocol}: {what} at {_span(start, end)} is not in guest RAM "
                 f"(RAM ends at {self.mem.low_top:#x} below 4 GiB; --mem?)"
             )
+        area = Area(start, end, what)
         other = self._overlap(start, end)
         if other is not None:
+            # name the kernel's part first and popek's second, whichever was claimed first
+            theirs, ours = (other, area) if popeks else (area, other)
+            mine = " that popek writes there" if popeks or other in self._popeks else ""
             raise BootError(
-                f"{self.protocol}: {what} at {_span(start, end)} overlaps {other.what} at "
-                f"{_span(other.start, other.end)}" + (", which popek writes there" if other in self._popeks else "")
+                f"{self.protocol}: {theirs.what} at {_span(theirs.start, theirs.end)} overlaps {ours.what} "
+                f"at {_span(ours.start, ours.end)}{mine}"
             )
-        area = Area(start, end, what)
         self.claims.append(area)
         if popeks:
             self._popeks.add(area)
