@@ -217,10 +217,10 @@ class Vm:
             threading.Thread(target=vcpu_thread, args=(i,), name=f"vcpu{i}", daemon=True)
             for i in range(accel.run_threads)
         ]
-        for t in threads:
-            t.start()
-        threading.Thread(target=accel.watch, args=(self.stopping,), name="vcpu-watchdog", daemon=True).start()
-        try:
+        watchdog = threading.Thread(target=accel.watch, args=(self.stopping,), name="vcpu-watchdog", daemon=True)
+        try:  # a signal can come as soon as the guest runs, even before the first wait
+            for t in [*threads, watchdog]:
+                t.start()
             deadline = None if self.spec.timeout is None else self.started_at + self.spec.timeout
             while not self.stopping.wait(0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))):
                 if deadline is not None and time.monotonic() >= deadline:
@@ -228,12 +228,16 @@ class Vm:
         except KeyboardInterrupt:
             self.request_stop(Stop(StopReason.SIGNAL, "interrupted (SIGINT)", signum=signal.SIGINT))
         except HostSignal as e:
-            name = signal.Signals(e.signum).name
-            self.request_stop(Stop(StopReason.SIGNAL, f"{name} from the host", signum=e.signum))
+            self.request_stop(
+                Stop(StopReason.SIGNAL, f"{signal.Signals(e.signum).name} from the host", signum=e.signum)
+            )
         for t in threads:
             while t.is_alive():
-                accel.kick()
-                t.join(0.05)
+                try:
+                    accel.kick()
+                    t.join(0.05)
+                except (KeyboardInterrupt, HostSignal):
+                    pass  # already stopping: the first reason stands
         self.stopped_at = time.monotonic()
         assert self._stop is not None
         if self._stop.reason in (StopReason.TIMEOUT, StopReason.SIGNAL):

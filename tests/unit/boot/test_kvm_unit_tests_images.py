@@ -15,7 +15,7 @@ from popek.memory import GuestMemory
 # the project's shared/ folder lies beside the checkout (in CI too); /work/shared in a developer's workplace
 _CANDIDATES = [Path(__file__).resolve().parents[3].parent / "shared", Path("/work/shared")]
 IMAGES = next((p / "kvm-unit-tests/x86" for p in _CANDIDATES if (p / "kvm-unit-tests/x86").is_dir()), Path())
-FLATS = sorted(IMAGES.glob("*.flat")) if IMAGES != Path() else []
+FLATS = sorted(IMAGES.glob("*.flat")) if Path() != IMAGES else []
 MEM = 256 << 20
 PT_LOAD = 1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 
@@ -10,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from popek.boot import e820, elf, layout, load_kernel, mptable, multiboot
-from popek.boot.loader import BootFiles
 from popek.boot.entry import Mode
+from popek.boot.loader import BootFiles
 from popek.errors import BootError
 from popek.memory import GuestMemory
 
@@ -309,10 +310,10 @@ def test_every_protocols_areas_are_disjoint_and_in_the_first_mib() -> None:
     assert (layout.ACPI_ADDR, layout.ACPI_END) == (0xE0000, 0xF0000)
     for areas in (layout.BZIMAGE_AREAS, layout.PVH_AREAS, layout.MULTIBOOT_AREAS, layout.BOOT_SECTOR_AREAS):
         spans = sorted((a.start, a.end) for a in areas)
-        assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:])), spans
+        assert all(end <= nxt for (_, end), (nxt, _) in itertools.pairwise(spans)), spans
         assert spans[-1][1] <= layout.HIGH_MEMORY
         assert (layout.CMDLINE_ADDR, layout.CMDLINE_ADDR + layout.CMDLINE_MAX) not in spans
-        assert all(not (s < layout.CMDLINE_ADDR + layout.CMDLINE_MAX and layout.CMDLINE_ADDR < e) for s, e in spans)
+        assert all(not (s < layout.CMDLINE_ADDR + layout.CMDLINE_MAX and e > layout.CMDLINE_ADDR) for s, e in spans)
 
 
 def test_multiboot_cmdline_starts_with_the_kernel_file_name_and_module_0_is_named_after_the_initrd() -> None:
