@@ -4,6 +4,10 @@ Every access is bounds-checked against the regions, so a hostile guest address (
 parameter) becomes a `GuestMemoryError`, never a host access outside guest RAM. Writes made by the VMM on the
 guest's behalf mark pages dirty; a backend that tracks guest writes itself (KVM's dirty log) merges its bitmap
 in through `mark_dirty_bitmap`.
+
+Large ranges are never built in host memory: `zero` drops whole pages of an anonymous region with
+madvise(MADV_DONTNEED) (madvise(2): the next access of a private anonymous page reads zeros), so a kernel's
+gigabytes of bss cost nothing; `fill` writes in bounded chunks.
 """
 
 from __future__ import annotations

@@ -11,6 +11,12 @@ interrupts in between. Where the probe found that (family "hypercall"), `watch` 
 periodically, and a vCPU found on the same hypercall instruction at two kicks in a row gets it completed as a
 host without that hypercall would: RAX = -KVM_ENOSYS, RIP past the instruction.
 
+A guest that halts with interrupts disabled never leaves KVM_RUN (the in-kernel irqchip keeps HLT in the kernel).
+`watch` kicks each vCPU that made no exit to popek during a period; on the EINTR the vCPU reads its MP state,
+RFLAGS.IF and pending events (KVM_GET_MP_STATE, KVM_GET_VCPU_EVENTS: `VcpuFd.idle_state`), and when every vCPU
+has been found HALT_PROBES times in a row halted with nothing to deliver, or waiting for a SIPI, the VM stops
+with StopReason.HALTED, as the software backend does. A vCPU that exits to popek by itself is never kicked for it.
+
 Some hosts leave a SYSCALL from guest ring 3 at CPL 3 (family "syscall"): each vCPU then watches its guest's
 #GP and #PF handlers with hardware breakpoints and completes such SYSCALLs (`popek.accel.kvm_syscall`). It
 looks for the handlers before every entry until the guest has them, then at the periodic kicks, which follow a

@@ -4,7 +4,8 @@ Every loader goes through a `BootPlan`: it starts with the areas its protocol wr
 claims the kernel's segments, the command line and the initrd. A claim that leaves guest RAM or overlaps an
 earlier one is a `BootError` naming both, so a kernel can load anywhere in RAM (below 1 MiB too, as QEMU's
 -kernel allows) except where popek's own structures for that protocol go, and two segments of one file can
-never overwrite each other (QEMU refuses overlapping ROM images the same way).
+never overwrite each other (QEMU refuses overlapping ROM images the same way: hw/core/loader.c, "rom: requested
+regions overlap"). The initrd is then placed as high as it may go around every claim.
 """
 
 from __future__ import annotations
