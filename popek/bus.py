@@ -3,6 +3,9 @@
 As in Firecracker's `Bus`: a device sees only the offset into its own range; inserting an overlapping range is
 an error; an access no device claims is counted and answered as an open bus (reads all ones, writes dropped),
 never fatal — guests probe for hardware that is not there.
+
+Statistics a guest drives (addresses it touches, instructions it makes popek complete) are `BoundedCounter`s:
+a guest touching a million distinct pages makes popek keep STATS_KEYS counters and one "other", not a million.
 """
 
 from __future__ import annotations
@@ -10,9 +13,30 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from popek.errors import ConfigError
+
+K = TypeVar("K")
+STATS_KEYS = 1024  # distinct keys a guest-driven statistic keeps; --stats prints one line per key
+
+
+class BoundedCounter(Counter[K]):
+    """A Counter that keeps at most `limit` distinct keys: counts for any further key go to `other`."""
+
+    def __init__(self, limit: int = STATS_KEYS) -> None:
+        super().__init__()
+        self.limit = limit
+        self.other = 0
+
+    def __setitem__(self, key: K, value: int) -> None:
+        if key in self or len(self) < self.limit:
+            super().__setitem__(key, value)
+        else:  # a new key: `value` is the increment (a missing key counts 0)
+            self.other += value
+
+    def total_count(self) -> int:
+        return sum(self.values()) + self.other
 
 
 class Device(Protocol):
@@ -58,8 +82,8 @@ class Bus:
         self.granule = granule  # counts are kept per `granule` (a page for MMIO, a port for PIO)
         self._bases: list[int] = []
         self._ranges: list[Range] = []
-        self.counts: Counter[int] = Counter()
-        self.unclaimed: Counter[int] = Counter()
+        self.counts: BoundedCounter[int] = BoundedCounter()
+        self.unclaimed: BoundedCounter[int] = BoundedCounter()
 
     def insert(self, base: int, size: int, device: Device, name: str) -> None:
         if size <= 0:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+from typing import NoReturn
 
 from popek.accel.exits import Stop, StopReason
 from popek.errors import ConfigError, PopekError
@@ -22,16 +23,16 @@ EXIT_VMM_FAILURE = 4
 EXIT_DIVERGENCE = 5
 EXIT_NO_STATUS = 125
 EXIT_TIMEOUT = 124
-EXIT_SIGNAL = 130
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d{1,30})\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)  # VmSpec bounds the value
 
 
 def parse_size(text: str) -> int:
     """'512M', '1G', '65536K', '1048576' (bytes) → bytes; sizes count in powers of 1024, as QEMU's -m does."""
     m = _SIZE.match(text)
     if not m:
-        raise ConfigError(f"cannot read {text!r} as a size (examples: 512M, 2G)")
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise ConfigError(f"cannot read {shown!r} as a size (examples: 512M, 2G)")
     number, unit = int(m.group(1)), m.group(2).upper()
     if not unit and m.group(3) is None and number < 1 << 20:
         unit = "M"  # like QEMU, a bare small number means MiB
@@ -43,23 +44,40 @@ def exit_status(stop: Stop, guest_status: int | None) -> int:
         return stop.status & 0xFF
     if guest_status is not None:
         return guest_status & 0xFF
+    if stop.reason is StopReason.SIGNAL:
+        return 128 + (stop.signum or signal.SIGINT)  # as a shell reports a process a signal ended
     return {
         StopReason.POWEROFF: 0,
         StopReason.RESET: 0,
         StopReason.USER_QUIT: 0,
+        StopReason.HALTED: 0,
         StopReason.TRIPLE_FAULT: EXIT_TRIPLE_FAULT,
         StopReason.TIMEOUT: EXIT_TIMEOUT,
-        StopReason.SIGNAL: EXIT_SIGNAL,
         StopReason.DIVERGENCE: EXIT_DIVERGENCE,
     }.get(stop.reason, EXIT_VMM_FAILURE)
 
 
+class UsageError(Exception):
+    """A command line argparse cannot read; `prog` is the (sub)command whose --help explains it."""
+
+    def __init__(self, message: str, prog: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit status 1, like every other bad input to popek."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, self.prog)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="popek", description="popek: a programmable virtual machine monitor")
+    p = _Parser(prog="popek", description="popek: a programmable virtual machine monitor")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="boot a VM (the default guest unless --kernel is given)")
-    run.add_argument("--kernel", type=Path, help="bzImage, ELF vmlinux (PVH), Multiboot kernel or boot sector")
-    run.add_argument("--initrd", type=Path, help="initial ramdisk")
+    run.add_argument("--kernel", help="bzImage, ELF vmlinux (PVH), Multiboot kernel or boot sector")
+    run.add_argument("--initrd", help="initial ramdisk")
     run.add_argument("--append", default=None, help="kernel command line (added to the default guest's)")
     run.add_argument("--mem", default="512M", help="guest memory, e.g. 512M or 2G (default 512M)")
     run.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
@@ -143,6 +161,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             )
         if args.stats:
             print(vm.stats(), file=sys.stderr)
+            print(
+                f"console: {console.dropped} bytes of guest output dropped (the host did not read them in time)",
+                file=sys.stderr,
+            )
         return exit_status(stop, guest_status)
 
 
@@ -158,11 +180,24 @@ def _cmd_image(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
-        if args.command == "run":
-            return _cmd_run(args)
-        return _cmd_image(args)
+        args = _parser().parse_args(argv)
+    except UsageError as e:
+        print(f"popek: error: {e} (try {e.prog} --help)", file=sys.stderr)
+        return EXIT_ERROR
+    from popek.vm import HostSignal, stop_on_signals
+
+    try:
+        with stop_on_signals():
+            if args.command == "run":
+                return _cmd_run(args)
+            return _cmd_image(args)
+    except HostSignal as e:  # before or after the VM ran: Vm.run turns one that comes while it runs into a Stop
+        print(f"popek: stopped by {signal.Signals(e.signum).name}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("popek: interrupted (SIGINT)", file=sys.stderr)
+        return 128 + signal.SIGINT
     except (PopekError, KvmError) as e:
         print(f"popek: error: {e}", file=sys.stderr)
         return EXIT_ERROR

@@ -1,5 +1,11 @@
 """The host side of the serial console: the terminal in raw mode, keys to the guest, Ctrl-A x to quit (as
-QEMU's -nographic does), and piped standard input forwarded as it arrives when stdin is not a terminal."""
+QEMU's -nographic does), and piped standard input forwarded as it arrives when stdin is not a terminal.
+
+Guest output never waits for the host: `write` (called on a vCPU thread, from the UART) only appends to a
+bounded buffer, which a writer thread drains to standard output. When standard output is a pipe nobody reads,
+the writer blocks, not the vCPU: output beyond OUTPUT_BUFFER is dropped and counted (`dropped`, in --stats),
+and the VM's timeout, Ctrl-C and signals still work.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,9 @@ from collections.abc import Callable
 from types import TracebackType
 
 CTRL_A = 0x01
+OUTPUT_BUFFER = 1 << 20  # guest output waiting for the host terminal; a screenful is ~10 KB
+WRITE_CHUNK = 1 << 16
+FLUSH_TIMEOUT = 2.0  # seconds the console waits at the end for the host to take what is still buffered
 
 
 class HostConsole:
@@ -27,13 +36,53 @@ class HostConsole:
         self._saved: list[int | list[bytes | int]] | None = None
         self._stop = threading.Event()
         self._escape = False
+        self._out = bytearray()
+        self._out_cond = threading.Condition()
+        self._closing = False
+        self._writer: threading.Thread | None = None
+        self.dropped = 0  # bytes of guest output the host never took
 
     def write(self, data: bytes) -> None:
-        """Guest output; in raw mode the terminal needs CR before LF only if the guest omits it (Linux does not)."""
-        try:
-            os.write(self.stdout_fd, data)
-        except (BlockingIOError, BrokenPipeError):
-            pass
+        """Guest output: buffered for the writer thread, never blocking; what does not fit is dropped."""
+        with self._out_cond:
+            room = max(0, OUTPUT_BUFFER - len(self._out))
+            if len(data) > room:
+                self.dropped += len(data) - room
+                data = data[:room]
+            if data:
+                self._out += data
+                self._out_cond.notify()
+
+    def _drain(self) -> None:
+        while True:
+            with self._out_cond:
+                while not self._out and not self._closing:
+                    self._out_cond.wait()
+                if not self._out:
+                    return
+                chunk = bytes(self._out[:WRITE_CHUNK])
+            try:
+                written = os.write(self.stdout_fd, chunk)
+            except OSError:  # closed or broken: what is left can never be shown
+                with self._out_cond:
+                    self.dropped += len(self._out)
+                    self._out.clear()
+                    self._out_cond.notify_all()
+                return
+            with self._out_cond:
+                del self._out[:written]
+                self._out_cond.notify_all()
+
+    def _close_output(self) -> None:
+        """Let the writer finish what is buffered, for at most FLUSH_TIMEOUT; count the rest as dropped."""
+        with self._out_cond:
+            self._closing = True
+            self._out_cond.notify_all()
+        if self._writer is not None:
+            self._writer.join(FLUSH_TIMEOUT)
+        with self._out_cond:
+            self.dropped += len(self._out)
+            self._out.clear()
 
     def __enter__(self) -> HostConsole:
         if self.interactive:
@@ -41,12 +90,15 @@ class HostConsole:
             tty.setraw(self.stdin_fd)
             sys.stderr.write("popek: console on this terminal; Ctrl-A x quits\r\n")
         threading.Thread(target=self._reader, name="console-input", daemon=True).start()
+        self._writer = threading.Thread(target=self._drain, name="console-output", daemon=True)
+        self._writer.start()
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._stop.set()
+        self._close_output()
         if self._saved is not None:
             termios.tcsetattr(self.stdin_fd, termios.TCSADRAIN, self._saved)
 

@@ -4,6 +4,10 @@ Every access is bounds-checked against the regions, so a hostile guest address (
 parameter) becomes a `GuestMemoryError`, never a host access outside guest RAM. Writes made by the VMM on the
 guest's behalf mark pages dirty; a backend that tracks guest writes itself (KVM's dirty log) merges its bitmap
 in through `mark_dirty_bitmap`.
+
+Large ranges are never built in host memory: `zero` drops whole pages of an anonymous region with
+madvise(MADV_DONTNEED) (madvise(2): the next access of a private anonymous page reads zeros), so a kernel's
+gigabytes of bss cost nothing; `fill` writes in bounded chunks.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from popek.errors import ConfigError, GuestMemoryError
 PAGE_SIZE = 4096
 MMIO_HOLE_START = 0xC000_0000
 MMIO_HOLE_END = 0x1_0000_0000
+FILL_CHUNK = 1 << 20  # the most host memory one fill or zero builds at a time
 
 
 @dataclass
@@ -28,6 +33,9 @@ class Region:
     gpa: int
     size: int
     mapping: mmap.mmap
+    # an anonymous private mapping reads back zeros after MADV_DONTNEED; a private file mapping (a snapshot)
+    # would read back the file's contents, so only an anonymous region may be zeroed that way
+    anonymous: bool = True
     dirty: bytearray = field(init=False)
 
     def __post_init__(self) -> None:
@@ -125,7 +133,44 @@ class GuestMemory:
         self._mark(region, offset, size)
 
     def fill(self, gpa: int, size: int, byte: int = 0) -> None:
-        self.write(gpa, bytes([byte]) * size)
+        """Set `size` bytes to `byte`, a bounded chunk at a time (a guest-sized range is never built in host
+        memory); zeros go through `zero`."""
+        if byte == 0:
+            self.zero(gpa, size)
+            return
+        region, offset = self._find(gpa, size)
+        chunk = bytes([byte]) * min(size, FILL_CHUNK)
+        for pos in range(offset, offset + size, FILL_CHUNK):
+            n = min(FILL_CHUNK, offset + size - pos)
+            region.mapping[pos : pos + n] = chunk[:n]
+        self._mark(region, offset, size)
+
+    def zero(self, gpa: int, size: int) -> None:
+        """Make `size` bytes read as zero without materialising them: whole pages of an anonymous region are
+        dropped with madvise(MADV_DONTNEED) (the kernel maps the zero page back on the next read, so RSS
+        shrinks instead of growing); partial pages, and regions backed by a file, are written with zeros."""
+        if size <= 0:
+            if size < 0:
+                raise GuestMemoryError(f"bad guest access at {gpa:#x} of {size} bytes")
+            return
+        region, offset = self._find(gpa, size)
+        end = offset + size
+        first = -(-offset // PAGE_SIZE) * PAGE_SIZE
+        last = end // PAGE_SIZE * PAGE_SIZE
+        if region.anonymous and last > first:
+            region.mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+            self._write_zeros(region, offset, first)
+            self._write_zeros(region, last, end)
+        else:
+            self._write_zeros(region, offset, end)
+        self._mark(region, offset, size)
+
+    @staticmethod
+    def _write_zeros(region: Region, start: int, end: int) -> None:
+        zeros = bytes(min(end - start, FILL_CHUNK)) if end > start else b""
+        for pos in range(start, end, FILL_CHUNK):
+            n = min(FILL_CHUNK, end - pos)
+            region.mapping[pos : pos + n] = zeros[:n]
 
     def read_u8(self, gpa: int) -> int:
         return self.read(gpa, 1)[0]

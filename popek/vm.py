@@ -8,9 +8,13 @@ buses and legacy devices (`_attach_*`) → kernel, initrd and command line → M
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import math
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +23,7 @@ from popek.accel.kvm import KvmAccel
 from popek.accel.lockstep import LockstepAccel
 from popek.accel.soft import SoftAccel
 from popek.boot import load_kernel, mptable
-from popek.boot.loader import BootImage, read_file
+from popek.boot.loader import BootFiles, BootImage, read_file
 from popek.bus import Bus, Window
 from popek.devices.legacy.cmos import Cmos
 from popek.devices.legacy.i8042 import I8042
@@ -36,15 +40,18 @@ DEBUG_EXIT_PORT = 0xF4
 MMIO_STATS_GRANULE = PAGE_SIZE
 SERIAL_TAIL = 1 << 20
 ACCELS = ("kvm", "soft", "lockstep")
+# 64 TiB: the 46 physical address bits popek's CPU reports (CPUID 0x80000008) and KVM hosts commonly have, and
+# well inside the 128 TiB of address space a Linux process has for the mapping; beyond it a size is a typo
+MAX_MEM = 1 << 46
 
 
 @dataclass
 class VmSpec:
     """Everything a VM is built from; the CLI and the Python API both fill one in."""
 
-    kernel: Path
-    initrd: Path | None = None
-    cmdline: str = ""
+    kernel: str | Path  # as given on the command line: Multiboot passes it to the guest
+    initrd: str | Path | None = None
+    cmdline: str | bytes = ""
     mem: int = 512 << 20
     cpus: int = 1
     accel: str = "kvm"
@@ -54,6 +61,11 @@ class VmSpec:
     kvm_device: str = "/dev/kvm"
 
     def validate(self) -> None:
+        if self.mem > MAX_MEM:
+            raise ConfigError(
+                f"guest memory of {self.mem} bytes is more than popek can address ({MAX_MEM >> 40} TiB, "
+                "the guest-physical address width of popek's CPU)"
+            )
         if self.mem <= 0:
             raise ConfigError(f"guest memory must be more than 0 bytes (got {self.mem})")
         if self.mem % PAGE_SIZE:
@@ -64,8 +76,36 @@ class VmSpec:
             raise ConfigError(f"a VM needs at least one vCPU (got {self.cpus})")
         if self.accel not in ACCELS:
             raise ConfigError(f"unknown accelerator {self.accel!r}: choose one of {', '.join(ACCELS)}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ConfigError("the timeout must be positive")
+        if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise ConfigError(f"the timeout must be a positive number of seconds, not {self.timeout}")
+
+
+class HostSignal(BaseException):
+    """A termination signal (SIGTERM, SIGHUP) arrived: raised in the main thread, as Python raises
+    KeyboardInterrupt for SIGINT, so `Vm.run` stops the VM with StopReason.SIGNAL wherever it was waiting."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While inside, SIGTERM and SIGHUP raise `HostSignal` in the main thread (the previous handlers return
+    after). Raising, rather than stopping the VM from the handler, keeps the handler free of locks."""
+
+    def handler(signum: int, _frame: object) -> None:
+        raise HostSignal(signum)
+
+    saved = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
 
 
 @dataclass
@@ -89,10 +129,10 @@ class Vm:
     def __init__(self, spec: VmSpec, console: Callable[[bytes], None] | None = None) -> None:
         spec.validate()
         self.spec = spec
-        kernel = read_file(spec.kernel, "kernel")
-        initrd = read_file(spec.initrd, "initrd") if spec.initrd is not None else None
-        if initrd is not None and len(initrd) >= spec.mem:
-            raise ConfigError(f"the initrd ({len(initrd)} bytes) is larger than guest memory ({spec.mem} bytes)")
+        # neither file can be larger than the guest it goes into: refused before it is read
+        kernel = read_file(spec.kernel, "kernel", spec.mem)
+        initrd = read_file(spec.initrd, "initrd", spec.mem) if spec.initrd is not None else None
+        files = BootFiles(str(spec.kernel), str(spec.initrd) if spec.initrd is not None else "")
 
         self.mem = GuestMemory(spec.mem)
         self.accel: KvmAccel | SoftAccel | LockstepAccel | None = None
@@ -110,7 +150,7 @@ class Vm:
             self._stop_lock = threading.Lock()
             self.stopping = threading.Event()
             self._attach_legacy_devices()
-            self.boot: BootImage = load_kernel(self.mem, kernel, spec.cmdline, initrd)
+            self.boot: BootImage = load_kernel(self.mem, kernel, spec.cmdline, initrd, files)
             mptable.write(self.mem, spec.cpus)
             self.accel.set_boot_state(self.boot.entry)
         except BaseException:
@@ -177,25 +217,32 @@ class Vm:
             threading.Thread(target=vcpu_thread, args=(i,), name=f"vcpu{i}", daemon=True)
             for i in range(accel.run_threads)
         ]
-        for t in threads:
-            t.start()
-        threading.Thread(target=accel.watch, args=(self.stopping,), name="vcpu-watchdog", daemon=True).start()
-        try:
+        watchdog = threading.Thread(target=accel.watch, args=(self.stopping,), name="vcpu-watchdog", daemon=True)
+        try:  # a signal can come as soon as the guest runs, even before the first wait
+            for t in [*threads, watchdog]:
+                t.start()
             deadline = None if self.spec.timeout is None else self.started_at + self.spec.timeout
             while not self.stopping.wait(0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))):
                 if deadline is not None and time.monotonic() >= deadline:
                     self.request_stop(Stop(StopReason.TIMEOUT, f"the VM ran longer than {self.spec.timeout:g} s"))
         except KeyboardInterrupt:
-            self.request_stop(Stop(StopReason.SIGNAL, "interrupted (SIGINT)"))
+            self.request_stop(Stop(StopReason.SIGNAL, "interrupted (SIGINT)", signum=signal.SIGINT))
+        except HostSignal as e:
+            self.request_stop(
+                Stop(StopReason.SIGNAL, f"{signal.Signals(e.signum).name} from the host", signum=e.signum)
+            )
         for t in threads:
             while t.is_alive():
-                accel.kick()
-                t.join(0.05)
+                try:
+                    accel.kick()
+                    t.join(0.05)
+                except (KeyboardInterrupt, HostSignal):
+                    pass  # already stopping: the first reason stands
         self.stopped_at = time.monotonic()
         assert self._stop is not None
         if self._stop.reason in (StopReason.TIMEOUT, StopReason.SIGNAL):
             # where the guest was is the first question about a VM that had to be stopped from outside
-            self._stop = Stop(self._stop.reason, self._stop.detail + "\n" + accel.register_dumps(), self._stop.status)
+            self._stop = dataclasses.replace(self._stop, detail=self._stop.detail + "\n" + accel.register_dumps())
         return self._stop
 
     @property
@@ -208,15 +255,24 @@ class Vm:
         lines = []
         elapsed = (self.stopped_at or time.monotonic()) - (self.started_at or time.monotonic())
         exits = self.accel.exit_counts
-        lines.append(f"popek stats: {sum(exits.values())} exits in {elapsed:.3f} s")
-        lines.append("exits: " + " ".join(f"{k.lower()}={v}" for k, v in exits.most_common()))
+        lines.append(f"popek stats: {exits.total_count()} exits in {elapsed:.3f} s")
+        reasons = [f"{k.lower()}={v}" for k, v in exits.most_common()]
+        reasons += [f"other={exits.other}"] if exits.other else []
+        lines.append("exits: " + " ".join(reasons))
         for port, n in sorted(self.pio.counts.items()):
             lines.append(f"io 0x{port:04x}: {n} ({self.pio.name_of(port)})")
+        if self.pio.counts.other:
+            lines.append(f"io other: {self.pio.counts.other} (ports beyond the first {self.pio.counts.limit} seen)")
         for page, n in sorted(self.mmio.counts.items()):
             lines.append(f"mmio 0x{page:08x}: {n} ({self.mmio.name_of(page)})")
-        unclaimed = sum(self.pio.unclaimed.values()) + sum(self.mmio.unclaimed.values())
+        if self.mmio.counts.other:
+            lines.append(f"mmio other: {self.mmio.counts.other} (pages beyond the first {self.mmio.counts.limit} seen)")
+        unclaimed = self.pio.unclaimed.total_count() + self.mmio.unclaimed.total_count()
         lines.append(f"unclaimed accesses: {unclaimed}")
-        lines.append("assists: " + (" ".join(f"{k}={v}" for k, v in self.accel.assists.most_common()) or "none"))
+        assists = [f"{k}={v}" for k, v in self.accel.assists.most_common()]
+        if self.accel.assists.other:
+            assists.append(f"other={self.accel.assists.other}")
+        lines.append("assists: " + (" ".join(assists) or "none"))
         if self.accel.unavailable:
             families = ", ".join(sorted(self.accel.unavailable))
             lines.append(f"host cannot execute (hidden from CPUID or completed by popek): {families}")

@@ -67,6 +67,7 @@ class StopReason(str, Enum):
     USER_QUIT = "user-quit"
     ERROR = "error"
     DIVERGENCE = "divergence"  # lockstep: the software CPU and KVM disagreed
+    HALTED = "halted"  # the guest halted with interrupts disabled: nothing can wake it
 
 
 @dataclass(frozen=True)
@@ -74,3 +75,4 @@ class Stop:
     reason: StopReason
     detail: str = ""
     status: int | None = None  # a guest-chosen exit status (debug-exit port, guest command)
+    signum: int | None = None  # StopReason.SIGNAL: the host signal that stopped the VM

@@ -11,6 +11,12 @@ interrupts in between. Where the probe found that (family "hypercall"), `watch` 
 periodically, and a vCPU found on the same hypercall instruction at two kicks in a row gets it completed as a
 host without that hypercall would: RAX = -KVM_ENOSYS, RIP past the instruction.
 
+A guest that halts with interrupts disabled never leaves KVM_RUN (the in-kernel irqchip keeps HLT in the kernel).
+`watch` kicks each vCPU that made no exit to popek during a period; on the EINTR the vCPU reads its MP state,
+RFLAGS.IF and pending events (KVM_GET_MP_STATE, KVM_GET_VCPU_EVENTS: `VcpuFd.idle_state`), and when every vCPU
+has been found HALT_PROBES times in a row halted with nothing to deliver, or waiting for a SIPI, the VM stops
+with StopReason.HALTED, as the software backend does. A vCPU that exits to popek by itself is never kicked for it.
+
 Some hosts leave a SYSCALL from guest ring 3 at CPL 3 (family "syscall"): each vCPU then watches its guest's
 #GP and #PF handlers with hardware breakpoints and completes such SYSCALLs (`popek.accel.kvm_syscall`). It
 looks for the handlers before every entry until the guest has them, then at the periodic kicks, which follow a
@@ -33,7 +39,7 @@ from popek.accel.kvm_softcpu import SoftStep
 from popek.accel.kvm_state import apply_entry, register_dump
 from popek.accel.kvm_syscall import UserSyscallAssist
 from popek.boot.entry import EntryState
-from popek.bus import Bus
+from popek.bus import BoundedCounter, Bus
 from popek.cpu import xsave
 from popek.cpuid import apply_template, for_vcpu
 from popek.devices.irq import IrqLine
@@ -41,9 +47,11 @@ from popek.errors import ConfigError, GuestMemoryError
 from popek.kvm import (
     Cap,
     ExitReason,
+    IdleState,
     InternalError,
     Kvm,
     KvmError,
+    MpState,
     SystemEvent,
     VcpuFd,
 )
@@ -61,6 +69,15 @@ KICK_SIGNAL = signal.SIGUSR1
 
 WATCHDOG_PERIOD = 0.25
 KVM_ENOSYS = 1000
+HALT_PROBES = 2  # consecutive watchdog periods every vCPU must be found unable to wake before the VM stops
+
+
+def can_never_wake(state: IdleState) -> bool:
+    """A vCPU halted with interrupts disabled and no event pending, or one still waiting for INIT/SIPI: only
+    another vCPU could wake it (the devices popek offers raise maskable interrupts only)."""
+    if state.mp_state in (MpState.UNINITIALIZED, MpState.INIT_RECEIVED):
+        return True
+    return state.mp_state == MpState.HALTED and not state.interrupts_enabled and not state.event_pending
 
 
 def _ignore_signal(_signum: int, _frame: object) -> None:
@@ -111,12 +128,20 @@ class KvmAccel:
         self.syscall_assists: list[UserSyscallAssist | None] = [
             UserSyscallAssist(vcpu, mem) if "syscall" in self.unavailable else None for vcpu in self.vcpus
         ]
-        self.exit_counts: Counter[str] = Counter()
-        self.assists: Counter[str] = Counter()
+        self.exit_counts: BoundedCounter[str] = BoundedCounter()
+        self.assists: BoundedCounter[str] = BoundedCounter()
         self._threads: dict[int, int] = {}
         self._stats_lock = threading.Lock()
         self._stalled = [False] * cpus
         self._stuck_rip: list[int | None] = [None] * cpus
+        # halt detection: exits to userspace per vCPU (kicks not counted), what the watchdog saw last, the
+        # watchdog period whose probe each vCPU owes and has made, and how many probes in a row found it dead
+        self._exits = [0] * cpus
+        self._exits_seen = [0] * cpus
+        self._probe_asked = [0] * cpus
+        self._probe_done = [0] * cpus
+        self._dead_probes = [0] * cpus
+        self._halt_lock = threading.Lock()
 
     @property
     def run_threads(self) -> int:
@@ -153,14 +178,37 @@ class KvmAccel:
                     pass
 
     def watch(self, stopping: threading.Event) -> None:
-        """On hosts whose hypercalls hang or whose SYSCALL needs completing, kick every vCPU each period so
+        """Every period, kick each vCPU that left KVM_RUN for nothing since the last one, so `run_vcpu` can tell
+        whether it can never wake again (HALTED); a vCPU that exits to popek on its own is never kicked for that.
+        On hosts whose hypercalls hang or whose SYSCALL needs completing, kick every vCPU each period so
         `run_vcpu` can look at where it is and at the guest's IDT."""
-        if not self.unavailable & {"hypercall", "syscall"}:
-            return
+        assist = bool(self.unavailable & {"hypercall", "syscall"})
+        period = 0
         while not stopping.wait(WATCHDOG_PERIOD):
+            period += 1
             for i in list(self._threads):
-                self._stalled[i] = True
-                self.kick(i)
+                exits = self._exits[i]
+                quiet = exits == self._exits_seen[i]
+                self._exits_seen[i] = exits
+                if quiet:
+                    self._probe_asked[i] = period
+                else:
+                    with self._halt_lock:
+                        self._dead_probes[i] = 0
+                if assist:
+                    self._stalled[i] = True
+                if quiet or assist:
+                    self.kick(i)
+
+    def _probe_halt(self, index: int, vcpu: VcpuFd) -> Stop | None:
+        """The watchdog's probe of a quiet vCPU: a Stop when no vCPU can ever wake again."""
+        self._probe_done[index] = self._probe_asked[index]
+        dead = can_never_wake(vcpu.idle_state())
+        with self._halt_lock:
+            self._dead_probes[index] = self._dead_probes[index] + 1 if dead else 0
+            if not all(n >= HALT_PROBES for n in self._dead_probes):
+                return None
+        return Stop(StopReason.HALTED, "the guest halted with interrupts disabled: nothing can wake it")
 
     def _check_stuck_hypercall(self, index: int, vcpu: VcpuFd) -> None:
         regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
@@ -195,6 +243,8 @@ class KvmAccel:
                     syscall_assist.arm()  # every entry until the guest has a #GP handler; then at the kicks
                 reason = vcpu.run()
                 counts[reason.name if isinstance(reason, ExitReason) else str(reason)] += 1
+                if reason != ExitReason.INTR:
+                    self._exits[index] += 1
                 if reason == ExitReason.IO:
                     io = run.exit.io
                     size, count = io.size, io.count
@@ -215,6 +265,10 @@ class KvmAccel:
                         ctypes.memmove(m.data, data, min(len(data), 8))
                 elif reason == ExitReason.INTR:
                     vcpu.set_immediate_exit(False)
+                    if self._probe_asked[index] != self._probe_done[index]:
+                        stop = self._probe_halt(index, vcpu)
+                        if stop is not None:
+                            return stop
                     if self._stalled[index]:
                         self._stalled[index] = False
                         if "hypercall" in self.unavailable:

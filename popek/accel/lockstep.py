@@ -59,7 +59,6 @@ import ctypes
 import functools
 import signal
 import threading
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -83,7 +82,7 @@ from popek.accel.kvm_softcpu import SoftStep
 from popek.accel.kvm_state import register_dump
 from popek.accel.soft import format_state
 from popek.boot.entry import EntryState
-from popek.bus import Bus
+from popek.bus import BoundedCounter, Bus
 from popek.cpu import xsave
 from popek.cpu.core import Cpu
 from popek.cpu.interp import MEMSIZE, RBITS, RIDX, Interpreter
@@ -439,8 +438,8 @@ class Lockstep:
         load_cpu_from_kvm(self.cpu.state, vcpu.get_regs(), vcpu.get_sregs())
         self.pre: ArchState = arch_from_kvm(vcpu.get_regs(), vcpu.get_sregs())
         self.steps = 0
-        self.exit_counts: Counter[str] = Counter()
-        self.assists: Counter[str] = Counter()
+        self.exit_counts: BoundedCounter[str] = BoundedCounter()
+        self.assists: BoundedCounter[str] = BoundedCounter()
         self.stop_requested = False
         self._run_thread: int | None = None
 
@@ -919,8 +918,8 @@ class LockstepAccel:
             raise
         self.interpreter = interpreter
         self.unavailable = self.kvm.unavailable
-        self.exit_counts: Counter[str] = Counter()
-        self.assists: Counter[str] = Counter()
+        self.exit_counts: BoundedCounter[str] = BoundedCounter()
+        self.assists: BoundedCounter[str] = BoundedCounter()
         self.lockstep: Lockstep | None = None
         self.outcome: Outcome | None = None
 

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections import Counter
 from collections.abc import Callable
 
 from popek.accel.exits import MmioRead, MmioWrite, PioIn, PioOut, Stop, StopReason, handle_exit
 from popek.boot.entry import EntryState, Mode, Segment
-from popek.bus import Bus
+from popek.bus import BoundedCounter, Bus
 from popek.cpu.core import Cpu
 from popek.cpu.interp import Interpreter, default_cpuid
 from popek.cpu.segments import UnsupportedTaskSwitch
@@ -140,8 +139,8 @@ class SoftAccel:
         self.mem = mem
         self.platform = SoftPlatform(cpus)
         self.clock = self.platform.clock
-        self.exit_counts: Counter[str] = Counter()
-        self.assists: Counter[str] = Counter()  # nothing to complete: every instruction is popek's
+        self.exit_counts: BoundedCounter[str] = BoundedCounter()
+        self.assists: BoundedCounter[str] = BoundedCounter()  # nothing to complete: every instruction is popek's
         self.unavailable: frozenset[str] = frozenset()
         self.buses = [_CpuBus(self, i, self.platform.lapic_for(i)) for i in range(cpus)]
         self.cpus = [Cpu(i, mem, self.buses[i], irq=self.platform.lapic_for(i)) for i in range(cpus)]
@@ -311,8 +310,10 @@ class SoftAccel:
             if deadline is not None:
                 clock.advance_to(deadline)
                 continue
-            if not any(cpu.state.rflags & IF for cpu in self.cpus) and not self._pending_irqs:
-                return Stop(StopReason.POWEROFF, "the guest halted")
+            wakeable = [not waiting and cpu.state.rflags & IF for cpu, waiting in zip(self.cpus, self.waiting_for_sipi)]
+            if not any(wakeable) and not self._pending_irqs:
+                # halted with interrupts disabled, or waiting for a SIPI no running vCPU is left to send
+                return Stop(StopReason.HALTED, "the guest halted with interrupts disabled: nothing can wake it")
             self._wakeup.wait(IDLE_WAIT)
             self._wakeup.clear()
         return None

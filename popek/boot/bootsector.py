@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-from popek.boot import layout
+from popek.boot import layout, plan
 from popek.boot.entry import EntryState, Mode, real_mode_segment
 from popek.boot.loader import BootImage
 from popek.errors import BootError
 from popek.memory import GuestMemory
 
-SIZE = 512
+SIZE = layout.BOOT_SECTOR_SIZE
 
 
 def is_boot_sector(data: bytes) -> bool:
     return len(data) == SIZE and data[510:512] == b"\x55\xaa"
 
 
-def load(mem: GuestMemory, data: bytes, cmdline: str, initrd: bytes | None) -> BootImage:
+def load(mem: GuestMemory, data: bytes, cmdline: str | bytes, initrd: bytes | None) -> BootImage:
     if initrd:
         raise BootError("a boot sector takes no initrd")
     if cmdline:
         raise BootError("a boot sector takes no command line")
+    plan.BootPlan(mem, "boot sector", layout.BOOT_SECTOR_AREAS)  # checks that the fixed areas are in RAM
     mem.write(layout.BOOT_SECTOR_ADDR, data)
     entry = EntryState(
         mode=Mode.REAL,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 
-from popek.boot import e820, gdt, layout, loader
+from popek.boot import e820, gdt, layout, loader, plan
 from popek.errors import BootError
 from popek.memory import GuestMemory
 
@@ -66,7 +66,9 @@ def _u32(data: bytes, off: int) -> int:
     return int(struct.unpack_from("<I", data, off)[0])
 
 
-def load(mem: GuestMemory, data: bytes, cmdline: str, initrd: bytes | None) -> loader.BootImage:
+def load(mem: GuestMemory, data: bytes, cmdline: str | bytes, initrd: bytes | None) -> loader.BootImage:
+    if len(data) < OFF_INIT_SIZE + 4:
+        raise BootError("bzImage: the file ends inside the setup header")
     version = _u16(data, OFF_VERSION)
     if _u16(data, OFF_BOOT_FLAG) != 0xAA55:
         raise BootError("bzImage: the setup header's boot_flag is not 0xAA55")
@@ -75,8 +77,6 @@ def load(mem: GuestMemory, data: bytes, cmdline: str, initrd: bytes | None) -> l
             f"bzImage: boot protocol {version >> 8}.{version & 0xFF:02d} is older than 2.12, "
             "which the 64-bit entry needs"
         )
-    if len(data) < OFF_INIT_SIZE + 4:
-        raise BootError("bzImage: the file ends inside the setup header")
     loadflags = _u8(data, OFF_LOADFLAGS)
     if not loadflags & LOADED_HIGH:
         raise BootError("bzImage: a zImage (loaded low) cannot be booted; rebuild as bzImage")
@@ -89,12 +89,14 @@ def load(mem: GuestMemory, data: bytes, cmdline: str, initrd: bytes | None) -> l
         raise BootError(
             f"bzImage: truncated: the header promises {kernel_offset + syssize} bytes, the file has {len(data)}"
         )
-    protected = data[kernel_offset : kernel_offset + syssize]
+    protected = memoryview(data)[kernel_offset : kernel_offset + syssize]
     init_size = max(_u32(data, OFF_INIT_SIZE), len(protected))
     if LOAD_ADDR + init_size > mem.low_top:
         raise BootError(
             f"bzImage: the kernel needs {init_size >> 20} MiB from 1 MiB up; give the VM more memory (--mem)"
         )
+    p = plan.BootPlan(mem, "bzImage", layout.BZIMAGE_AREAS)
+    p.claim(LOAD_ADDR, init_size, "the kernel (its init_size from 1 MiB)")
     mem.write(LOAD_ADDR, protected)
 
     header_end = min(OFF_HEADER + _u8(data, OFF_JUMP + 1), 0x290)
@@ -105,13 +107,13 @@ def load(mem: GuestMemory, data: bytes, cmdline: str, initrd: bytes | None) -> l
     struct.pack_into("<H", zero_page, OFF_VID_MODE, 0xFFFF)
 
     cmdline_limit = _u32(data, OFF_CMDLINE_SIZE) + 1 if version >= 0x0206 else 256
-    cmd_addr, raw_cmd = loader.write_cmdline(mem, cmdline, min(cmdline_limit, layout.CMDLINE_MAX))
+    cmd_addr, raw_cmd = loader.write_cmdline(p, cmdline, min(cmdline_limit, layout.CMDLINE_MAX))
     struct.pack_into("<I", zero_page, OFF_CMD_LINE_PTR, cmd_addr)
 
     initrd_range = None
     if initrd is not None:
         initrd_max = _u32(data, OFF_INITRD_ADDR_MAX) or 0x37FFFFFF
-        initrd_range = loader.place_initrd(mem, initrd, LOAD_ADDR + init_size, initrd_max + 1)
+        initrd_range = loader.place_initrd(p, initrd, LOAD_ADDR + init_size, initrd_max + 1)
         struct.pack_into("<II", zero_page, OFF_RAMDISK_IMAGE, initrd_range[0], initrd_range[1])
 
     entries = e820.memory_map(mem)[:E820_MAX_ZEROPAGE]

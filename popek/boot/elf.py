@@ -12,7 +12,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from popek.boot import e820, gdt, layout, loader
+from popek.boot import e820, gdt, layout, loader, plan
 from popek.errors import BootError
 from popek.memory import GuestMemory
 
@@ -105,31 +105,32 @@ def pvh_entry(data: bytes) -> int | None:
     return None
 
 
-def load_segments(mem: GuestMemory, data: bytes) -> tuple[int, int]:
-    """Copy PT_LOAD segments to their physical addresses; returns the lowest and highest byte used."""
-    low, high = None, 0
-    for ph in program_headers(data):
-        if ph.type != PT_LOAD or ph.memsz == 0:
-            continue
+def load_segments(p: plan.BootPlan, data: bytes, what: str = "ELF") -> tuple[int, int]:
+    """Copy PT_LOAD segments to their physical addresses, anywhere in guest RAM clear of what the boot protocol
+    places (`p`); zero their bss without building it. Returns the lowest and highest byte used."""
+    mem = p.mem
+    segments = [ph for ph in program_headers(data) if ph.type == PT_LOAD and ph.memsz > 0]
+    for i, ph in enumerate(segments):
         if ph.filesz > ph.memsz or ph.offset + ph.filesz > len(data):
-            raise BootError(f"ELF: a segment for {ph.paddr:#x} lies outside the file (truncated kernel?)")
-        if ph.paddr < layout.HIGH_MEMORY or not mem.contains(ph.paddr, ph.memsz):
-            raise BootError(f"ELF: a segment at {ph.paddr:#x}+{ph.memsz:#x} is not in guest RAM above 1 MiB (--mem?)")
-        mem.write(ph.paddr, data[ph.offset : ph.offset + ph.filesz])
-        if ph.memsz > ph.filesz:
-            mem.fill(ph.paddr + ph.filesz, ph.memsz - ph.filesz)
-        low = ph.paddr if low is None else min(low, ph.paddr)
-        high = max(high, ph.paddr + ph.memsz)
-    if low is None:
-        raise BootError("ELF: no loadable segment")
-    return low, high
+            raise BootError(f"{what}: a segment for {ph.paddr:#x} lies outside the file (truncated kernel?)")
+        if not mem.contains(ph.paddr, ph.memsz):
+            raise BootError(f"{what}: a segment at {ph.paddr:#x}+{ph.memsz:#x} is not in guest RAM (--mem?)")
+        p.claim(ph.paddr, ph.memsz, f"kernel segment {i} (file offset {ph.offset:#x})")
+    if not segments:
+        raise BootError(f"{what}: no loadable segment")
+    view = memoryview(data)
+    for ph in segments:
+        mem.write(ph.paddr, view[ph.offset : ph.offset + ph.filesz])
+        mem.zero(ph.paddr + ph.filesz, ph.memsz - ph.filesz)
+    return min(ph.paddr for ph in segments), max(ph.paddr + ph.memsz for ph in segments)
 
 
-def load_pvh(mem: GuestMemory, data: bytes, cmdline: str, initrd: bytes | None) -> loader.BootImage:
+def load_pvh(mem: GuestMemory, data: bytes, cmdline: str | bytes, initrd: bytes | None) -> loader.BootImage:
     entry = pvh_entry(data)
     assert entry is not None
-    low, high = load_segments(mem, data)
-    cmd_addr, raw_cmd = loader.write_cmdline(mem, cmdline)
+    p = plan.BootPlan(mem, "ELF (PVH)", layout.PVH_AREAS)
+    cmd_addr, raw_cmd = loader.write_cmdline(p, cmdline)
+    low, high = load_segments(p, data, "ELF (PVH)")
 
     info = layout.BOOT_INFO_ADDR
     modlist = info + START_INFO_SIZE
@@ -137,7 +138,7 @@ def load_pvh(mem: GuestMemory, data: bytes, cmdline: str, initrd: bytes | None) 
     initrd_range = None
     modules = b""
     if initrd is not None:
-        initrd_range = loader.place_initrd(mem, initrd, high, 1 << 32)
+        initrd_range = loader.place_initrd(p, initrd, layout.HIGH_MEMORY, 1 << 32)
         modules = struct.pack("<QQQQ", initrd_range[0], initrd_range[1], 0, 0)
     entries = e820.memory_map(mem)
     table = b"".join(struct.pack("<QQII", e.addr, e.size, e.type, 0) for e in entries)
@@ -154,7 +155,10 @@ def load_pvh(mem: GuestMemory, data: bytes, cmdline: str, initrd: bytes | None) 
         len(entries),
         0,
     )
-    mem.write(info, start_info + modules.ljust(MODLIST_ENTRY_SIZE, b"\0") + table)
+    blob = start_info + modules.ljust(MODLIST_ENTRY_SIZE, b"\0") + table
+    if len(blob) > layout.BOOT_INFO.size:
+        raise BootError(f"ELF (PVH): the memory map does not fit in {layout.BOOT_INFO.what}")
+    mem.write(info, blob)
 
     state = gdt.protected_mode_entry(mem, entry, {"rbx": info})
     return loader.BootImage("ELF (PVH)", state, low, high, initrd_range, raw_cmd)

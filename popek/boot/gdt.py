@@ -36,6 +36,9 @@ GDT_ENTRIES = [
 ]
 
 
+assert len(GDT_ENTRIES) * 8 <= layout.GDT.size, "the GDT outgrew its area in layout.py"
+
+
 def write_gdt(mem: GuestMemory) -> tuple[int, int]:
     mem.write(layout.GDT_ADDR, struct.pack(f"<{len(GDT_ENTRIES)}Q", *GDT_ENTRIES))
     return layout.GDT_ADDR, len(GDT_ENTRIES) * 8 - 1
@@ -49,6 +52,7 @@ def write_identity_page_tables(mem: GuestMemory) -> int:
     )
     pds = struct.pack("<2048Q", *[(i << 21) | 0x83 for i in range(2048)])
     mem.write(layout.PD_ADDR, pds)
+    assert layout.PD_ADDR + len(pds) <= layout.PAGE_TABLES.end
     return layout.PML4_ADDR
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 
-from popek.boot import e820, elf, gdt, layout, loader
+from popek.boot import e820, elf, gdt, layout, loader, plan
 from popek.errors import BootError
 from popek.memory import GuestMemory
 
@@ -38,9 +38,16 @@ def find_header(data: bytes) -> int | None:
     return None
 
 
-def load(mem: GuestMemory, data: bytes, cmdline: str, initrd: bytes | None) -> loader.BootImage:
+def load(
+    mem: GuestMemory,
+    data: bytes,
+    cmdline: str | bytes,
+    initrd: bytes | None,
+    files: loader.BootFiles = loader.NO_FILES,
+) -> loader.BootImage:
     off = find_header(data)
     assert off is not None
+    p = plan.BootPlan(mem, "Multiboot", layout.MULTIBOOT_AREAS)
     flags = struct.unpack_from("<I", data, off + 4)[0]
     if flags & 0xFFFF & ~(FLAG_PAGE_ALIGN | FLAG_MEMORY_INFO | FLAG_VIDEO_MODE):
         raise BootError(f"Multiboot: the kernel requires features popek does not provide (flags {flags:#x})")
@@ -51,18 +58,20 @@ def load(mem: GuestMemory, data: bytes, cmdline: str, initrd: bytes | None) -> l
         if load_addr > header_addr or header_addr - load_addr > off:
             raise BootError("Multiboot: header_addr and load_addr are inconsistent with the header's offset")
         file_start = off - (header_addr - load_addr)
+        if load_end and load_end < load_addr:
+            raise BootError("Multiboot: load_end_addr lies below load_addr")
         size = (load_end - load_addr) if load_end else len(data) - file_start
         if size <= 0 or file_start + size > len(data):
             raise BootError("Multiboot: the load range lies outside the file (truncated kernel?)")
-        memsz = max(size, bss_end - load_addr) if bss_end else size
-        if load_addr < layout.HIGH_MEMORY or not mem.contains(load_addr, memsz):
-            raise BootError(f"Multiboot: load range {load_addr:#x}+{memsz:#x} is not in guest RAM above 1 MiB")
-        mem.write(load_addr, data[file_start : file_start + size])
-        if memsz > size:
-            mem.fill(load_addr + size, memsz - size)
+        if bss_end and bss_end < load_addr + size:
+            raise BootError("Multiboot: bss_end_addr lies below the end of the loaded image")
+        memsz = bss_end - load_addr if bss_end else size
+        p.claim(load_addr, memsz, "the kernel image (a.out kludge load range)")
+        mem.write(load_addr, memoryview(data)[file_start : file_start + size])
+        mem.zero(load_addr + size, memsz - size)
         low, high = load_addr, load_addr + memsz
     elif elf.is_elf(data):
-        low, high = elf.load_segments(mem, data)
+        low, high = elf.load_segments(p, data, "Multiboot")
         is64 = data[4] == 2
         entry = struct.unpack_from("<Q" if is64 else "<I", data, 24)[0]
         if entry >= 1 << 32:
@@ -70,7 +79,13 @@ def load(mem: GuestMemory, data: bytes, cmdline: str, initrd: bytes | None) -> l
     else:
         raise BootError("Multiboot: no a.out-kludge addresses and not an ELF file: cannot tell where to load")
 
-    cmd_addr, raw_cmd = loader.write_cmdline(mem, cmdline)
+    # as QEMU's hw/i386/multiboot.c: the kernel's command line is "<kernel file> <-append>", and module 0's
+    # string is the initrd's file name; both as given on the command line, after each other in the cmdline area
+    kernel_name = files.kernel_name()
+    full_cmdline = kernel_name + b" " + loader.encode_cmdline(cmdline) if kernel_name else cmdline
+    cmd_addr, raw_cmd = loader.write_cmdline(p, full_cmdline)
+    mod_string_addr = cmd_addr + len(raw_cmd) + 1
+    mod_string = loader.encode_cmdline(files.initrd_name()) + b"\0"
     info = layout.BOOT_INFO_ADDR
     mods_addr = info + INFO_SIZE
     name_addr = mods_addr + 16
@@ -79,8 +94,10 @@ def load(mem: GuestMemory, data: bytes, cmdline: str, initrd: bytes | None) -> l
     mods = b""
     initrd_range = None
     if initrd is not None:
-        initrd_range = loader.place_initrd(mem, initrd, high, 1 << 32)
-        mods = struct.pack("<IIII", initrd_range[0], initrd_range[0] + initrd_range[1], 0, 0)
+        p.claim(mod_string_addr, len(mod_string), "the initrd's module string", popeks=True)
+        mem.write(mod_string_addr, mod_string)
+        initrd_range = loader.place_initrd(p, initrd, layout.HIGH_MEMORY, 1 << 32)
+        mods = struct.pack("<IIII", initrd_range[0], initrd_range[0] + initrd_range[1], mod_string_addr, 0)
         info_flags |= INFO_MODS
     entries = e820.memory_map(mem)
     mmap = b"".join(struct.pack("<IQQI", 20, e.addr, e.size, e.type) for e in entries)
@@ -99,6 +116,9 @@ def load(mem: GuestMemory, data: bytes, cmdline: str, initrd: bytes | None) -> l
         mmap_addr,
     )
     info_struct += struct.pack("<IIIIIIH", 0, 0, 0, name_addr, 0, 0, 0)
-    mem.write(info, info_struct.ljust(INFO_SIZE, b"\0") + mods.ljust(16, b"\0") + b"popek\0".ljust(16, b"\0") + mmap)
+    blob = info_struct.ljust(INFO_SIZE, b"\0") + mods.ljust(16, b"\0") + b"popek\0".ljust(16, b"\0") + mmap
+    if len(blob) > layout.BOOT_INFO.size:
+        raise BootError(f"Multiboot: the memory map does not fit in {layout.BOOT_INFO.what}")
+    mem.write(info, blob)
     state = gdt.protected_mode_entry(mem, entry, {"rax": BOOTLOADER_MAGIC, "rbx": info})
     return loader.BootImage("Multiboot", state, low, high, initrd_range, raw_cmd)

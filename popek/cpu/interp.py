@@ -14,7 +14,8 @@ Structure, chosen so each instruction's semantics can later be emitted into tran
   RCX/RSI/RDI per iteration, as hardware does, so a fault resumes where it stopped.
 - Decoded instructions are cached by guest-physical address and bitness, with the handler already bound; the
   MMU calls `_invalidate_page` when a page holding decoded code is written (self-modifying code, reloaded
-  modules), which drops every cached instruction that touches the page.
+  modules), which drops every cached instruction that touches the page. The cache holds at most
+  DECODE_CACHE_ENTRIES instructions and starts afresh when full (a guest decides how much code it runs).
 
 Deviations from hardware, deliberate and documented:
 - The TSS I/O permission bitmap is not consulted: with CPL > IOPL (or in virtual-8086 mode) every IN/OUT/INS/
@@ -141,6 +142,8 @@ K = iced_x86.OpKind
 
 M32 = 0xFFFF_FFFF
 FSW_ES = 1 << 7  # x87 status word: exception summary
+# decoded instructions kept (a Linux boot executes ~60k distinct ones); a few hundred bytes each at most
+DECODE_CACHE_ENTRIES = 1 << 18
 REGISTER = K.REGISTER
 MEMORY = K.MEMORY
 _READ, _WRITE, _EXECUTE = Access.READ, Access.WRITE, Access.EXECUTE
@@ -416,7 +419,7 @@ class Interpreter:
         self.stop_requested = False
         self.on_pause: Callable[[], None] = lambda: None
         self._cache: dict[int, tuple[Handler, Instruction, int, int, int]] = {}
-        self._page_keys: dict[int, list[int]] = {}
+        self._page_keys: dict[int, set[int]] = {}
         self._by_mn: dict[int, Handler] = {m: getattr(self, n) for m, n in self._mnemonic_table.items()}
         self._by_code: dict[int, Handler] = {c: getattr(self, n) for c, n in self._code_table_.items()}
         cpu.mmu.on_code_write = self._invalidate_page
@@ -573,10 +576,12 @@ class Interpreter:
         handler = self._handler_for(ins)
         next_rip = ins.next_ip if bits == 64 else ins.next_ip & (M32 if bits == 32 else 0xFFFF)
         entry = (handler, ins, rip, next_rip, rip + ins.len - 1)
+        if len(self._cache) >= DECODE_CACHE_ENTRIES and key not in self._cache:
+            self.flush_decode_cache()  # a guest executing all of its RAM must not grow the cache without end
         self._cache[key] = entry
         for page in pages:
             mmu.mark_code(page)
-            self._page_keys.setdefault(page, []).append(key)
+            self._page_keys.setdefault(page, set()).add(key)
         return entry
 
     def _handler_for(self, ins: Instruction) -> Handler:

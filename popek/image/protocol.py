@@ -12,6 +12,7 @@ environment). Guest to host, on the console (ttyS0, so lines may end in CRLF and
 from __future__ import annotations
 
 import base64
+import os
 import re
 import shlex
 
@@ -58,7 +59,7 @@ def command_parameter(argv: list[str]) -> str:
         raise ImageError("no command to run in the guest: give at least a program name")
     if any("\0" in arg for arg in argv):
         raise ImageError("a guest command cannot contain a NUL byte: a shell string cannot carry it")
-    encoded = base64.urlsafe_b64encode(shlex.join(argv).encode()).decode("ascii")
+    encoded = base64.urlsafe_b64encode(os.fsencode(shlex.join(argv))).decode("ascii")
     parameter = f"{COMMAND_PARAMETER}={encoded}"
     room = COMMAND_LINE_SIZE - 1 - len(BASE_CMDLINE) - 1
     if len(parameter) > room:

@@ -1,6 +1,6 @@
 """A typed wrapper of the Linux KVM API: the only part of popek that knows ioctl numbers and struct layouts."""
 
-from popek.kvm.api import CpuidEntry, Kvm, KvmError, VcpuFd, VmFd
+from popek.kvm.api import CpuidEntry, IdleState, Kvm, KvmError, VcpuFd, VmFd
 from popek.kvm.consts import (
     Cap,
     ExitReason,
@@ -18,6 +18,7 @@ __all__ = [
     "CpuidEntry",
     "ExitReason",
     "GuestDebug",
+    "IdleState",
     "InternalError",
     "Kvm",
     "KvmError",

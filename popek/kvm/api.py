@@ -103,6 +103,16 @@ def _cpuid_from_struct(buf: s.kvm_cpuid2) -> list[CpuidEntry]:
     return [CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) for e in list(buf.entries)[: buf.nent]]
 
 
+RFLAGS_IF = 1 << 9
+
+
+@dataclass(frozen=True)
+class IdleState:
+    mp_state: c.MpState | int  # an int for states this wrapper does not name
+    interrupts_enabled: bool
+    event_pending: bool
+
+
 class Kvm(_FdOwner):
     """The system descriptor: capabilities, supported CPUID and MSRs, and VM creation."""
 
@@ -396,6 +406,26 @@ class VcpuFd(_FdOwner):
 
     def set_mp_state(self, state: c.MpState) -> None:
         _ioctl(self.fd, c.KVM_SET_MP_STATE, s.kvm_mp_state(mp_state=int(state)))
+
+    def idle_state(self) -> IdleState:
+        """What could still wake this vCPU, read after KVM_RUN returned (e.g. EINTR from a kick): its MP state,
+        RFLAGS.IF (bit 9) and whether KVM holds an event to deliver (NMI, SMI, interrupt or exception)."""
+        raw = s.kvm_mp_state()
+        _ioctl(self.fd, c.KVM_GET_MP_STATE, raw)
+        try:
+            mp_state: c.MpState | int = c.MpState(raw.mp_state)
+        except ValueError:
+            mp_state = int(raw.mp_state)
+        events = self.get_vcpu_events()
+        pending = bool(
+            events.nmi.pending
+            or events.nmi.injected
+            or events.smi.pending
+            or events.interrupt.injected
+            or events.exception.injected
+            or events.exception.pending
+        )
+        return IdleState(mp_state, bool(self.get_regs().rflags & RFLAGS_IF), pending)
 
     def set_guest_debug(self, control: c.GuestDebug, debugregs: Sequence[int] = ()) -> None:
         req = s.kvm_guest_debug(control=int(control))

@@ -93,3 +93,46 @@ def test_no_permission_on_the_kvm_device_names_the_fix(monkeypatch: pytest.Monke
 
 def test_a_command_with_an_explicit_kernel_is_refused(sector: Path) -> None:
     assert_one_line_error(popek("--kernel", str(sector), "--", "uname"), "needs the default guest")
+
+
+def test_a_kernel_shorter_than_its_setup_header(tmp_path: Path) -> None:
+    path = tmp_path / "hdrs.bin"
+    path.write_bytes(bytes(0x202) + b"HdrS")  # 0x206 bytes: the header claims more than the file has
+    assert_one_line_error(popek("--accel", "soft", "--kernel", str(path)), "ends inside the setup header")
+
+
+def test_an_absurd_memory_size(sector: Path) -> None:
+    assert_one_line_error(popek("--kernel", str(sector), "--mem", "9999999999999999999999G"), "more than popek can")
+    assert_one_line_error(popek("--kernel", str(sector), "--mem", "9" * 5000), "cannot read")
+
+
+@pytest.mark.parametrize("flag,path", [("--kernel", "/dev/zero"), ("--initrd", "/dev/urandom")])
+def test_devices_are_not_read_as_files(sector: Path, flag: str, path: str) -> None:
+    args = ["--kernel", str(sector)] if flag == "--initrd" else []
+    assert_one_line_error(popek("--accel", "soft", *args, flag, path), "not a regular file")
+
+
+def test_a_fifo_without_a_writer_does_not_hang(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert_one_line_error(popek("--accel", "soft", "--kernel", str(fifo)), "not a regular file")
+
+
+def test_a_sparse_kernel_larger_than_the_guest_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / "sparse.img"
+    with open(path, "wb") as f:
+        f.truncate(10 << 30)
+    r = popek("--accel", "soft", "--kernel", str(path), "--mem", "64M")
+    assert_one_line_error(r, "larger than guest memory")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-1"])
+def test_timeouts_that_never_or_always_expire_are_refused(sector: Path, value: str) -> None:
+    assert_one_line_error(popek("--kernel", str(sector), f"--timeout={value}"), "positive number of seconds")
+
+
+@pytest.mark.parametrize("args,needle", [(["--cpus", "abc"], "invalid int value"), (["--bogus"], "unrecognized")])
+def test_usage_errors_are_one_line_and_status_1(sector: Path, args: list[str], needle: str) -> None:
+    r = popek("--kernel", str(sector), *args)
+    assert_one_line_error(r, needle)
+    assert "try popek run --help" in r.stderr or "try popek --help" in r.stderr

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from popek.bus import Bus
+from popek.bus import STATS_KEYS, BoundedCounter, Bus
 from popek.errors import ConfigError
 
 
@@ -55,3 +55,23 @@ def test_counts_are_kept_per_granule() -> None:
     bus.read(0xD0000004, 4)
     bus.read(0xD0000FFC, 4)
     assert bus.counts[0xD0000000] == 2
+
+
+def test_a_guest_touching_a_million_pages_makes_popek_keep_a_bounded_number_of_counters() -> None:
+    mmio = Bus("mmio", 4096)
+    mmio.insert(0, 4096, Recorder(), "dev")
+    for page in range(1_000_000):
+        mmio.read(page * 4096, 4)
+    assert len(mmio.counts) == STATS_KEYS and len(mmio.unclaimed) == STATS_KEYS
+    assert mmio.counts[0] == 1  # the first pages seen keep their own counters
+    assert mmio.counts.other == 1_000_000 - STATS_KEYS
+    assert mmio.counts.total_count() == 1_000_000 and mmio.unclaimed.total_count() == 999_999
+
+
+def test_bounded_counter_adds_to_existing_keys_past_its_limit() -> None:
+    c: BoundedCounter[str] = BoundedCounter(limit=2)
+    c["a"] += 1
+    c.update({"b": 2, "c": 3})
+    c["a"] += 4
+    c.update(["d", "a"])
+    assert dict(c) == {"a": 6, "b": 2} and c.other == 4 and c.total_count() == 12

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from popek.cpu import exceptions
+from popek.cpu import interp as interp_module
 from popek.cpu.core import Cpu
 from popek.cpu.interp import default_cpuid, vendor_of
 from popek.cpu.state import (
@@ -761,3 +762,12 @@ def test_nmi_wakes_a_halted_cpu_and_blocks_until_iret() -> None:
     m.interp.step()  # the second NMI
     m.run()
     assert m.gpr[3] == 2 and m.gpr[0] == 1
+
+
+def test_the_decode_cache_stays_bounded_however_much_code_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(interp_module, "DECODE_CACHE_ENTRIES", 64)
+    # 5000 distinct NOPs then HLT: a guest that executes more distinct code than the cache may hold
+    m = run(64, "times 5000 nop\nhlt")
+    assert m.interp.cpu.instructions == 5001
+    assert 0 < len(m.interp._cache) <= 64
+    assert sum(len(keys) for keys in m.interp._page_keys.values()) <= 64 * 2
