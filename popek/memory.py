@@ -3,7 +3,9 @@
 Every access is bounds-checked against the regions, so a hostile guest address (a virtio descriptor, a boot
 parameter) becomes a `GuestMemoryError`, never a host access outside guest RAM. Writes made by the VMM on the
 guest's behalf mark pages dirty; a backend that tracks guest writes itself (KVM's dirty log) merges its bitmap
-in through `mark_dirty_bitmap`.
+in through `mark_dirty_bitmap`. A device that fills guest RAM through a zero-copy `view` (virtio DMA) reports the
+range with `mark_written`; write observers (`add_write_observer`: the software CPU, whose decoded-instruction cache
+must forget rewritten code) hear of every VMM write, made this way or through `write`, `fill` or `zero`.
 
 Large ranges are never built in host memory: `zero` drops whole pages of an anonymous region with
 madvise(MADV_DONTNEED) (madvise(2): the next access of a private anonymous page reads zeros), so a kernel's
@@ -15,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from popek.errors import ConfigError, GuestMemoryError
@@ -69,6 +71,7 @@ class GuestMemory:
     def __init__(self, size: int) -> None:
         self.size = size
         self.regions: list[Region] = []
+        self._observers: list[Callable[[int, int], None]] = []
         try:
             for gpa, length in layout(size):
                 mapping = mmap.mmap(
@@ -130,7 +133,21 @@ class GuestMemory:
         size = len(data)
         region, offset = self._find(gpa, size)
         region.mapping[offset : offset + size] = data
+        self._written(region, offset, size)
+
+    def mark_written(self, gpa: int, size: int) -> None:
+        """Record that the VMM wrote `size` bytes at `gpa` through a `view` (dirty pages, write observers)."""
+        region, offset = self._find(gpa, size)
+        self._written(region, offset, size)
+
+    def _written(self, region: Region, offset: int, size: int) -> None:
         self._mark(region, offset, size)
+        for observer in self._observers:
+            observer(region.gpa + offset, size)
+
+    def add_write_observer(self, observer: Callable[[int, int], None]) -> None:
+        """Call `observer(gpa, size)` after every VMM write to guest RAM (`write`, `mark_written`)."""
+        self._observers.append(observer)
 
     def fill(self, gpa: int, size: int, byte: int = 0) -> None:
         """Set `size` bytes to `byte`, a bounded chunk at a time (a guest-sized range is never built in host
@@ -143,7 +160,7 @@ class GuestMemory:
         for pos in range(offset, offset + size, FILL_CHUNK):
             n = min(FILL_CHUNK, offset + size - pos)
             region.mapping[pos : pos + n] = chunk[:n]
-        self._mark(region, offset, size)
+        self._written(region, offset, size)
 
     def zero(self, gpa: int, size: int) -> None:
         """Make `size` bytes read as zero without materialising them: whole pages of an anonymous region are
@@ -163,7 +180,7 @@ class GuestMemory:
             self._write_zeros(region, last, end)
         else:
             self._write_zeros(region, offset, end)
-        self._mark(region, offset, size)
+        self._written(region, offset, size)
 
     @staticmethod
     def _write_zeros(region: Region, start: int, end: int) -> None:

@@ -1,0 +1,116 @@
+"""The device event loop of the KVM backend: one host thread that waits (epoll, through `selectors`) on every fd
+the devices serve — the eventfds KVM signals when a vCPU writes a virtio QueueNotify register (KVM_IOEVENTFD,
+Documentation/virt/kvm/api.rst §4.59), and host-side fds such as a console socket — and runs each one's callback.
+This is Firecracker's VMM event loop in miniature: a notification costs the vCPU no exit to userspace, the device
+works beside the running guest, and its interrupt goes back through a KVM irqfd (§4.75) without a vCPU either.
+
+Callbacks run on the loop thread only; devices take their own lock. Watches can be paused and resumed from any
+thread (a console stops reading its host fd while its input buffer is full): the change is queued and applied by
+the loop thread, which an eventfd wakes. An exception out of a callback is a VMM bug: the loop reports it through
+`on_error` (the VM stops with it) and exits.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import selectors
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+STOP_TIMEOUT = 5.0
+
+
+class FdWatch(Protocol):
+    """A registered host fd; `set_enabled(False)` stops its callback until it is enabled again."""
+
+    def set_enabled(self, enabled: bool) -> None: ...
+
+
+def drain_eventfd(fd: int) -> int:
+    """Read (and so reset) an eventfd's counter; 0 if it was not signalled."""
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
+class _Watch:
+    def __init__(self, loop: EventLoop, fd: int, callback: Callable[[], None]) -> None:
+        self.loop = loop
+        self.fd = fd
+        self.callback = callback
+        self.enabled = True
+
+    def set_enabled(self, enabled: bool) -> None:
+        if enabled != self.enabled:
+            self.enabled = enabled
+            self.loop._change(self)
+
+
+class EventLoop:
+    def __init__(self, name: str = "device-events") -> None:
+        self.name = name
+        self._selector = selectors.DefaultSelector()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._selector.register(self._wake, selectors.EVENT_READ, None)
+        self._changes: collections.deque[_Watch] = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.on_error: Callable[[str], None] = lambda _message: None
+        self.dispatched = 0
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> FdWatch:
+        """Call `callback()` on the loop thread whenever `fd` is readable (until paused)."""
+        watch = _Watch(self, fd, callback)
+        self._change(watch)
+        return watch
+
+    def _change(self, watch: _Watch) -> None:
+        if self._stopping:
+            return
+        self._changes.append(watch)
+        if self._thread is None:
+            self._apply_changes()
+        else:
+            os.eventfd_write(self._wake, 1)
+
+    def _apply_changes(self) -> None:
+        while self._changes:
+            watch = self._changes.popleft()
+            registered = watch.fd in self._selector.get_map()
+            if watch.enabled and not registered:
+                self._selector.register(watch.fd, selectors.EVENT_READ, watch)
+            elif not watch.enabled and registered:
+                self._selector.unregister(watch.fd)
+
+    def start(self, on_error: Callable[[str], None]) -> None:
+        self.on_error = on_error
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                for key, _events in self._selector.select():
+                    watch = key.data
+                    if watch is None:
+                        drain_eventfd(self._wake)
+                        self._apply_changes()
+                    elif watch.enabled and not self._stopping:
+                        self.dispatched += 1
+                        watch.callback()
+        except Exception as e:  # a VMM bug: the VM must end with its cause, not hang
+            if not self._stopping:
+                self.on_error(f"{self.name}: {type(e).__name__}: {e}")
+
+    def stop(self) -> None:
+        """End the loop thread (waiting for a callback in progress) and release the selector."""
+        self._stopping = True
+        if self._thread is not None:
+            os.eventfd_write(self._wake, 1)
+            self._thread.join(STOP_TIMEOUT)
+            self._thread = None
+        self._selector.close()
+        os.close(self._wake)
