@@ -1,8 +1,16 @@
-"""Interrupt lines as devices see them: a level they raise and lower. Backends supply the wiring."""
+"""Interrupt lines as devices see them: a level they raise and lower, or an edge they send. Backends supply the
+wiring."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
+
+
+class Pulse(Protocol):
+    """An edge-triggered interrupt source: each `pulse()` is one rising edge (an `IrqLine`, or a KVM irqfd)."""
+
+    def pulse(self) -> None: ...
 
 
 class IrqLine:
@@ -20,6 +28,11 @@ class IrqLine:
             if level:
                 self.raised += 1
             self._deliver(self.number, level)
+
+    def pulse(self) -> None:
+        """One edge: raise the line and lower it again (an edge-triggered input latches the rising edge)."""
+        self.set_level(True)
+        self.set_level(False)
 
 
 def null_line(number: int = 0) -> IrqLine:
