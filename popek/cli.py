@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from popek.accel.exits import Stop, StopReason
@@ -90,6 +91,24 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--kvm-device", default="/dev/kvm", help="the KVM device (default /dev/kvm)")
     run.add_argument("--timeout", type=float, default=None, help="stop the VM after this many seconds")
     run.add_argument("--stats", action="store_true", help="print exit, port, MMIO and assist counts at the end")
+    run.add_argument(
+        "--disk",
+        action="append",
+        default=[],
+        metavar="PATH[,ro][,serial=ID]",
+        help="a virtio-blk disk on a raw image or block device (repeatable: vda, vdb, ...)",
+    )
+    run.add_argument("--rng", action="store_true", help="a virtio-rng device fed by the host's /dev/urandom")
+    run.add_argument(
+        "--console2",
+        metavar="PATH",
+        help="a virtio-console (/dev/hvc0) on a file (output), a Unix socket, a FIFO or a tty (both ways)",
+    )
+    run.add_argument(
+        "--no-eventfds",
+        action="store_true",
+        help="KVM: virtio notifications and interrupts through vCPU exits instead of ioeventfd/irqfd",
+    )
     run.add_argument("guest_command", nargs=argparse.REMAINDER, help="-- COMMAND...: run it in the default guest")
     image = sub.add_parser("image", help="the default guest image")
     image_sub = image.add_subparsers(dest="image_command", required=True)
@@ -101,11 +120,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from popek.console import HostConsole
+    from popek.devices.virtio.blk import DiskSpec
     from popek.vm import Vm, VmSpec
 
     command = list(args.guest_command)
     if command and command[0] == "--":
         command = command[1:]
+    disks = [DiskSpec.parse(text) for text in args.disk]  # before a default guest build: bad options fail fast
     default_guest = args.kernel is None
     if default_guest:
         from popek import image
@@ -132,6 +153,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cpu_template=args.cpu_template,
         timeout=args.timeout,
         kvm_device=args.kvm_device,
+        disks=disks,
+        rng=args.rng,
+        console2=Path(args.console2) if args.console2 is not None else None,
+        kvm_eventfds=not args.no_eventfds,
     )
     console: HostConsole | None = None
 

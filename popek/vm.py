@@ -1,7 +1,8 @@
 """A virtual machine built from a `VmSpec`, run on one of the backends, stopped cleanly with a reason.
 
 `Vm.__init__` is the builder, in Firecracker's order and read top to bottom: guest memory → accelerator →
-buses and legacy devices (`_attach_*`) → kernel, initrd and command line → MP table → boot vCPU state.
+buses and legacy devices (`_attach_*`) → virtio devices (`_attach_virtio`, which also extends the kernel command
+line) → kernel, initrd and command line → MP table → boot vCPU state.
 `Vm.run` starts one thread per vCPU and returns the `Stop` that ended the VM, whoever caused it: the guest
 (reset, debug-exit port, triple fault), the VMM (an error), or the host (a signal, a timeout).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import signal
 import threading
@@ -23,12 +25,17 @@ from popek.accel.kvm import KvmAccel
 from popek.accel.lockstep import LockstepAccel
 from popek.accel.soft import SoftAccel
 from popek.boot import load_kernel, mptable
-from popek.boot.loader import BootFiles, BootImage, read_file
+from popek.boot.loader import BootFiles, BootImage, encode_cmdline, read_file
 from popek.bus import Bus, Window
 from popek.devices.legacy.cmos import Cmos
 from popek.devices.legacy.i8042 import I8042
 from popek.devices.legacy.misc import DebugExit, PostCode
 from popek.devices.legacy.serial import Serial
+from popek.devices.virtio.blk import BlockDevice, DiskImage, DiskSpec
+from popek.devices.virtio.console import ConsoleDevice, ConsoleHost
+from popek.devices.virtio.device import VirtioDevice
+from popek.devices.virtio.mmio import MMIO_WINDOW, QUEUE_NOTIFY, MmioTransport
+from popek.devices.virtio.rng import EntropyDevice
 from popek.errors import ConfigError
 from popek.memory import PAGE_SIZE, GuestMemory
 
@@ -43,6 +50,12 @@ ACCELS = ("kvm", "soft", "lockstep")
 # 64 TiB: the 46 physical address bits popek's CPU reports (CPUID 0x80000008) and KVM hosts commonly have, and
 # well inside the 128 TiB of address space a Linux process has for the mapping; beyond it a size is a typo
 MAX_MEM = 1 << 46
+# virtio-mmio devices: 4 KiB windows from 3.25 GiB, in the 32-bit MMIO hole (RAM ends at 3 GiB, popek.memory) and
+# far below the KVM TSS (0xFFFBD000), the I/O APIC (0xFEC00000), the local APIC (0xFEE00000) and pc-testdev's
+# IORAM (0xFF000000); one edge-triggered ISA IRQ each, from those no popek device, legacy driver or ACPI uses
+# (0 PIT, 1 keyboard, 2 cascade, 4 COM1, 8 RTC, 9 ACPI SCI, 12 mouse, 14/15 IDE). The MP table routes ISA IRQs only.
+VIRTIO_MMIO_BASE = 0xD000_0000
+VIRTIO_IRQS = (5, 6, 7, 10, 11, 3, 13)
 
 
 @dataclass
@@ -59,6 +72,14 @@ class VmSpec:
     timeout: float | None = None
     debug_exit: bool = True
     kvm_device: str = "/dev/kvm"
+    disks: list[DiskSpec] = field(default_factory=list)
+    rng: bool = False
+    console2: Path | None = None  # a second console (virtio-console, /dev/hvc0 in the guest)
+    kvm_eventfds: bool = True  # KVM: virtio notifications by ioeventfd, interrupts by irqfd, where the host can
+
+    @property
+    def virtio_devices(self) -> int:
+        return len(self.disks) + int(self.rng) + int(self.console2 is not None)
 
     def validate(self) -> None:
         if self.mem > MAX_MEM:
@@ -78,6 +99,13 @@ class VmSpec:
             raise ConfigError(f"unknown accelerator {self.accel!r}: choose one of {', '.join(ACCELS)}")
         if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
             raise ConfigError(f"the timeout must be a positive number of seconds, not {self.timeout}")
+        if self.virtio_devices and self.accel == "lockstep":
+            raise ConfigError("virtio devices need --accel kvm or soft (lockstep keeps two copies of guest memory)")
+        if self.virtio_devices > len(VIRTIO_IRQS):
+            raise ConfigError(f"at most {len(VIRTIO_IRQS)} virtio devices (one free ISA IRQ each), not "
+                              f"{self.virtio_devices}")  # fmt: skip
+        for disk in self.disks:
+            disk.validate()
 
 
 class HostSignal(BaseException):
@@ -108,6 +136,28 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(sig, old)
 
 
+@dataclass(frozen=True)
+class VirtioSlot:
+    """Where the builder put a virtio device: its transport, MMIO window and IRQ."""
+
+    transport: MmioTransport
+    base: int
+    irq: int
+
+    @property
+    def cmdline(self) -> str:
+        """Linux's virtio_mmio.device=<size>@<base>:<irq> (Documentation/admin-guide/kernel-parameters.txt)."""
+        return f"virtio_mmio.device={MMIO_WINDOW // 1024}K@{self.base:#x}:{self.irq}"
+
+
+def extend_cmdline(cmdline: str | bytes, params: list[str]) -> str | bytes:
+    """Add kernel parameters to a command line, before any `--` (what follows it is init's)."""
+    if not params:
+        return cmdline
+    head, sep, tail = encode_cmdline(cmdline).partition(b" -- ")
+    return b" ".join(x for x in (head, *(p.encode() for p in params)) if x) + sep + tail
+
+
 @dataclass
 class SerialLog:
     """The console's output as it passes to the sink: a bounded tail kept for parsing, and a byte count."""
@@ -136,13 +186,15 @@ class Vm:
 
         self.mem = GuestMemory(spec.mem)
         self.accel: KvmAccel | SoftAccel | LockstepAccel | None = None
+        self.virtio: list[VirtioSlot] = []
+        self._unattached: list[VirtioDevice] = []
         try:
             if spec.accel == "soft":
                 self.accel = SoftAccel(self.mem, spec.cpus, spec.cpu_template)
             elif spec.accel == "lockstep":
                 self.accel = LockstepAccel(self.mem, spec.cpus, spec.cpu_template, spec.kvm_device)
             else:
-                self.accel = KvmAccel(self.mem, spec.cpus, spec.cpu_template, spec.kvm_device)
+                self.accel = KvmAccel(self.mem, spec.cpus, spec.cpu_template, spec.kvm_device, spec.kvm_eventfds)
             self.pio = Bus("port", 1)
             self.mmio = Bus("mmio", MMIO_STATS_GRANULE)
             self.serial_log = SerialLog(console)
@@ -150,7 +202,9 @@ class Vm:
             self._stop_lock = threading.Lock()
             self.stopping = threading.Event()
             self._attach_legacy_devices()
-            self.boot: BootImage = load_kernel(self.mem, kernel, spec.cmdline, initrd, files)
+            self._attach_virtio_devices()
+            cmdline = extend_cmdline(spec.cmdline, [slot.cmdline for slot in self.virtio])
+            self.boot: BootImage = load_kernel(self.mem, kernel, cmdline, initrd, files)
             mptable.write(self.mem, spec.cpus)
             self.accel.set_boot_state(self.boot.entry)
         except BaseException:
@@ -185,6 +239,42 @@ class Vm:
             )
             self.pio.insert(DEBUG_EXIT_PORT, 1, exit_dev, "debug exit")
 
+    def _attach_virtio_devices(self) -> None:
+        """`--disk` (vda, vdb, ...), `--rng`, `--console2`, in that order of MMIO windows and IRQs."""
+        seen: dict[tuple[int, int], Path] = {}
+        for i, disk in enumerate(self.spec.disks):
+            image = DiskImage(disk)
+            self._unattached.append(BlockDevice(image, "vd" + chr(ord("a") + i)))
+            if image.identity in seen:
+                raise ConfigError(f"disk image {disk.path} is given twice (as {seen[image.identity]} too)")
+            seen[image.identity] = disk.path
+        if self.spec.rng:
+            self._unattached.append(EntropyDevice())
+        if self.spec.console2 is not None:
+            self._unattached.append(ConsoleDevice(ConsoleHost.open(self.spec.console2)))
+        while self._unattached:
+            self._attach_virtio(self._unattached.pop(0))
+
+    def _attach_virtio(self, device: VirtioDevice) -> MmioTransport:
+        """Place a virtio device: its MMIO window and IRQ, its notifications and host fds on the backend's fast
+        path, and its kernel parameter."""
+        assert self.accel is not None
+        accel = self.accel
+        index = len(self.virtio)
+        if index >= len(VIRTIO_IRQS):
+            device.close()
+            raise ConfigError(f"at most {len(VIRTIO_IRQS)} virtio devices (one free ISA IRQ each)")
+        base, irq = VIRTIO_MMIO_BASE + index * MMIO_WINDOW, VIRTIO_IRQS[index]
+        transport = MmioTransport(device, self.mem, accel.device_interrupt(irq))
+        self.virtio.append(VirtioSlot(transport, base, irq))
+        self.mmio.insert(base, MMIO_WINDOW, transport, device.name)
+        for queue in range(len(device.queues)):
+            accel.attach_notify(base + QUEUE_NOTIFY, queue, functools.partial(transport.notify, queue))
+        device.connect_host(
+            lambda fd, on_readable: accel.watch_fd(fd, functools.partial(transport.run_device, on_readable))
+        )
+        return transport
+
     # --- running ---
 
     def request_stop(self, stop: Stop) -> None:
@@ -213,6 +303,7 @@ class Vm:
             if stop is not None:
                 self.request_stop(stop)
 
+        accel.start_devices(lambda error: self.request_stop(Stop(StopReason.ERROR, error)))
         threads = [
             threading.Thread(target=vcpu_thread, args=(i,), name=f"vcpu{i}", daemon=True)
             for i in range(accel.run_threads)
@@ -279,12 +370,19 @@ class Vm:
         if isinstance(self.accel, SoftAccel | LockstepAccel):
             lines.extend(self.accel.extra_stats())
         lines.append(f"serial: {self.serial_log.total} bytes out, {self.serial.bytes_in} bytes in")
+        if self.virtio:
+            lines.extend(self.accel.device_stats())
+        for slot in self.virtio:
+            lines.append(f"{slot.transport.device.name} @{slot.base:#x} irq {slot.irq}: {slot.transport.stats()}")
         return "\n".join(lines)
 
     def close(self) -> None:
         if self.accel is not None:
-            self.accel.close()
+            self.accel.close()  # the device loop stops here, before devices and memory go
             self.accel = None
+        for device in [*(slot.transport.device for slot in self.virtio), *self._unattached]:
+            device.close()
+        self.virtio, self._unattached = [], []
         self.mem.close()
 
     def __enter__(self) -> Vm:

@@ -17,6 +17,12 @@ RFLAGS.IF and pending events (KVM_GET_MP_STATE, KVM_GET_VCPU_EVENTS: `VcpuFd.idl
 has been found HALT_PROBES times in a row halted with nothing to deliver, or waiting for a SIPI, the VM stops
 with StopReason.HALTED, as the software backend does. A vCPU that exits to popek by itself is never kicked for it.
 
+Devices reach the guest without a vCPU exit where the host allows it (KVM_CAP_IOEVENTFD, KVM_CAP_IRQFD): a virtio
+QueueNotify register is an ioeventfd (`attach_notify`), a device interrupt an irqfd (`device_interrupt`), both
+served by one device event loop thread (`popek.devices.event_loop`) started with the vCPUs. Without those
+capabilities, or with `eventfds=False`, notifications exit to `run_vcpu` like any MMIO write and interrupts go
+through KVM_IRQ_LINE.
+
 Some hosts leave a SYSCALL from guest ring 3 at CPL 3 (family "syscall"): each vCPU then watches its guest's
 #GP and #PF handlers with hardware breakpoints and completes such SYSCALLs (`popek.accel.kvm_syscall`). It
 looks for the handlers before every entry until the guest has them, then at the periodic kicks, which follow a
@@ -27,10 +33,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import signal
 import struct
 import threading
 from collections import Counter
+from collections.abc import Callable
 
 from popek.accel import kvm_assist
 from popek.accel.exits import MmioRead, MmioWrite, PioIn, PioOut, Stop, StopReason, handle_exit
@@ -42,7 +50,8 @@ from popek.boot.entry import EntryState
 from popek.bus import BoundedCounter, Bus
 from popek.cpu import xsave
 from popek.cpuid import apply_template, for_vcpu
-from popek.devices.irq import IrqLine
+from popek.devices.event_loop import EventLoop, FdWatch, drain_eventfd
+from popek.devices.irq import IrqLine, Pulse
 from popek.errors import ConfigError, GuestMemoryError
 from popek.kvm import (
     Cap,
@@ -90,10 +99,29 @@ def install_kick_handler() -> None:
         signal.signal(KICK_SIGNAL, _ignore_signal)
 
 
+class IrqFd:
+    """A device interrupt as a KVM irqfd: each write to the eventfd is one edge on the GSI (KVM_IRQFD)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pulses = 0
+
+    def pulse(self) -> None:
+        self.pulses += 1
+        os.eventfd_write(self.fd, 1)
+
+
 class KvmAccel:
     name = "kvm"
 
-    def __init__(self, mem: GuestMemory, cpus: int, cpu_template: str = "portable", kvm_path: str = "/dev/kvm") -> None:
+    def __init__(
+        self,
+        mem: GuestMemory,
+        cpus: int,
+        cpu_template: str = "portable",
+        kvm_path: str = "/dev/kvm",
+        eventfds: bool = True,
+    ) -> None:
         self.mem = mem
         install_kick_handler()
         self.kvm = Kvm(kvm_path)
@@ -142,6 +170,10 @@ class KvmAccel:
         self._probe_done = [0] * cpus
         self._dead_probes = [0] * cpus
         self._halt_lock = threading.Lock()
+        self.ioeventfd = eventfds and bool(self.vm.check_extension(Cap.IOEVENTFD))
+        self.irqfd = eventfds and bool(self.vm.check_extension(Cap.IRQFD))
+        self.device_loop: EventLoop | None = None
+        self._eventfds: list[int] = []
 
     @property
     def run_threads(self) -> int:
@@ -162,6 +194,54 @@ class KvmAccel:
 
     def set_boot_state(self, entry: EntryState) -> None:
         apply_entry(self.vcpus[0], entry)
+
+    # --- devices served beside the vCPUs ---
+
+    def _eventfd(self) -> int:
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._eventfds.append(fd)
+        return fd
+
+    def _loop(self) -> EventLoop:
+        if self.device_loop is None:
+            self.device_loop = EventLoop("kvm-devices")
+        return self.device_loop
+
+    def device_interrupt(self, irq: int) -> Pulse:
+        """An edge-triggered interrupt for a device: an irqfd where KVM has them, else KVM_IRQ_LINE pulses."""
+        if not self.irqfd:
+            return self.irq_line(irq)
+        fd = self._eventfd()
+        self.vm.irqfd(fd, irq)
+        return IrqFd(fd)
+
+    def attach_notify(self, addr: int, value: int, callback: Callable[[], None]) -> bool:
+        """Serve a 4-byte guest write of `value` to MMIO `addr` from the device loop, without a vCPU exit
+        (an ioeventfd with datamatch); False where the host has no ioeventfds (the write then exits)."""
+        if not self.ioeventfd:
+            return False
+        fd = self._eventfd()
+        self.vm.ioeventfd(fd, addr, 4, pio=False, datamatch=value)
+
+        def notified() -> None:
+            if drain_eventfd(fd):
+                callback()
+
+        self._loop().watch(fd, notified)
+        return True
+
+    def watch_fd(self, fd: int, callback: Callable[[], None]) -> FdWatch:
+        """Call `callback` from the device loop whenever host fd `fd` is readable."""
+        return self._loop().watch(fd, callback)
+
+    def start_devices(self, on_error: Callable[[str], None]) -> None:
+        if self.device_loop is not None:
+            self.device_loop.start(on_error)
+
+    def device_stats(self) -> list[str]:
+        events = self.device_loop.dispatched if self.device_loop is not None else 0
+        fast = f"ioeventfd={'on' if self.ioeventfd else 'off'} irqfd={'on' if self.irqfd else 'off'}"
+        return [f"device loop: {events} events ({fast})"]
 
     def kick(self, only: int | None = None) -> None:
         """Make vCPUs (all, or `only`) leave KVM_RUN soon: now if inside, at their next entry otherwise."""
@@ -351,7 +431,13 @@ class KvmAccel:
         return "\n".join(register_dump(v) for v in self.vcpus if not v.closed)
 
     def close(self) -> None:
+        if self.device_loop is not None:
+            self.device_loop.stop()  # before guest memory goes: its callbacks reach into it
+            self.device_loop = None
         for vcpu in self.vcpus:
             vcpu.close()
         self.vm.close()
         self.kvm.close()
+        for fd in self._eventfds:
+            os.close(fd)
+        self._eventfds = []

@@ -105,7 +105,8 @@ from popek.cpu.state import (
     Segment,
     TripleFault,
 )
-from popek.devices.irq import IrqLine
+from popek.devices.event_loop import FdWatch
+from popek.devices.irq import IrqLine, Pulse
 from popek.errors import ConfigError, GuestMemoryError
 from popek.kvm import ExitReason, GuestDebug, InternalError, KvmError, VcpuFd
 from popek.kvm.consts import KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
@@ -925,6 +926,25 @@ class LockstepAccel:
 
     def irq_line(self, number: int) -> IrqLine:
         return self.kvm.irq_line(number)
+
+    # Devices that write guest memory behind the CPU (virtio DMA) would make the software CPU's copy of memory
+    # diverge from KVM's: the builder refuses them with --accel lockstep, and these say so if called anyway.
+    NO_DMA_DEVICES = "virtio devices need --accel kvm or soft (lockstep keeps two copies of guest memory)"
+
+    def device_interrupt(self, irq: int) -> Pulse:
+        raise ConfigError(self.NO_DMA_DEVICES)
+
+    def attach_notify(self, addr: int, value: int, callback: Callable[[], None]) -> bool:
+        raise ConfigError(self.NO_DMA_DEVICES)
+
+    def watch_fd(self, fd: int, callback: Callable[[], None]) -> FdWatch:
+        raise ConfigError(self.NO_DMA_DEVICES)
+
+    def start_devices(self, on_error: Callable[[str], None]) -> None:
+        """No devices to start."""
+
+    def device_stats(self) -> list[str]:
+        return []
 
     def set_boot_state(self, entry: EntryState) -> None:
         """Called once the VM has loaded the guest: the moment to give the software CPU its copy of memory."""

@@ -14,11 +14,18 @@ console is the one outside influence: it enters between quanta.)
 
 `run_vcpu` is this backend's only exit-handling loop. Port and MMIO accesses go to `popek.accel.exits.
 handle_exit` exactly as the KVM backend's do, except the local APIC page, which each vCPU sees as its own.
+
+Devices stay inside that determinism: a virtio notification is an MMIO write handled synchronously by the device
+(no host thread touches guest memory), its interrupt is an edge on the Python platform, and the host fds devices
+wait on (a console socket) are polled between quanta, the same place console input enters. What devices write to
+guest RAM reaches the software CPU through a `GuestMemory` write observer, which drops decoded instructions of
+rewritten pages, as the MMU does for the guest's own writes.
 """
 
 from __future__ import annotations
 
 import collections
+import select
 import threading
 from collections.abc import Callable
 
@@ -30,7 +37,8 @@ from popek.cpu.interp import Interpreter, default_cpuid
 from popek.cpu.segments import UnsupportedTaskSwitch
 from popek.cpu.state import CS, GPR_NAMES, IF, SEGMENT_NAMES, CpuState, TableRegister, TripleFault
 from popek.cpu.state import Segment as CpuSegment
-from popek.devices.irq import IrqLine
+from popek.devices.event_loop import FdWatch
+from popek.devices.irq import IrqLine, Pulse
 from popek.devices.lapic import LAPIC_BASE, LocalApic
 from popek.devices.platform import PortRange, SoftPlatform
 from popek.errors import ConfigError
@@ -127,6 +135,18 @@ def format_state(index: int, s: CpuState) -> str:
     return "\n".join(lines)
 
 
+class _PolledFd:
+    """A host fd the run loop polls between quanta (the software backend's `FdWatch`)."""
+
+    def __init__(self, fd: int, callback: Callable[[], None]) -> None:
+        self.fd = fd
+        self.callback = callback
+        self.enabled = True
+
+    def set_enabled(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+
 class SoftAccel:
     name = "soft"
     run_threads = 1  # every vCPU runs in `run_vcpu(0)`, round-robin, for determinism
@@ -164,6 +184,8 @@ class SoftAccel:
         self._quantum_start = [0] * cpus
         self._stall_ns = [0] * cpus
         self._quantum_ns = QUANTUM * NS_PER_INSTRUCTION
+        self._polled: list[_PolledFd] = []
+        mem.add_write_observer(self._memory_written)
 
     # --- the CPU model ---
 
@@ -242,6 +264,53 @@ class SoftAccel:
             self._wakeup.set()
             self.kick()
 
+    def _memory_written(self, gpa: int, size: int) -> None:
+        """The VMM wrote guest RAM (a device's DMA): decoded instructions on those pages are stale."""
+        if size <= 0:
+            return
+        first, last = gpa >> 12, (gpa + size - 1) >> 12
+        for cpu in self.cpus:
+            pages = cpu.mmu.code_pages
+            if not pages:
+                continue
+            if last - first < len(pages):
+                stale = [page for page in range(first, last + 1) if page in pages]
+            else:
+                stale = [page for page in pages if first <= page <= last]
+            for page in stale:
+                pages.discard(page)
+                cpu.mmu.on_code_write(page)
+
+    # --- devices ---
+
+    def device_interrupt(self, irq: int) -> Pulse:
+        return self.irq_line(irq)
+
+    def attach_notify(self, addr: int, value: int, callback: Callable[[], None]) -> bool:
+        """No fast path: a notification is an MMIO write the device handles synchronously (deterministic)."""
+        return False
+
+    def watch_fd(self, fd: int, callback: Callable[[], None]) -> FdWatch:
+        """Poll host fd `fd` between quanta and call `callback` (on the run thread) when it is readable."""
+        watch = _PolledFd(fd, callback)
+        self._polled.append(watch)
+        return watch
+
+    def start_devices(self, on_error: Callable[[str], None]) -> None:
+        """Nothing to start: devices run in the run loop."""
+
+    def device_stats(self) -> list[str]:
+        return []
+
+    def _poll_host_fds(self) -> None:
+        fds = [w.fd for w in self._polled if w.enabled]
+        if not fds:
+            return
+        readable, _, _ = select.select(fds, [], [], 0)
+        for watch in self._polled:
+            if watch.enabled and watch.fd in readable:
+                watch.callback()
+
     def platform_devices(self) -> tuple[list[PortRange], list[PortRange]]:
         """(port ranges, MMIO ranges) of the Python interrupt and timer platform, for the builder to place."""
         return list(self.platform.port_devices()), list(self.platform.mmio_devices())
@@ -277,6 +346,8 @@ class SoftAccel:
         while not stopping.is_set():
             while self._pending_irqs:
                 self.platform.set_irq(*self._pending_irqs.popleft())
+            if self._polled:
+                self._poll_host_fds()
             deadline = clock.next_deadline()
             now = clock.now_ns()
             quantum = QUANTUM if deadline is None else max(1, min(QUANTUM, (deadline - now) // NS_PER_INSTRUCTION))
