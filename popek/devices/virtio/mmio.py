@@ -118,6 +118,8 @@ class MmioTransport:
         self.bad_accesses = 0
         self.refused_status = 0
         self.interrupts = 0
+        self.resets_needed = 0  # how often the device went into DEVICE_NEEDS_RESET, and the last reason
+        self.last_error: str | None = None
         self._clear()
 
     def _clear(self) -> None:
@@ -329,7 +331,8 @@ class MmioTransport:
     def _needs_reset(self, reason: str) -> None:
         if self.status & _S.DEVICE_NEEDS_RESET:
             return
-        self.error = reason
+        self.error = self.last_error = reason
+        self.resets_needed += 1
         self.status |= _S.DEVICE_NEEDS_RESET
         if self.status & _S.DRIVER_OK:
             self._signal(INT_CONFIG)  # §2.1.2: a configuration change notification tells the driver
@@ -362,6 +365,8 @@ class MmioTransport:
                 )
             if self.error is not None:
                 parts.append(f"NEEDS RESET: {self.error}")
+            elif self.last_error is not None:
+                parts.append(f"needed a reset {self.resets_needed} time(s), last: {self.last_error}")
             return " ".join(parts)
 
     def state(self) -> dict[str, Any]:
