@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 import signal
 import threading
 import time
@@ -25,6 +26,7 @@ from popek.accel.kvm import KvmAccel
 from popek.accel.lockstep import LockstepAccel
 from popek.accel.soft import SoftAccel
 from popek.boot import load_kernel, mptable
+from popek.boot.bootsector import is_boot_sector
 from popek.boot.loader import BootFiles, BootImage, encode_cmdline, read_file
 from popek.bus import Bus, Window
 from popek.devices.legacy.cmos import Cmos
@@ -203,7 +205,9 @@ class Vm:
             self.stopping = threading.Event()
             self._attach_legacy_devices()
             self._attach_virtio_devices()
-            cmdline = extend_cmdline(spec.cmdline, [slot.cmdline for slot in self.virtio])
+            # a boot sector takes no command line: it finds the devices at their fixed addresses
+            announce = [] if is_boot_sector(kernel) else [slot.cmdline for slot in self.virtio]
+            cmdline = extend_cmdline(spec.cmdline, announce)
             self.boot: BootImage = load_kernel(self.mem, kernel, cmdline, initrd, files)
             mptable.write(self.mem, spec.cpus)
             self.accel.set_boot_state(self.boot.entry)
@@ -243,11 +247,15 @@ class Vm:
         """`--disk` (vda, vdb, ...), `--rng`, `--console2`, in that order of MMIO windows and IRQs."""
         seen: dict[tuple[int, int], Path] = {}
         for i, disk in enumerate(self.spec.disks):
-            image = DiskImage(disk)
-            self._unattached.append(BlockDevice(image, "vd" + chr(ord("a") + i)))
-            if image.identity in seen:
-                raise ConfigError(f"disk image {disk.path} is given twice (as {seen[image.identity]} too)")
-            seen[image.identity] = disk.path
+            try:
+                st = os.stat(disk.path)
+            except OSError:
+                pass  # DiskImage says what is wrong with it
+            else:  # checked before opening: the first open's lock would hide the cause
+                if (st.st_dev, st.st_ino) in seen:
+                    raise ConfigError(f"disk image {disk.path} is given twice (as {seen[st.st_dev, st.st_ino]} too)")
+                seen[st.st_dev, st.st_ino] = disk.path
+            self._unattached.append(BlockDevice(DiskImage(disk), "vd" + chr(ord("a") + i)))
         if self.spec.rng:
             self._unattached.append(EntropyDevice())
         if self.spec.console2 is not None:

@@ -141,11 +141,6 @@ class DiskImage:
             self.close()
             raise
 
-    @property
-    def identity(self) -> tuple[int, int]:
-        st = os.fstat(self.fd)
-        return st.st_dev, st.st_ino
-
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

@@ -115,6 +115,7 @@ class MmioTransport:
         # statistics
         self.notifies = [0] * len(device.queues)
         self.ignored_notifies = 0
+        self.notify_exits = 0  # notifications that came as register writes (not through a KVM ioeventfd)
         self.bad_accesses = 0
         self.refused_status = 0
         self.interrupts = 0
@@ -205,6 +206,7 @@ class MmioTransport:
         elif offset in (QUEUE_NUM, QUEUE_READY, *_QUEUE_ADDRESS):
             self._write_queue_register(offset, value)
         elif offset == QUEUE_NOTIFY:
+            self.notify_exits += 1
             self.notify(value)
         elif offset == INTERRUPT_ACK:
             self.interrupt_status &= ~value
@@ -355,7 +357,7 @@ class MmioTransport:
                 f"q{i}[notifies={self.notifies[i]} chains={q.chains} irqs={q.interrupts} suppressed={q.suppressed}]"
                 for i, q in enumerate(self.device.queues)
             )
-            parts = [f"status={int(self.status):#x}", queues]
+            parts = [f"status={int(self.status):#x}", queues, f"notify-exits={self.notify_exits}"]
             if extra := self.device.stats():
                 parts.append(extra)
             if self.ignored_notifies or self.bad_accesses or self.refused_status:
