@@ -9,6 +9,12 @@ character device (a pty) is opened read-write. Output is written as the guest se
 VM. Input is read as it arrives into a buffer of at most INPUT_BUFFER bytes and copied into the buffers the driver
 posts on receiveq; while the buffer is full the host fd is not read (the sender waits, nothing is lost). On the
 KVM backend the fd is watched by the device event loop; on the software backend it is polled between quanta.
+
+Input waits until the port is connected. Linux posts its receive buffers before it attaches the hvc console to the
+port, and discards data that arrives in between (drivers/char/virtio_console.c: add_port calls fill_queue before
+init_port_console sets guest_connected); without VIRTIO_CONSOLE_F_MULTIPORT no PORT_OPEN message says when that is
+done. So the device takes the port as connected at the guest's next sign of life after the buffers first arrive:
+output on transmitq, more buffers, or new host input — never on the first buffers alone.
 """
 
 from __future__ import annotations
@@ -80,6 +86,8 @@ class ConsoleDevice(VirtioDevice):
         super().__init__(name, [QUEUE_SIZE, QUEUE_SIZE])
         self.host = host
         self.pending = bytearray()  # host input not yet in a guest buffer
+        self.rx_posted = False  # the driver has posted receive buffers since the last reset
+        self.connected = False  # ... and shown life since (see the module docstring)
         self.host_eof = not host.readable
         self.watch: FdWatch | None = None
         self.bytes_out = 0
@@ -98,11 +106,14 @@ class ConsoleDevice(VirtioDevice):
     def process_queue(self, index: int) -> None:
         if index == TRANSMITQ:
             self.serve(TRANSMITQ, self._transmit)
-        else:
-            self._deliver()
+        elif self.mem is not None and self.queues[RECEIVEQ].pending(self.mem):  # buffers posted (not a bare kick)
+            self.connected = self.connected or self.rx_posted
+            self.rx_posted = True
+        self._deliver()
 
     def _transmit(self, chain: DescriptorChain) -> int:
         assert self.mem is not None
+        self.connected = True  # the guest writes to the port: it is attached
         reader = ChainReader(self.mem, chain.readable)
         views = reader.views(reader.remaining)
         total = sum(len(v) for v in views)
@@ -137,11 +148,12 @@ class ConsoleDevice(VirtioDevice):
                 self.host_eof = True  # the other end went away: stop watching
             elif data:
                 self.pending += data
+                self.connected = self.connected or self.rx_posted
         self._deliver()
 
     def _deliver(self) -> None:
         queue, mem = self.queues[RECEIVEQ], self.mem
-        if mem is not None and queue.ready:
+        if mem is not None and queue.ready and self.connected:
             while self.pending:
                 chain = queue.pop(mem)
                 if chain is None:
@@ -157,16 +169,20 @@ class ConsoleDevice(VirtioDevice):
         if self.watch is not None:
             self.watch.set_enabled(not self.host_eof and len(self.pending) < INPUT_BUFFER)
 
+    def on_reset(self) -> None:
+        self.rx_posted = self.connected = False
+
     # --- reporting and lifetime ---
 
     def stats(self) -> str:
         return f"out={self.bytes_out} in={self.bytes_in} dropped={self.dropped} buffered={len(self.pending)}"
 
     def state(self) -> dict[str, Any]:
-        return {"pending": bytes(self.pending)}
+        return {"pending": bytes(self.pending), "rx_posted": self.rx_posted, "connected": self.connected}
 
     def restore(self, state: dict[str, Any]) -> None:
         self.pending = bytearray(state["pending"])[:INPUT_BUFFER]
+        self.rx_posted, self.connected = bool(state["rx_posted"]), bool(state["connected"])
 
     def close(self) -> None:
         self.host.close()

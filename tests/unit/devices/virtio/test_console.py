@@ -58,7 +58,7 @@ def test_output_goes_to_a_file_and_a_file_has_no_input(tmp_path: Path) -> None:
         mem.close()
 
 
-def test_socket_input_fills_posted_buffers_and_waits_for_more() -> None:
+def test_socket_input_fills_posted_buffers_once_the_port_is_connected() -> None:
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)
     drv, device, watches, mem = make(ConsoleHost(theirs.detach(), True))
@@ -70,6 +70,10 @@ def test_socket_input_fills_posted_buffers_and_waits_for_more() -> None:
         h1, outs1 = drv.submit(console.RECEIVEQ, [], [3])
         h2, outs2 = drv.submit(console.RECEIVEQ, [], [16])
         drv.kick(console.RECEIVEQ)
+        assert drv.take_used(console.RECEIVEQ) == []  # the first buffers: Linux is not listening yet
+        drv.submit(console.TRANSMITQ, [b"prompt"], [])
+        drv.kick(console.TRANSMITQ)  # the guest's first output: now it is
+        assert ours.recv(16) == b"prompt"
         assert drv.take_used(console.RECEIVEQ) == [(h1, 3), (h2, 2)]
         assert mem.read(outs1[0], 3) + mem.read(outs2[0], 2) == b"typed"
         ours.sendall(b"more")
@@ -78,7 +82,7 @@ def test_socket_input_fills_posted_buffers_and_waits_for_more() -> None:
         head, outs = drv.submit(console.RECEIVEQ, [], [8])
         drv.kick(console.RECEIVEQ)
         assert drv.take_used(console.RECEIVEQ) == [(head, 4)] and mem.read(outs[0], 4) == b"more"
-        # guest output goes back down the same socket
+        # guest output goes down the same socket
         drv.submit(console.TRANSMITQ, [b"echo"], [])
         drv.kick(console.TRANSMITQ)
         assert ours.recv(16) == b"echo"
@@ -106,8 +110,10 @@ def test_input_is_bounded_and_the_watch_pauses_while_the_buffer_is_full() -> Non
         for _ in range(8):
             watch.callback()
         assert len(device.pending) == console.INPUT_BUFFER and not watch.enabled
-        drv.submit(console.RECEIVEQ, [], [4096])
+        drv.submit(console.RECEIVEQ, [], [2048])
         drv.kick(console.RECEIVEQ)
+        drv.submit(console.RECEIVEQ, [], [2048])
+        drv.kick(console.RECEIVEQ)  # more buffers after the first: the port is connected
         assert len(device.pending) == console.INPUT_BUFFER - 4096 and watch.enabled
     finally:
         ours.close()
