@@ -260,27 +260,27 @@ class Vm:
             self._unattached.append(EntropyDevice())
         if self.spec.console2 is not None:
             self._unattached.append(ConsoleDevice(ConsoleHost.open(self.spec.console2)))
-        while self._unattached:
-            self._attach_virtio(self._unattached.pop(0))
+        while self._unattached:  # each stays in `_unattached` (closed by `close`) until it is attached
+            self._attach_virtio(self._unattached[0])
+            self._unattached.pop(0)
 
     def _attach_virtio(self, device: VirtioDevice) -> MmioTransport:
         """Place a virtio device: its MMIO window and IRQ, its notifications and host fds on the backend's fast
-        path, and its kernel parameter."""
+        path, and its kernel parameter (`VirtioSlot.cmdline`). The VM owns the device once this returns."""
         assert self.accel is not None
         accel = self.accel
         index = len(self.virtio)
         if index >= len(VIRTIO_IRQS):
-            device.close()
             raise ConfigError(f"at most {len(VIRTIO_IRQS)} virtio devices (one free ISA IRQ each)")
         base, irq = VIRTIO_MMIO_BASE + index * MMIO_WINDOW, VIRTIO_IRQS[index]
         transport = MmioTransport(device, self.mem, accel.device_interrupt(irq))
-        self.virtio.append(VirtioSlot(transport, base, irq))
         self.mmio.insert(base, MMIO_WINDOW, transport, device.name)
         for queue in range(len(device.queues)):
             accel.attach_notify(base + QUEUE_NOTIFY, queue, functools.partial(transport.notify, queue))
         device.connect_host(
             lambda fd, on_readable: accel.watch_fd(fd, functools.partial(transport.run_device, on_readable))
         )
+        self.virtio.append(VirtioSlot(transport, base, irq))
         return transport
 
     # --- running ---
