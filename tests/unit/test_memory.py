@@ -52,3 +52,13 @@ def test_vmm_writes_mark_pages_dirty_once() -> None:
         assert mem.dirty_pages() == []
         mem.mark_dirty_bitmap(0, bytes([0b1000_0000]))
         assert mem.dirty_pages() == [0x7000]
+
+
+def test_remap_page_keeps_contents_and_the_page_writable() -> None:
+    with GuestMemory(4 * 1024 * 1024) as mem:
+        mem.write(0x21FF0, b"before the flush")
+        assert mem.remap_page(0x21FF8)
+        assert mem.read(0x21FF0, 16) == b"before the flush"
+        mem.write(0x21000, b"after")
+        assert mem.read(0x21000, 5) == b"after"
+        assert not mem.remap_page(4 * 1024 * 1024)
