@@ -115,6 +115,29 @@ def test_no_acpi_leaves_neither_tables_nor_pm_registers(tmp_path: Path, backend:
     assert r.returncode == 1
 
 
+TIMER_VALUE = (
+    REAL_MODE_START
+    + """
+    mov dx, 0x608
+    mov cx, 500
+.spin: in eax, dx
+    loop .spin
+    call hex32
+    mov al, 0
+    out 0xf4, al
+"""
+    + PRINT
+)
+
+
+def test_pm_timer_is_deterministic_on_the_software_cpu(tmp_path: Path) -> None:
+    image = boot_sector(tmp_path, TIMER_VALUE)
+    first, second = popek(image, "soft"), popek(image, "soft")
+    assert first.stdout == second.stdout and len(first.stdout) == 8, first.stderr
+    # 500 port reads of 1 µs of virtual time each and a few hundred instructions: about 1.8 k ticks
+    assert 500 * 3.579545 < int(first.stdout, 16) < 600 * 3.579545
+
+
 def one_write(port: int, value: int, size: int = 1) -> str:
     reg = {1: "al", 2: "ax", 4: "eax"}[size]
     return REAL_MODE_START + f"    mov dx, {port:#x}\n    mov {reg}, {value:#x}\n    out dx, {reg}\n    hlt\n"

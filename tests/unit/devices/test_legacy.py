@@ -213,3 +213,10 @@ def test_reset_control_arbitrary_writes(writes: list[bytes]) -> None:
         dev.write(0, w)
         assert dev.read(0, 1)[0] in (0, 2)
     assert len(resets) == sum(1 for w in writes if w and w[0] & 4)
+
+
+@given(st.binary(min_size=1, max_size=4))
+def test_debug_exit_status_is_the_whole_write_shifted_plus_one(data: bytes) -> None:
+    got: list[int] = []
+    DebugExit(got.append).write(0, data)
+    assert got == [(int.from_bytes(data, "little") << 1) | 1]
