@@ -25,7 +25,8 @@ ACPI 6.0 §4.8.3 defines the registers:
 
 Accesses of any size within a block are answered byte by byte from the registers' little-endian images, as
 QEMU's memory core splits and combines them; a write touches only the bytes it covers. One lock serialises the
-vCPU threads; the SCI and the sleep callback are driven after it is released.
+vCPU threads, the SCI level included (so two vCPUs cannot deliver their levels out of order); the sleep callback
+runs after the lock is released.
 """
 
 from __future__ import annotations
@@ -116,7 +117,6 @@ class AcpiPm:
         self._lock = threading.Lock()
         self._last_ticks = 0
         self._msb_epoch = self._ticks() >> (timer_bits - 1)
-        self.sleeps = 0
 
     def _ticks(self) -> int:
         """Timer ticks since time 0, never fewer than at the last look (lock held): the counter is one for the
@@ -155,8 +155,7 @@ class AcpiPm:
     def read(self, offset: int, size: int) -> bytes:
         with self._lock:
             image = self._image()
-            level = self._sci_level()
-        self.sci.set_level(level)
+            self.sci.set_level(self._sci_level())
         return image[offset : offset + size].ljust(size, b"\0")
 
     def write(self, offset: int, data: bytes) -> None:
@@ -183,8 +182,6 @@ class AcpiPm:
                 self.cnt = written & CNT_KEPT
                 if value & mask & SLP_EN:
                     sleep = SLEEP_TYPES.get((written & SLP_TYP_MASK) >> SLP_TYP_SHIFT)
-                    self.sleeps += sleep is not None
-            level = self._sci_level()
-        self.sci.set_level(level)
+            self.sci.set_level(self._sci_level())
         if sleep is not None:
             self.on_sleep(sleep)
