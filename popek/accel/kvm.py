@@ -30,6 +30,7 @@ import functools
 import signal
 import struct
 import threading
+import time
 from collections import Counter
 
 from popek.accel import kvm_assist
@@ -142,6 +143,7 @@ class KvmAccel:
         self._probe_done = [0] * cpus
         self._dead_probes = [0] * cpus
         self._halt_lock = threading.Lock()
+        self._created_ns = time.monotonic_ns()
 
     @property
     def run_threads(self) -> int:
@@ -162,6 +164,11 @@ class KvmAccel:
 
     def set_boot_state(self, entry: EntryState) -> None:
         apply_entry(self.vcpus[0], entry)
+
+    def time_ns(self) -> int:
+        """The VM's time for devices that read a clock (the ACPI PM timer): host monotonic time since the VM was
+        created."""
+        return time.monotonic_ns() - self._created_ns
 
     def kick(self, only: int | None = None) -> None:
         """Make vCPUs (all, or `only`) leave KVM_RUN soon: now if inside, at their next entry otherwise."""

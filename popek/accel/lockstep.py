@@ -926,6 +926,10 @@ class LockstepAccel:
     def irq_line(self, number: int) -> IrqLine:
         return self.kvm.irq_line(number)
 
+    def time_ns(self) -> int:
+        """KVM's clock: KVM drives the devices, and the software CPU replays what they answered."""
+        return self.kvm.time_ns()
+
     def set_boot_state(self, entry: EntryState) -> None:
         """Called once the VM has loaded the guest: the moment to give the software CPU its copy of memory."""
         self.kvm.set_boot_state(entry)
