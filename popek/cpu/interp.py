@@ -2825,7 +2825,7 @@ class Interpreter:
         if rev:
             a, b = b, a
         value, exc = op(a, b, s.fcw)
-        if conv and not exc & x87.IE and x87.classify(value) not in x87.NANS:
+        if conv and not exc & (x87.IE | x87.ZE) and x87.classify(value) not in x87.NANS:
             exc |= conv  # a denormal memory operand (a NaN operand takes precedence over DE)
             if conv & ~s.fcw & x87.DE:
                 exc &= ~(x87.PE | x87.UE | x87.OE | x87.C1)
@@ -2891,10 +2891,11 @@ class Interpreter:
         stack = self._x87()
         a, b = stack.get(0), stack.get(1)
         if a is None or b is None:
-            return self._x87_underflow(ins, stack, into, pop)
+            self._x87_underflow(ins, stack, into, pop)
+            return stack.set_cc(0, cc & x87.C2)  # FPREM: no reduction left to do
         value, exc = op(a, b, self.s.fcw)
         if stack.signal(exc):
-            stack.set_cc(0, x87.C1)
+            stack.set_cc(0, x87.C1 | (cc & x87.C2))
         else:
             stack.set(into, value)
             for _ in range(pop):

@@ -573,7 +573,7 @@ def prem(a: int, b: int, fcw: int, ieee: bool) -> tuple[int, int]:
     if ka == Kind.INFINITY or kb == Kind.ZERO:
         return INDEFINITE, IE
     if kb == Kind.INFINITY or ka == Kind.ZERO:
-        return a, exc
+        return (make(sign_of(a), 1, a & SIG_MASK) if ka == Kind.PSEUDO_DENORMAL else a), exc  # normalised
     sa, ma, ea = exact(a)
     _, mb, eb = exact(b)
     d = (ea + ma.bit_length()) - (eb + mb.bit_length())
@@ -914,7 +914,7 @@ def yl2x(y: int, x: int, fcw: int) -> tuple[int, int]:
             return zero(sy ^ (k < 0)), exc
         _, my, ey = exact(y)
         value, more = round_ext(sy ^ (k < 0), my * abs(k), ey, fcw, 64)
-        return value, exc | more
+        return value, exc | more | PE  # the host reports PE for an exact product too
     bits = 200
     lg = _ln_fixed(m, e, bits)
     if ky == Kind.INFINITY:

@@ -237,7 +237,7 @@ def test_unary_and_scaling(batch: list[tuple[int, int, list[int], int, int, int]
 def test_partial_remainder(batch: list[tuple[int, int, list[int], int, int, int]]) -> None:
     """FPREM/FPREM1: exact remainders and the quotient bits in C0/C3/C1 (C2 clear) when the exponents differ by
     less than 64; a partial remainder (C2 set) depends on an implementation-chosen reduction, so there only FSW's
-    C2 and exception flags are compared."""
+    C2 and exception flags are compared; with a NaN result the condition codes are undefined."""
     for body in ("fprem", "fprem1"):
         for fcw, top, regs, tags, mem, flags in batch:
             for state in ((fcw, top, regs, tags, mem, flags), (fcw, top, [regs[0], _near(regs[0], regs[1])] +
@@ -245,7 +245,9 @@ def test_partial_remainder(batch: list[tuple[int, int, list[int], int, int, int]
                 data = image(state)
                 n, i = run_both(body, data)
                 nf, if_ = fields(n, 0xFFFF, 0), fields(i, 0xFFFF, 0)
-                if int(nf["fsw"], 16) & x87.C2:
+                if x87.classify(int(nf["st0"], 16)) in x87.NANS:  # no remainder: the quotient bits are undefined
+                    nf, if_ = fields(n, ~x87.CC, 0), fields(i, ~x87.CC, 0)
+                elif int(nf["fsw"], 16) & x87.C2:
                     nf = {"fsw": hex(int(nf["fsw"], 16) & (x87.C2 | x87.EXC | x87.SF | x87.ES))}
                     if_ = {"fsw": hex(int(if_["fsw"], 16) & (x87.C2 | x87.EXC | x87.SF | x87.ES))}
                 assert if_ == nf, f"{body}\n  {describe(state)}"
@@ -330,7 +332,10 @@ def test_environment_and_status(batch: list[tuple[int, int, list[int], int, int,
 
 
 TRANSCENDENTAL = ["fsin", "fcos", "fsincos", "fptan", "fpatan", "fyl2x", "fyl2xp1", "f2xm1"]
-trig_arg = st.builds(ext, sign_bit, st.integers(16383 - 40, 16383 + 20), normal_sig)
+# |x| < pi/4: processors reduce larger arguments with a rounded pi (Intel documents 66 bits), thousands of ulps
+# off for large x; popek reduces exactly, and test_x87.py checks the whole range against an exact reference
+trig_arg = st.one_of(st.builds(ext, sign_bit, st.integers(16383 - 40, 16383 - 2), normal_sig),
+                     st.builds(ext, sign_bit, st.just(16383 - 1), st.integers(2**63, 0xC90FDAA22168C234)))  # fmt: skip
 small_arg = st.builds(ext, sign_bit, st.integers(16383 - 60, 16383 - 2), normal_sig)
 positive = st.builds(ext, st.just(0), st.integers(16383 - 300, 16383 + 300), normal_sig)
 
