@@ -3016,11 +3016,9 @@ class Interpreter:
         if size == _MS.FLOAT80:
             return self._x87_push(ins, stack, raw, 0)
         value, exc = x87.from_format(x87.SINGLE if size == _MS.FLOAT32 else x87.DOUBLE, raw)
-        if exc == x87.DE and not self.s.fcw & x87.DE:
-            # an unmasked denormal operand still loads (the reference host; the SDM does not say otherwise)
-            if stack.empty(7):
-                stack.signal(exc)
-                exc = 0
+        if exc == x87.DE and not self.s.fcw & x87.DE and stack.empty(7):
+            stack.signal(exc)  # an unmasked denormal operand still loads (the reference host; the SDM is silent)
+            exc = 0
         self._x87_push(ins, stack, value, exc)
 
     @handles(M.FILD)
