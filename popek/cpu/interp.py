@@ -1229,6 +1229,80 @@ class Interpreter:
             self._wreg(hi, mem >> half)
             self._set_flags(0, ZF)
 
+    # ------------------------------------------------------------------ BCD adjusts and ARPL (legacy modes)
+    # (vol. 2A DAA/DAS/AAA/AAS/AAM/AAD, ARPL; all are #UD in 64-bit mode, which iced decodes as invalid.
+    # The flags the SDM leaves undefined take the values the reference AMD host produces.)
+
+    @handles(M.DAA, M.DAS)
+    def _daa(self, ins: Instruction) -> None:
+        s = self.s
+        al = s.gpr[RAX] & 0xFF
+        old_cf = s.rflags & CF
+        sign = 1 if ins.mnemonic == M.DAA else -1
+        cf = af = adjust = 0
+        if (al & 0xF) > 9 or s.rflags & AF:
+            adjust = 6
+            cf = CF if old_cf or not 0 <= al + sign * 6 <= 0xFF else 0
+            af = AF
+        if al > 0x99 or old_cf:
+            adjust += 0x60
+            cf = CF
+        elif sign > 0:
+            cf = 0
+        new = (al + sign * adjust) & 0xFF
+        # OF (undefined): the signed overflow of AL plus or minus the whole adjustment, as the AMD host sets it
+        b = adjust if sign > 0 else (-adjust) & 0xFF
+        of = OF if ~(al ^ b) & (al ^ new) & 0x80 else 0
+        s.gpr[RAX] = (s.gpr[RAX] & ~0xFF) | new
+        self._set_flags(cf | af | PARITY[new] | (ZF if new == 0 else 0) | (SF if new & 0x80 else 0) | of)
+
+    @handles(M.AAA, M.AAS)
+    def _aaa(self, ins: Instruction) -> None:
+        s = self.s
+        ax = s.gpr[RAX] & 0xFFFF
+        if (ax & 0xF) > 9 or s.rflags & AF:
+            ax = ((ax + 0x106) if ins.mnemonic == M.AAA else (ax - 0x106)) & 0xFFFF
+            flags = AF | CF
+        else:
+            flags = 0
+        # SF, ZF and PF (undefined) follow the 16-bit sum before AL is masked, as the AMD host sets them
+        flags |= PARITY[ax & 0xFF] | (ZF if ax == 0 else 0) | (SF if ax & 0x8000 else 0)
+        s.gpr[RAX] = (s.gpr[RAX] & ~0xFFFF) | (ax & 0xFF0F)
+        self._set_flags(flags)
+
+    @handles(M.AAM)
+    def _aam(self, ins: Instruction) -> None:
+        s = self.s
+        base = ins.immediate(0) & 0xFF
+        if base == 0:
+            raise _fault(Vector.DE)
+        al = s.gpr[RAX] & 0xFF
+        ah, al = divmod(al, base)
+        s.gpr[RAX] = (s.gpr[RAX] & ~0xFFFF) | ah << 8 | al
+        self._set_flags(logic(al, 8))
+
+    @handles(M.AAD)
+    def _aad(self, ins: Instruction) -> None:
+        s = self.s
+        base = ins.immediate(0) & 0xFF
+        ax = s.gpr[RAX]
+        product = ((ax >> 8) & 0xFF) * base
+        total = (ax & 0xFF) + product
+        al = total & 0xFF
+        s.gpr[RAX] = (ax & ~0xFFFF) | al
+        self._set_flags(add(ax & 0xFF, product & 0xFF, 8)[1])
+
+    @handles(M.ARPL)
+    def _arpl(self, ins: Instruction) -> None:
+        self._need_pe()
+        dest = self._read(ins, 0, 16)
+        src = self._read(ins, 1, 16)
+        if dest & 3 < src & 3:
+            self._write0(ins, (dest & ~3) | (src & 3), 16)
+            self._set_flags(ZF, ZF)
+        else:
+            self._set_flags(0, ZF)
+
     # ------------------------------------------------------------------ shifts and rotates
 
     @handles(M.SHL, M.SAL, M.SHR, M.SAR, M.ROL, M.ROR, M.RCL, M.RCR)
