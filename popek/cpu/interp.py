@@ -1,5 +1,5 @@
 """The software CPU's instruction interpreter: fetch, decode (iced-x86) and execute (Intel SDM vol. 2A-2D for
-instruction semantics; vol. 1 ch. 3-7 and 10-11 for the general-purpose, x87-control and SSE state; vol. 3A
+instruction semantics; vol. 1 ch. 3-8 and 10-11 for the general-purpose, x87 and SSE state; vol. 3A
 ch. 2 (system registers, CR0/CR4/EFER checks), ch. 4 (paging effects of CR writes), ch. 6 (interrupt/exception
 ordering: NMI, maskable interrupts, STI/MOV SS shadows) and vol. 4 (MSRs)).
 
@@ -19,11 +19,22 @@ Structure, chosen so each instruction's semantics can later be emitted into tran
 Deviations from hardware, deliberate and documented:
 - The TSS I/O permission bitmap is not consulted: with CPL > IOPL (or in virtual-8086 mode) every IN/OUT/INS/
   OUTS raises #GP(0), as if the bitmap denied every port.
-- x87 arithmetic, MMX, and SSE beyond SSE2's data moves, integer operations and basic floating point are #UD.
-  CPUID advertises FPU and SSE2 because a 64-bit kernel requires them; of x87 only the control instructions
-  FNINIT/FNSTCW/FLDCW/FNSTSW/FNCLEX/FWAIT and FXSAVE/FXRSTOR run. SSE floating point (ADD/SUB/MUL/DIV/MIN/MAX/
-  SQRT in SD/SS/PD/PS forms, CMPxx, (U)COMISx, CVT between integers, singles and doubles) is bit-exact for
+- MMX, and SSE beyond SSE2's data moves, integer operations and basic floating point are #UD. CPUID
+  advertises SSE2 because a 64-bit kernel requires it. SSE floating point (ADD/SUB/MUL/DIV/MIN/MAX/SQRT in
+  SD/SS/PD/PS forms, CMPxx, (U)COMISx, CVT between integers, singles and doubles) is bit-exact for
   round-to-nearest; MXCSR rounding control, DAZ/FTZ and exception flags are not modelled (no #XM).
+- The x87 FPU (values in `popek.cpu.x87`) is bit-exact with the reference AMD host wherever the SDM defines the
+  result: every arithmetic, load/store, integer and BCD conversion, comparison, FXAM, FSCALE/FXTRACT/FPREM(1),
+  FRNDINT and stack instruction, under every precision and rounding control, with masked and unmasked
+  exceptions (tests/unit/cpu/test_x87_native.py). Not bit-exact: the transcendentals (FSIN, FCOS, FSINCOS,
+  FPTAN, FPATAN, F2XM1, FYL2X, FYL2XP1) are within 1 ulp of the exact result, which processors are not for
+  large trigonometric arguments (they reduce with a rounded pi); FPREM's partial remainder (exponents 64 or
+  more apart) reduces by its own choice of 2**(32..63); values the SDM leaves undefined (C0/C2/C3 after
+  arithmetic, F2XM1/FYL2XP1 outside their domains, FBLD of invalid digits). With CR0.NE clear an unmasked
+  exception does not assert FERR# (no IRQ 13): the instruction that would take #MF runs. FOP/FIP/FDP are
+  updated by every non-control instruction (the SDM's base behaviour; some processors update them only on
+  unmasked exceptions).
+- DAA/DAS/AAA/AAS/AAM/AAD set the flags the SDM leaves undefined as the AMD host does (compared exhaustively).
 - Decoded instructions are cached; a write to a code page through the MMU invalidates it, but a write made
   behind the MMU's back (the VMM writing guest RAM directly) needs `flush_decode_cache()`.
 - Flags the SDM leaves undefined take the values AMD processors produce (the reference host of the native
