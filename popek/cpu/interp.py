@@ -2687,7 +2687,7 @@ class Interpreter:
             return b"".join((w & 0xFFFF).to_bytes(2, "little") for w in words)
         if wide:
             words = (s.fcw | 0xFFFF0000, s.fsw | 0xFFFF0000, tw | 0xFFFF0000, s.fip & M32, s.fcs | (s.fop << 16),
-                     s.fdp & M32, s.fds)  # fmt: skip
+                     s.fdp & M32, s.fds | 0xFFFF0000)  # fmt: skip
             return b"".join((w & M32).to_bytes(4, "little") for w in words)
         words = (s.fcw, s.fsw, tw, s.fip, s.fcs, s.fdp, s.fds)
         return b"".join((w & 0xFFFF).to_bytes(2, "little") for w in words)

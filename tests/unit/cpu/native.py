@@ -78,7 +78,8 @@ class NativeBuffer:
 
     def __call__(self, data: bytes) -> bytes:
         buf = ctypes.create_string_buffer(bytes(data), len(data))
-        self._fn(ctypes.addressof(buf))
+        self.last_address = ctypes.addressof(buf)  # where the buffer was (x87 data pointers hold addresses in it)
+        self._fn(self.last_address)
         return buf.raw
 
 

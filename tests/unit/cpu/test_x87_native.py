@@ -4,8 +4,9 @@ patterns and edge classes), runs x87 instructions on it (a memory operand at [rd
 with FNSAVE; native and interpreted runs must leave the same registers, FCW, FSW (ES and B included, whether an
 exception was masked or not), full tag word, memory and RFLAGS.
 
-Only what the SDM defines is compared: C0, C2 and C3 after arithmetic are undefined and masked off; FIP, FCS,
-FDP and FDS hold addresses that differ between the two runs (tests/unit/cpu/test_x87.py covers them). The
+Only what the SDM defines is compared: C0, C2 and C3 after arithmetic are undefined and masked off. FOP is
+compared, and FDP relative to the buffer; FIP, FCS and FDS hold addresses and selectors that differ between the
+two runs (tests/unit/cpu/test_x87.py covers them). The
 transcendental instructions are compared within 1 ulp (`test_transcendentals_within_one_ulp`): vendors'
 approximations differ, so neither side is the exact reference. Where this AMD family 19h host departs from the
 SDM the case says so and compares against the SDM.
@@ -31,7 +32,7 @@ from .machine import Machine, nasm_available
 pytestmark = pytest.mark.skipif(not (native.available() and nasm_available()), reason="needs nasm")
 
 BUF = 0x200000
-BUF_SIZE = 512
+BUF_SIZE = 1056
 IMAGE, FLAGS_IN, MEM, OUT, FLAGS_OUT, RAX_OUT, SCRATCH = 0, 112, 128, 160, 272, 280, 288
 PROLOGUE = "xor eax, eax\npush qword [rdi+112]\npopfq\nfrstor [rdi]\n"
 EPILOGUE = "\nfnsave [rdi+160]\nmov [rdi+280], rax\npushfq\npop qword [rdi+272]\n"
@@ -148,15 +149,29 @@ def interpret(body: str, data: bytes) -> bytes:
 
 
 def run_both(body: str, data: bytes) -> tuple[bytes, bytes]:
+    """The buffer after the native run and after the interpreted one, with FDP made relative to the buffer."""
     full = PROLOGUE + body + EPILOGUE
     if full not in _natives:
         _natives[full] = native.NativeBuffer(full)
-    return _natives[full](data), interpret(full, data)
+    fn = _natives[full]
+    return _relative_fdp(fn(data), fn.last_address), _relative_fdp(interpret(full, data), BUF)
+
+
+def _relative_fdp(out: bytes, base: int) -> bytes:
+    fdp = int.from_bytes(out[OUT + 20 : OUT + 24], "little")
+    if fdp:
+        fdp = (fdp - base) & 0xFFFF_FFFF
+    return out[: OUT + 20] + fdp.to_bytes(4, "little") + out[OUT + 24 :]
 
 
 def fields(out: bytes, fsw_mask: int, flag_mask: int) -> dict[str, str]:
+    """What the comparison sees: FNSAVE's registers and words, FOP, FDP (relative to the buffer) and the reserved
+    half of the FDS doubleword; FIP and the selectors hold addresses and selectors that differ between the runs."""
     o = OUT
     view = {
+        "fop": hex(int.from_bytes(out[o + 18 : o + 20], "little")),
+        "fdp": hex(int.from_bytes(out[o + 20 : o + 24], "little")),
+        "fds.reserved": hex(int.from_bytes(out[o + 26 : o + 28], "little")),
         "fcw": hex(int.from_bytes(out[o : o + 2], "little")),
         "fsw": hex(int.from_bytes(out[o + 4 : o + 6], "little") & fsw_mask),
         "ftw": hex(int.from_bytes(out[o + 8 : o + 10], "little")),
@@ -319,14 +334,18 @@ def test_packed_bcd_round_trip(batch: list[tuple[int, int, list[int], int, int, 
 
 ENV = ["fnstenv [rdi+288]", "fnstsw ax", "fnstenv [rdi+288]\nfldenv [rdi+288]\nfnstsw ax",
        "fldcw [rdi+128]\nfnstsw ax", "fnclex\nfnstsw ax", "fninit\nfnstsw ax", "fnsave [rdi+288]\nfrstor [rdi+288]",
-       "fxch st3\nfnstsw ax", "fld st1\nfsqrt\nfnstsw ax"]  # fmt: skip
+       "fxch st3\nfnstsw ax", "fld st1\nfsqrt\nfnstsw ax", "o16 fnstenv [rdi+288]",
+       "o16 fnstenv [rdi+288]\no16 fldenv [rdi+288]", "o16 fnsave [rdi+288]\no16 frstor [rdi+288]",
+       "lea rbx, [rdi+527]\nand rbx, -16\npush qword [rdi+112]\npopfq\nfxsave [rbx]\nfninit\nfxrstor [rbx]",
+       "lea rbx, [rdi+527]\nand rbx, -16\npush qword [rdi+112]\npopfq\nfxsave64 [rbx]\nfninit\nfxrstor64 [rbx]\nfnstsw ax"]  # fmt: skip
 
 
 @settings(max_examples=25, deadline=None)
 @given(batch=states)
 def test_environment_and_status(batch: list[tuple[int, int, list[int], int, int, int]]) -> None:
-    """FNSTENV/FLDENV/FNSAVE/FRSTOR and FNSTSW: the tag word computed from the contents, FLDCW's pending-exception
-    summary. The FLDCW operand keeps its exceptions masked, so the host takes no #MF."""
+    """FNSTENV/FLDENV/FNSAVE/FRSTOR (32- and 16-bit protected-mode layouts), FXSAVE/FXRSTOR round trips and
+    FNSTSW: the tag word computed from the contents, FLDCW's pending-exception summary. The FLDCW operand keeps
+    its exceptions masked, so the host takes no #MF."""
     for body in ENV:
         for fcw, top, regs, tags, mem, flags in batch:
             mem = mem | 0x3F if "fldcw" in body else mem
