@@ -332,12 +332,13 @@ def test_packed_bcd_round_trip(batch: list[tuple[int, int, list[int], int, int, 
         compare("fbld [rdi+128]\nfld st0\nfbstp [rdi+128]", (fcw, top, regs, tags, v, flags), ~UNDEFINED_CC)
 
 
+ALIGNED_RBX = "lea rbx, [rdi+527]\nand rbx, -16\npush qword [rdi+112]\npopfq\n"  # a 16-byte aligned FXSAVE area
 ENV = ["fnstenv [rdi+288]", "fnstsw ax", "fnstenv [rdi+288]\nfldenv [rdi+288]\nfnstsw ax",
        "fldcw [rdi+128]\nfnstsw ax", "fnclex\nfnstsw ax", "fninit\nfnstsw ax", "fnsave [rdi+288]\nfrstor [rdi+288]",
        "fxch st3\nfnstsw ax", "fld st1\nfsqrt\nfnstsw ax", "o16 fnstenv [rdi+288]",
        "o16 fnstenv [rdi+288]\no16 fldenv [rdi+288]", "o16 fnsave [rdi+288]\no16 frstor [rdi+288]",
-       "lea rbx, [rdi+527]\nand rbx, -16\npush qword [rdi+112]\npopfq\nfxsave [rbx]\nfninit\nfxrstor [rbx]",
-       "lea rbx, [rdi+527]\nand rbx, -16\npush qword [rdi+112]\npopfq\nfxsave64 [rbx]\nfninit\nfxrstor64 [rbx]\nfnstsw ax"]  # fmt: skip
+       f"{ALIGNED_RBX}fxsave [rbx]\nfninit\nfxrstor [rbx]",
+       f"{ALIGNED_RBX}fxsave64 [rbx]\nfninit\nfxrstor64 [rbx]\nfnstsw ax"]  # fmt: skip
 
 
 @settings(max_examples=25, deadline=None)
