@@ -3127,28 +3127,21 @@ class Interpreter:
 
     def _x87_store(self, ins: Instruction, convert: Callable[[int], tuple[int | None, int]], indefinite: int,
                    pop: bool) -> None:  # fmt: skip
-        """Store ST(0) to memory through `convert` (bits or None for no store, exceptions | C1)."""
+        """Store ST(0) to memory through `convert` (bits, or None where an unmasked exception withholds the store
+        and the pop; exceptions | C1). An empty ST(0) stores `indefinite` when IE is masked."""
         stack = self._x87()
         size = MEMSIZE[ins.memory_size]
         a = stack.get(0)
         if a is None:
-            if self.s.fcw & x87.IE:
-                self._mwrite(ins, size, indefinite)
-            return self._x87_underflow(ins, stack, None, 0) if not self.s.fcw & x87.IE or not pop else (
-                self._x87_store_underflow_pop(ins, stack))
-        bits, exc = convert(a)
+            bits, exc = (indefinite if self.s.fcw & x87.IE else None), x87.IE | x87.SF
+        else:
+            bits, exc = convert(a)
         if bits is not None:
             self._mwrite(ins, size, bits)
         stack.signal(exc)
         if pop and bits is not None:
             stack.pop()
         stack.set_cc(exc & x87.C1, x87.C1)
-        self._x87_retire(ins)
-
-    def _x87_store_underflow_pop(self, ins: Instruction, stack: x87.Stack) -> None:
-        stack.signal(x87.IE | x87.SF)
-        stack.pop()
-        stack.set_cc(0, x87.C1)
         self._x87_retire(ins)
 
     @handles(M.FST, M.FSTP)
