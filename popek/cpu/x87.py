@@ -183,11 +183,11 @@ def _encode80(sign: int, m: int, q: int) -> int:
 
 
 class Format:
-    """A binary interchange format x87 stores to or loads from: significand bits (with the integer bit), the
-    exponent range, and whether the integer bit is explicit."""
+    """An IEEE binary interchange format (implicit integer bit) that x87 loads and stores: its precision `p`
+    (significand bits, the integer bit included) and exponent width."""
 
-    def __init__(self, p: int, ebits: int, explicit: bool) -> None:
-        self.p, self.ebits, self.explicit = p, ebits, explicit
+    def __init__(self, p: int, ebits: int) -> None:
+        self.p, self.ebits = p, ebits
         self.bias = (1 << (ebits - 1)) - 1
         self.emax, self.emin = self.bias, 1 - self.bias
         self.fbits = p - 1
@@ -206,8 +206,8 @@ class Format:
         return self.infinity(1) | (1 << (self.fbits - 1))
 
 
-SINGLE = Format(24, 8, False)
-DOUBLE = Format(53, 11, False)
+SINGLE = Format(24, 8)
+DOUBLE = Format(53, 11)
 
 
 def round_ext(sign: int, m: int, e: int, fcw: int, p: int | None = None) -> tuple[int, int]:
@@ -296,20 +296,18 @@ def to_format(fmt: Format, x: int, fcw: int) -> tuple[int | None, int]:
     """FST m32fp/m64fp: the stored bits (None: the store does not happen) and exceptions | C1."""
     k = classify(x)
     sign = sign_of(x)
-    top = sign << (fmt.ebits + fmt.fbits)
-    all_ones = ((1 << fmt.ebits) - 1) << fmt.fbits
     if k == Kind.UNSUPPORTED:
         return (fmt.indefinite() if fcw & IE else None), IE
-    if k in NANS:
+    if k in NANS:  # the payload's high bits, quieted
         exc = IE if k == Kind.SNAN else 0
         if exc and not fcw & IE:
             return None, IE
         frac = ((x & SIG_MASK) >> (63 - fmt.fbits)) & ((1 << fmt.fbits) - 1)
-        return top | all_ones | frac | (1 << (fmt.fbits - 1)), exc
+        return fmt.infinity(sign) | frac | (1 << (fmt.fbits - 1)), exc
     if k == Kind.INFINITY:
-        return top | all_ones, 0
+        return fmt.infinity(sign), 0
     if k == Kind.ZERO:
-        return top, 0
+        return sign << (fmt.ebits + fmt.fbits), 0
     s, m, e = exact(x)  # a denormal source is no DE for a store (SDM vol. 2A FST lists none)
     return round_to_format(fmt, s, m, e, fcw)
 
@@ -417,7 +415,8 @@ def _screen(a: int, b: int | None, fcw: int) -> tuple[int | None, int]:
 # --- arithmetic (the rounding instructions of §8.1.5.2 use PC) ---
 
 
-def add(a: int, b: int, fcw: int, p: int | None = None) -> tuple[int, int]:
+def add(a: int, b: int, fcw: int) -> tuple[int, int]:
+    """FADD: a + b (x + -x is +0, -0 when rounding down)."""
     res, exc = _screen(a, b, fcw)
     if res is not None:
         return res, exc
@@ -437,7 +436,7 @@ def add(a: int, b: int, fcw: int, p: int | None = None) -> tuple[int, int]:
     v = va + vb
     if v == 0:
         return zero(int(rounding(fcw) == RD)), exc
-    value, more = round_ext(1 if v < 0 else 0, abs(v), e, fcw, p)
+    value, more = round_ext(1 if v < 0 else 0, abs(v), e, fcw)
     return value, exc | more
 
 
@@ -446,6 +445,7 @@ def neg(x: int) -> int:
 
 
 def sub(a: int, b: int, fcw: int) -> tuple[int, int]:
+    """FSUB: a - b (a NaN b keeps its sign for NaN selection)."""
     kb = classify(b)
     if kb in NANS or kb == Kind.UNSUPPORTED:
         return add(a, b, fcw)
@@ -453,6 +453,7 @@ def sub(a: int, b: int, fcw: int) -> tuple[int, int]:
 
 
 def mul(a: int, b: int, fcw: int) -> tuple[int, int]:
+    """FMUL: a * b."""
     res, exc = _screen(a, b, fcw)
     if res is not None:
         return res, exc
