@@ -3144,9 +3144,19 @@ class Interpreter:
         stack.set_cc(exc & x87.C1, x87.C1)
         self._x87_retire(ins)
 
-    @handles(M.FST, M.FSTP)
+    @handles(M.FST, M.FSTP, M.FSTPNCE)  # FSTPNCE: D9 D8+i, an alias of FSTP ST(i)
     def _fst(self, ins: Instruction) -> None:
-        pop = ins.mnemonic == M.FSTP
+        pop = ins.mnemonic != M.FST
+        if ins.mnemonic == M.FSTPNCE:  # copies ST(0) and its tag, empty or not, and pops (as the host does)
+            stack = self._x87()
+            i = self._st_index(ins, 0)
+            if stack.empty(0):
+                stack.free(i)  # the destination becomes empty, its contents untouched
+            else:
+                stack.set(i, stack.raw(0))
+            stack.pop()
+            stack.set_cc(0, x87.C1)
+            return self._x87_retire(ins)
         if ins.op0_kind == REGISTER:
             stack = self._x87()
             a = stack.get(0)
@@ -3276,6 +3286,11 @@ class Interpreter:
             stack.pop()
         stack.set_cc(0, x87.C1)  # undefined by the SDM; cleared, as the reference host does
         self._x87_retire(ins)
+
+    @handles(M.FNENI, M.FNDISI, M.FNSETPM, M.FENI, M.FDISI, M.FSETPM)
+    def _fneni(self, ins: Instruction) -> None:
+        """The 8087/287 control instructions (DB E0, E1, E4): no-ops since the 387, FOP/FIP untouched."""
+        self._fpu_check()
 
     @handles(M.FNOP)
     def _fnop(self, ins: Instruction) -> None:

@@ -297,7 +297,11 @@ def test_comparisons(batch: list[tuple[int, int, list[int], int, int, int]]) -> 
 LOADS = ["fld st1", "fld st0", "fld dword [rdi+128]", "fld qword [rdi+128]", "fld tword [rdi+128]",
          "fild word [rdi+128]", "fild dword [rdi+128]", "fild qword [rdi+128]", "fld1", "fldz", "fldpi",
          "fldl2e", "fldl2t", "fldlg2", "fldln2", "fxch st1", "fxch st5", "fincstp", "fdecstp", "ffree st1",
-         "ffree st0\nfld st2", "fnop", "fdecstp\nfdecstp\nfld st1"]  # fmt: skip
+         "ffree st0\nfld st2", "fnop", "fdecstp\nfdecstp\nfld st1",
+         # the aliases (FSTP1 D9 D8+i, FCOM2 DC D0+i, FSTP8 DF D0+i, FXCH4 DD C8+i, FCOMP5 DE D0+i, FFREEP) and
+         # the 287 control instructions FNENI, FNDISI, FNSETPM, which later processors execute as no-ops
+         "db 0xd9, 0xda", "db 0xdc, 0xd1", "db 0xdf, 0xd3", "db 0xdd, 0xc9", "db 0xde, 0xd1", "ffreep st1",
+         "db 0xdb, 0xe0", "db 0xdb, 0xe1", "db 0xdb, 0xe4"]  # fmt: skip
 STORES = ["fst dword [rdi+128]", "fstp qword [rdi+128]", "fst qword [rdi+128]", "fstp dword [rdi+128]",
           "fstp tword [rdi+128]", "fst st2", "fstp st1", "fstp st0", "fist word [rdi+128]",
           "fistp dword [rdi+128]", "fistp qword [rdi+128]", "fist dword [rdi+128]", "fisttp word [rdi+128]",
