@@ -3147,13 +3147,10 @@ class Interpreter:
     @handles(M.FST, M.FSTP, M.FSTPNCE)  # FSTPNCE: D9 D8+i, an alias of FSTP ST(i)
     def _fst(self, ins: Instruction) -> None:
         pop = ins.mnemonic != M.FST
-        if ins.mnemonic == M.FSTPNCE:  # copies ST(0) and its tag, empty or not, and pops (as the host does)
+        if ins.mnemonic == M.FSTPNCE:  # an empty ST(0) is no stack fault: nothing is copied (as the host does)
             stack = self._x87()
-            i = self._st_index(ins, 0)
-            if stack.empty(0):
-                stack.free(i)  # the destination becomes empty, its contents untouched
-            else:
-                stack.set(i, stack.raw(0))
+            if not stack.empty(0):
+                stack.set(self._st_index(ins, 0), stack.raw(0))
             stack.pop()
             stack.set_cc(0, x87.C1)
             return self._x87_retire(ins)
