@@ -15,6 +15,14 @@ Classes: zero, denormal (exponent 0, integer bit 0), pseudo-denormal (exponent 0
 denormal operand with the exponent of the smallest normal), normal, infinity, QNaN, SNaN, and the unsupported
 encodings (unnormals, pseudo-infinities, pseudo-NaNs), which are invalid operands (§8.2.2).
 
+Measured on the reference AMD family 19h host where the SDM is silent or loose, and followed here: a store
+(FST m32/m64, FIST, FBSTP) of a denormal raises no DE; x / 0 with a denormal x signals ZE alone; FLD m32/m64 of a
+denormal with DE unmasked still loads it; an unmasked IE/DE/ZE clears C1 and suppresses PE/UE/OE; comparisons
+set C3/C2/C0 (FCOMI: ZF/PF/CF, with OF/SF/AF cleared) even when an unmasked exception withholds the pops; FYL2X
+reports PE for a power-of-two ST(0) other than 1; an overflow beyond even the rebiased range (FSCALE) gives
+infinity; FPREM's C2 is cleared on a stack fault or invalid operand; FCW bits 15:13 and 7 read as 0, bit 6 as 1.
+Where the SDM is explicit and the host differs (FCOMI leaves C1 alone; the SDM clears it), the SDM is followed.
+
 Transcendental instructions (FSIN, FCOS, FSINCOS, FPTAN, FPATAN, F2XM1, FYL2X, FYL2XP1) are computed here from
 exact integer series with over a hundred guard bits and then rounded once: within 1 ulp of the exact result
 (almost always correctly rounded), but not bit-exact with a given processor, whose microcode approximations
