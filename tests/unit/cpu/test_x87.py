@@ -334,6 +334,15 @@ def test_16_bit_and_real_mode_environment_layouts() -> None:
     assert words[5] == ((s.fds << 4) + 0x100) & 0xFFFF
     env32 = struct.unpack("<7I", m.mem.read(0x10000 + 0x300, 28))
     assert env32[0] >> 16 == 0xFFFF and env32[3] == lin_ip & 0xFFFF and env32[4] >> 12 == lin_ip >> 16
+    # FLDENV of either real-mode layout gives back the linear pointers (with FCS = FDS = 0) and the opcode
+    for layout, at in (("o16", 0x200), ("o32", 0x300)):
+        restore = Machine(16)
+        restore.mem.write(0x10000 + at, m.mem.read(0x10000 + at, 28))
+        restore.load(f"{layout} fldenv [{at:#x}]\nhlt")
+        restore.run(10)
+        r = restore.cpu.state
+        assert (r.fip, r.fcs, r.fop, r.fdp, r.fds) == (lin_ip, 0, s.fop, (s.fds << 4) + 0x100, 0)
+        assert r.fsw == s.fsw and r.ftw == s.ftw
 
 
 @pytestmark_nasm
