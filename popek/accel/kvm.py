@@ -42,6 +42,7 @@ from popek.accel.kvm_syscall import UserSyscallAssist
 from popek.boot.entry import EntryState
 from popek.bus import BoundedCounter, Bus
 from popek.cpu import xsave
+from popek.cpu.interp import KVM_ENOSYS
 from popek.cpuid import apply_template, for_vcpu
 from popek.devices.irq import IrqLine
 from popek.errors import ConfigError, GuestMemoryError
@@ -69,7 +70,6 @@ KICK_SIGNAL = signal.SIGUSR1
 
 
 WATCHDOG_PERIOD = 0.25
-KVM_ENOSYS = 1000
 HALT_PROBES = 2  # consecutive watchdog periods every vCPU must be found unable to wake before the VM stops
 
 

@@ -153,6 +153,8 @@ K = iced_x86.OpKind
 _MS = iced_x86.MemorySize
 
 M32 = 0xFFFF_FFFF
+KVM_ENOSYS = 1000  # KVM's hypercall error numbers (include/uapi/linux/kvm_para.h)
+KVM_EPERM = 1
 FSW_ES = 1 << 7  # x87 status word: exception summary
 # decoded instructions kept (a Linux boot executes ~60k distinct ones); a few hundred bytes each at most
 DECODE_CACHE_ENTRIES = 1 << 18
@@ -1916,6 +1918,20 @@ class Interpreter:
     @handles(M.UD0, M.UD1, M.UD2)
     def _ud2(self, ins: Instruction) -> None:
         raise _ud()
+
+    @handles(M.VMCALL, M.VMMCALL)
+    def _hypercall(self, ins: Instruction) -> None:
+        """The hypercall instruction of the vendor CPUID names (Intel's VMCALL, AMD's VMMCALL; the other one is
+        #UD, as on a processor outside VMX/SVM operation) calls the hypervisor, which for this CPU is popek. It
+        answers with KVM's hypercall ABI (Linux Documentation/virt/kvm/x86/hypercalls.rst), so a guest written
+        for KVM sees what KVM would tell it: popek implements no hypercall, so RAX = -KVM_ENOSYS, and -KVM_EPERM
+        from CPL > 0; the result is truncated to 32 bits outside 64-bit mode."""
+        s = self.s
+        if (ins.mnemonic == M.VMCALL) != self.intel:
+            raise _ud()
+        result = -KVM_EPERM if s.cpl else -KVM_ENOSYS
+        long64 = s.efer & EFER_LMA and s.seg[CS].l
+        s.gpr[RAX] = result & (MASK64 if long64 else M32)
 
     # ------------------------------------------------------------------ string instructions
 
