@@ -274,7 +274,20 @@ STORAGE_MSRS = frozenset(
 )
 CANONICAL_MSRS = frozenset({MSR_LSTAR, MSR_CSTAR, MSR_KERNEL_GS_BASE, MSR_FS_BASE, MSR_GS_BASE,
                             MSR_IA32_SYSENTER_ESP, MSR_IA32_SYSENTER_EIP})  # fmt: skip
-MSR_DEFAULTS = {MSR_PAT: 0x0007040600070406, MSR_MTRRCAP: 0x508, MSR_IA32_APIC_BASE: 0xFEE00900}
+# Machine-check architecture (vol. 3B ch. 16), which CPUID's MCE and MCA bits promise: MCG_CAP (read-only: the bank
+# count, no MCG_CTL), MCG_STATUS, and per bank CTL/STATUS/ADDR/MISC at 0x400 + 4 * bank. No machine check ever
+# happens on this CPU, so the banks only hold what software writes.
+MSR_MCG_CAP, MSR_MCG_STATUS = 0x179, 0x17A
+MCE_BANKS = 10  # as QEMU's CPU models have
+MSR_MC0_CTL = 0x400
+MCE_BANK_MSRS = range(MSR_MC0_CTL, MSR_MC0_CTL + 4 * MCE_BANKS)
+MSR_DEFAULTS = {
+    MSR_PAT: 0x0007040600070406,
+    MSR_MTRRCAP: 0x508,
+    MSR_IA32_APIC_BASE: 0xFEE00900,
+    MSR_MISC_ENABLE: 1 | 1 << 11 | 1 << 12,  # fast strings; BTS and PEBS unavailable (read-only), as KVM sets it
+    MSR_MCG_CAP: MCE_BANKS,
+}
 
 
 def canonical(addr: int) -> bool:
@@ -360,18 +373,20 @@ def default_cpuid(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
             | 1 << 4
             | 1 << 5
             | 1 << 6
+            | 1 << 7
             | 1 << 8
             | 1 << 9
             | 1 << 11
             | 1 << 12
             | 1 << 13
+            | 1 << 14
             | 1 << 15
             | 1 << 16
             | 1 << 19
             | 1 << 24
             | 1 << 25
             | 1 << 26
-        )  # fmt: skip  FPU DE PSE TSC MSR PAE CX8 APIC SEP MTRR PGE CMOV PAT CLFSH FXSR SSE SSE2
+        )  # fmt: skip  FPU DE PSE TSC MSR PAE MCE CX8 APIC SEP MTRR PGE MCA CMOV PAT CLFSH FXSR SSE SSE2
         return eax, ebx, ecx, edx
     if leaf == 7 and subleaf == 0:
         # FSGSBASE, BMI1, SMEP, BMI2, ERMS, RDSEED, ADX, SMAP; ECX: UMIP, RDPID
@@ -2556,7 +2571,7 @@ class Interpreter:
             return s.seg[GS].base
         if index == MSR_IA32_TSC:
             return (self.tsc() + s.tsc_offset) & MASK64
-        if index in STORAGE_MSRS or index in MSR_DEFAULTS:
+        if index in STORAGE_MSRS or index in MSR_DEFAULTS or index == MSR_MCG_STATUS or index in MCE_BANK_MSRS:
             return s.msrs.get(index, MSR_DEFAULTS.get(index, 0))
         raise _gp0()
 
@@ -2581,8 +2596,22 @@ class Interpreter:
             s.seg[GS].base = value
         elif index == MSR_IA32_TSC:
             s.tsc_offset = (value - self.tsc()) & MASK64
-        elif index == MSR_MTRRCAP:
-            raise _gp0()
+        elif index in (MSR_MTRRCAP, MSR_MCG_CAP):
+            raise _gp0()  # read-only
+        elif index == MSR_MISC_ENABLE:
+            ro = 1 << 7 | 1 << 11 | 1 << 12  # performance monitoring available, BTS and PEBS unavailable
+            s.msrs[index] = (value & ~ro) | (self.read_msr(index) & ro)
+        elif index == MSR_MCG_STATUS:
+            s.msrs[index] = value
+        elif index in MCE_BANK_MSRS:
+            register = (index - MSR_MC0_CTL) % 4
+            # MCi_CTL enables error reporting per bit: 0 or all ones (bit 10 aside, an AMD erratum KVM tolerates);
+            # MCi_STATUS may only be cleared
+            if register == 0 and value and (value | 1 << 10) != MASK64:
+                raise _gp0()
+            if register == 1 and value:
+                raise _gp0()
+            s.msrs[index] = value
         elif index == MSR_PAT:
             if any(((value >> (8 * i)) & 0xFF) not in (0, 1, 4, 5, 6, 7) for i in range(8)):
                 raise _gp0()
