@@ -380,6 +380,8 @@ class _ExecSession:
         self, until: Callable[[], bool], deadline: float | None, can_read: Callable[[], bool] = lambda: True
     ) -> bool:
         """Move bytes both ways until until() holds (True), the deadline passes or nothing can move (False)."""
+        if can_read():
+            self._dispatch()  # frames that came in with an earlier one (STARTED's recv may hold the whole run)
         while not until():
             with self._send_lock:
                 if self.exit is None:

@@ -4,15 +4,15 @@ config and a rootfs recipe instead of binaries.
 Recipe (RECIPE_VERSION): Debian's ``linux-source-6.1`` tarball, ``make tinyconfig``, the fragment ``guest.config``
 merged with ``scripts/kconfig/merge_config.sh -m`` and settled with ``make olddefconfig``, every fragment option
 checked in the result (kconfig.py), then ``make vmlinux bzImage``; popek boots ``vmlinux`` through its PVH entry
-(no decompressor to emulate) and keeps ``bzImage`` as a second artefact. The initramfs is Debian's
-``busybox-static`` with popek's ``init`` and its guest agent, compiled statically from popek/agent/guest/
-(popek/agent/binary.py) (initramfs.py).
+(no decompressor to emulate) and keeps ``bzImage`` as a second artefact. The initramfs (initramfs.py) is Debian's
+``busybox-static`` with popek's ``init`` and its guest agent, compiled statically from popek/agent/guest/ as
+popek/agent/binary.py says.
 
 Cache: ``$XDG_CACHE_HOME/popek`` (default ``~/.cache/popek``), one ``guest-<key>`` folder per set of inputs, the key a
 hash of everything that changes the artefacts (the fragment, the init script, the agent's sources and compiler
-flags, the package versions, the tarball's size and mtime, the recipe version). A build runs in a ``.staging-*`` folder of the same file system and is
-published by one rename, so an interrupted build is never taken for a finished one; a lock per key makes a second
-popek wait for the first instead of building the same thing twice.
+flags, the package versions, the tarball's size and mtime, the recipe version). A build runs in a ``.staging-*``
+folder of the same file system and is published by one rename, so an interrupted build is never taken for a finished
+one; a lock per key makes a second popek wait for the first instead of building the same thing twice.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The default guest's initramfs: Debian's static busybox, one symlink per applet, popek's guest agent
-(/sbin/popek-agent, popek/agent/) and popek's /init, as an uncompressed newc cpio (see cpio.py; the kernel config has BLK_DEV_INITRD and no decompressor is needed).
+(/sbin/popek-agent, popek/agent/) and popek's /init, as an uncompressed newc cpio (see cpio.py; the kernel config
+has BLK_DEV_INITRD and no decompressor is needed).
 
 The symlinks are written here rather than by ``busybox --install -s`` at boot: a few hundred symlink() calls in
 the guest are a few hundred system calls the guest kernel would run, possibly emulated; in the archive they cost

@@ -347,6 +347,19 @@ static void queue_exit(struct run *r)
 		r->exit_queued = 1;
 }
 
+/* the complete frames buffered from the host: 0, or -kind for a broken rule */
+static int take_frames(struct run *r, char *why, size_t why_size)
+{
+	struct frame f;
+	int taken;
+	while ((taken = conn_take(r->c, &f, why, why_size)) == TAKE_FRAME) {
+		unsigned kind = on_frame(r, &f, why, why_size);
+		if (kind)
+			return -(int)kind;
+	}
+	return taken == TAKE_BAD ? -PA_ERR_PROTOCOL : 0;
+}
+
 static int64_t earliest(int64_t a, int64_t b) { return a == 0 || (b != 0 && b < a) ? b : a; }
 
 /* 1 when EXIT is sent, 0 when the host is gone (the child killed), -kind on a broken rule (the child killed) */
@@ -354,6 +367,11 @@ static int run_loop(struct run *r, int sigfd, char *why, size_t why_size)
 {
 	struct conn *c = r->c;
 	for (;;) {
+		int broken = take_frames(r, why, why_size); /* some may have come with the request itself */
+		if (broken)
+			return broken;
+		if (r->stdin_fd >= 0 && (r->in_end > r->in_start || r->veof_pending))
+			pump_stdin(r);
 		int64_t now = now_ms();
 		if (!r->reaped && r->deadline_ms && !r->timed_out && now >= r->deadline_ms) {
 			r->timed_out = 1;
@@ -436,17 +454,13 @@ static int run_loop(struct run *r, int sigfd, char *why, size_t why_size)
 		}
 		if (p[i_sock].revents & (POLLIN | POLLHUP | POLLERR)) {
 			int filled = conn_fill(c);
-			if (filled == FILL_EOF || filled == FILL_ERROR)
-				return 0;
-			struct frame f;
-			int taken;
-			while ((taken = conn_take(c, &f, why, why_size)) == TAKE_FRAME) {
-				unsigned kind = on_frame(r, &f, why, why_size);
-				if (kind)
-					return -(int)kind;
+			if (filled == FILL_EOF || filled == FILL_ERROR) {
+				int broken = take_frames(r, why, why_size); /* the host's last words still count */
+				return broken ? broken : 0;
 			}
-			if (taken == TAKE_BAD)
-				return -PA_ERR_PROTOCOL;
+			int broken = take_frames(r, why, why_size);
+			if (broken)
+				return broken;
 		}
 		if ((p[i_sock].revents & POLLOUT) && conn_flush_some(c) < 0)
 			return 0;
