@@ -515,7 +515,7 @@ class Process:
         """The result if the process has exited (its unread output included), else None, without waiting."""
         with self._lock:
             if self._result is None and self._session.exit is None:
-                self._session.pump(lambda: self._session.exit is not None, time.monotonic())
+                self._session.pump(lambda: self._session.exit is not None, time.monotonic(), self._room)
             return self.wait() if self._session.exit is not None else None
 
     def wait(self, timeout: float | None = None) -> ExecResult:
