@@ -68,9 +68,13 @@ class RunningAgent:
 
 
 @contextlib.contextmanager
-def run_agent(agent_path: Path, *args: str, cwd: Path | None = None) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def run_agent(
+    agent_path: Path, *args: str, cwd: Path | None = None, pass_fds: tuple[int, ...] = ()
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """The agent started with args; yields it and its 'listening on' line (stopped by its pid afterwards)."""
-    process = subprocess.Popen([str(agent_path), *args], stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=cwd)
+    process = subprocess.Popen(
+        [str(agent_path), *args], stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=cwd, pass_fds=pass_fds
+    )
     try:
         assert process.stderr is not None
         line = process.stderr.readline().decode()
@@ -694,6 +698,19 @@ def test_tcp_binds_loopback_only(agent_path: Path) -> None:
         assert client.exec(["echo", "tcp"]).stdout == b"tcp\n"
     refused = subprocess.run([str(agent_path), "--tcp", "0.0.0.0:0"], capture_output=True, timeout=10, check=False)
     assert refused.returncode == 1 and b"loopback addresses only" in refused.stderr
+
+
+def test_descriptors_the_agent_inherits_do_not_reach_commands(agent_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    folder = Path(tempfile.mkdtemp(prefix="popek-agent-"))
+    try:
+        with run_agent(agent_path, "--unix", str(folder / "s"), pass_fds=(read_end, write_end)):
+            listed = AgentClient(unix_connector(folder / "s")).exec(["ls", "/proc/self/fd"]).stdout.split()
+        assert sorted(listed) == [b"0", b"1", b"2", b"3"]  # 3: ls's own listing of the folder
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        shutil.rmtree(folder)
 
 
 def test_bad_arguments_are_one_line(agent_path: Path) -> None:

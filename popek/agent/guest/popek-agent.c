@@ -249,6 +249,12 @@ int main(int argc, char **argv)
 		}
 		fcntl(fd, F_SETFD, 0); /* a standard descriptor, as a child expects it */
 	}
+	/* whatever else the launcher left open is not for the commands we run */
+	if (close_range(3, ~0u, CLOSE_RANGE_CLOEXEC) < 0) {
+		long max = sysconf(_SC_OPEN_MAX);
+		for (int fd = 3; fd < (max > 0 && max < 65536 ? max : 65536); fd++)
+			fcntl(fd, F_SETFD, FD_CLOEXEC);
+	}
 	int listen_fd = -1;
 	char name[160];
 	if (argc == 1) {
