@@ -251,11 +251,17 @@ class _Channel:
         return time.monotonic() + self.timeout
 
     def wait(self, events: int, deadline: float | None) -> int:
-        """The events that are ready (0 when the deadline passed)."""
+        """The events that are ready (0 when the deadline passed). One thread at a time (the reading one)."""
         self._poll.modify(self.sock, events)
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
         ready = self._poll.poll(timeout)
         return ready[0][1] if ready else 0
+
+    def wait_writable(self, deadline: float) -> bool:
+        """For a thread other than the reading one (a poll object serves one poll() call at a time)."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLOUT)
+        return bool(poller.poll(max(0.0, deadline - time.monotonic()) * 1000))
 
     def receive(self) -> None:
         try:
@@ -352,7 +358,7 @@ class _ExecSession:
                 self.channel.send_some(self._outgoing)
                 if not self._outgoing:
                     return
-            if not self.channel.wait(select.POLLOUT, deadline):
+            if not self.channel.wait_writable(deadline):
                 raise AgentUnavailable(f"the agent did not take a control frame within {self.channel.timeout} s")
 
     def _frame_stdin(self) -> None:

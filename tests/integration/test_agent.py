@@ -304,6 +304,16 @@ def test_spawn_write_read_kill_and_wait(agent: RunningAgent) -> None:
         process.kill()  # after the end: nothing happens
 
 
+def test_kill_from_another_thread_while_one_waits(agent: RunningAgent) -> None:
+    with agent.client.spawn(["sleep", "30"]) as process:
+        # the waiting thread holds the connection's reader; the killing one must not need it
+        killer = threading.Timer(0.3, process.kill, args=(signal.SIGTERM,))
+        killer.start()
+        result = process.wait(timeout=10)
+        killer.join()
+    assert result.signal == signal.SIGTERM
+
+
 def test_a_signal_is_not_held_up_by_stdin_the_child_does_not_read(agent: RunningAgent) -> None:
     with agent.client.spawn(["sleep", "30"]) as process:
         with pytest.raises(CommandTimeout, match="did not take its stdin"):
