@@ -2,23 +2,22 @@
 65535 and wait forever for 65534 APs), the FADT's PM timer, and their exit through the 4-byte debug-exit port.
 Whether each test's checks pass is the CPU's and the backends' business, not asserted here.
 
-The suite's images are taken from $POPEK_KVM_UNIT_TESTS (default /work/shared/kvm-unit-tests/x86, where this
-project's machines keep a build; see its README); the tests skip where there is none.
+The suite's images are found by tests/kvm_unit_tests.py; the tests skip where there is none.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.kvm_unit_tests import AVAILABLE, IMAGES, WHY_ABSENT
+
 from .guests import KVM_MARKS
 
-KUT = Path(os.environ.get("POPEK_KVM_UNIT_TESTS", "/work/shared/kvm-unit-tests/x86"))
-pytestmark = [pytest.mark.skipif(not (KUT / "msr.flat").exists(), reason=f"no kvm-unit-tests build in {KUT}")]
+KUT = IMAGES
+pytestmark = [pytest.mark.skipif(not AVAILABLE, reason=WHY_ABSENT)]
 
 
 def run(flat: str, accel: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
