@@ -41,7 +41,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-DEFAULT_SUITE = Path(__file__).resolve().parent.parent.parent / "shared" / "kvm-unit-tests"
+CHECKOUT = Path(__file__).resolve().parent.parent
+# the project's shared/ folder beside the checkout (as on the project's machines and in CI), else /work/shared
+DEFAULT_SUITE = next(
+    (
+        p / "kvm-unit-tests"
+        for p in (CHECKOUT.parent / "shared", Path("/work/shared"))
+        if (p / "kvm-unit-tests").is_dir()
+    ),
+    CHECKOUT.parent / "shared" / "kvm-unit-tests",
+)
 DEFAULT_TIMEOUT = 90.0
 QEMU_DEFAULT_MEM_MIB = 128  # what QEMU's pc machine gives a guest without -m (upstream passes none)
 BACKENDS = ("kvm", "soft", "tcg")
@@ -194,7 +203,16 @@ def command(entry: Entry, backend: str, env_file: Path, popek: list[str]) -> lis
             "--initrd", str(env_file), "--pc-testdev"]  # fmt: skip
 
 
-def run_one(entry: Entry, backend: str, suite: Path, logs: Path, popek: list[str]) -> Result:
+def checkout_environment() -> dict[str, str]:
+    """The environment popek runs in: from the suite's directory, it must still import this checkout's popek."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(CHECKOUT), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def run_one(entry: Entry, backend: str, suite: Path, logs: Path, popek: list[str] | None = None) -> Result:
+    """Run `entry` on `backend` (kvm, soft or tcg) as upstream would; its serial log goes to `logs`."""
+    popek = popek or [sys.executable, "-m", "popek"]
     reason = skip_reason(entry, backend)
     if reason:
         return Result(entry.name, backend, "SKIP", reason=reason)
@@ -211,8 +229,15 @@ def run_one(entry: Entry, backend: str, suite: Path, logs: Path, popek: list[str
         with log.open("wb") as out:
             out.write(("$ " + shlex.join(argv) + "\n").encode())
             out.flush()
-            proc = subprocess.Popen(argv, cwd=suite, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE,
-                                    start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(
+                argv,
+                cwd=suite,
+                env=checkout_environment(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
             try:
                 # QEMU has no timeout of its own: upstream wraps it in `timeout`; popek's --timeout ends it itself
                 _, err = proc.communicate(timeout=entry.timeout + (GRACE if backend != "tcg" else 0))
@@ -316,9 +341,6 @@ def main(argv: list[str] | None = None) -> int:
     logs = args.logs or Path(tempfile.mkdtemp(prefix="kut-logs-"))
     logs.mkdir(parents=True, exist_ok=True)
     popek = shlex.split(args.popek)
-    # popek runs from the suite directory; make sure it imports this checkout's popek, not another one
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent),
-                                                *filter(None, [os.environ.get("PYTHONPATH")])])  # fmt: skip
     print(f"kvm-unit-tests in {suite}; logs in {logs}; {len(entries)} entries x {len(backends)} backends", flush=True)
 
     results: dict[tuple[str, str], Result] = {}

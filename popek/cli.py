@@ -91,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--kvm-device", default="/dev/kvm", help="the KVM device (default /dev/kvm)")
     run.add_argument("--timeout", type=float, default=None, help="stop the VM after this many seconds")
     run.add_argument("--stats", action="store_true", help="print exit, port, MMIO and assist counts at the end")
+    run.add_argument("--no-acpi", action="store_true", help="no ACPI tables or PM registers (the MP table only)")
+    run.add_argument(
+        "--pc-testdev", action="store_true", help="attach QEMU's pc-testdev (ports 0xe0, 0x2000; MMIO 0xff000000)"
+    )
     run.add_argument(
         "--disk",
         action="append",
@@ -153,6 +157,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cpu_template=args.cpu_template,
         timeout=args.timeout,
         kvm_device=args.kvm_device,
+        acpi=not args.no_acpi,
+        pc_testdev=args.pc_testdev,
         disks=disks,
         rng=args.rng,
         console2=Path(args.console2) if args.console2 is not None else None,

@@ -54,7 +54,11 @@ KVM_FEATURE_PV_SCHED_YIELD = 1 << 13
 KVM_HYPERCALL_FEATURES = KVM_FEATURE_PV_UNHALT | KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_SCHED_YIELD
 
 # The instruction families a host may fail to execute for a guest, and the CPUID bits that advertise them.
-FAMILIES = ("xsave", "cmpxchg16b", "hypercall")
+FAMILIES = ("xsave", "avx", "cmpxchg16b", "hypercall")
+# XSAVE state components (leaf 0xD) that exist only with AVX: YMM, the AVX-512 opmask/ZMM ones, AMX tiles
+XCR0_X87_SSE = 0x3
+XSTATE_AVX_FAMILY = (1 << 2) | (0x7 << 5) | (0x3 << 17)
+XSAVE_LEGACY_AND_HEADER = 512 + 64
 
 
 def _edit(entries: list[CpuidEntry], function: int, index: int | None = None, **changes: int) -> None:
@@ -68,6 +72,21 @@ def _get(entries: Sequence[CpuidEntry], function: int, index: int = 0) -> CpuidE
         if e.function == function and (e.index == index or not e.flags & 1):
             return e
     return None
+
+
+def _without_avx_state(entries: list[CpuidEntry]) -> list[CpuidEntry]:
+    """Leaf 0xD without the AVX-family state components: gone from sub-leaf 0's supported mask (whose ECX, the
+    largest area, shrinks to what remains), their own sub-leaves removed, so a guest never enables them in XCR0."""
+    kept = [e for e in entries if not (e.function == 0xD and e.index >= 2 and XSTATE_AVX_FAMILY >> e.index & 1)]
+    leaf = _get(kept, 0xD, 0)
+    if leaf is not None:
+        mask = leaf.eax & ~XSTATE_AVX_FAMILY
+        size = XSAVE_LEGACY_AND_HEADER
+        for e in kept:
+            if e.function == 0xD and e.index >= 2 and mask >> e.index & 1:
+                size = max(size, e.ebx + e.eax)  # the component's offset and size
+        _edit(kept, 0xD, 0, eax=mask, ecx=size)
+    return kept
 
 
 def apply_template(
@@ -87,17 +106,23 @@ def apply_template(
             ecx &= ~ECX_CX16
         if "xsave" in unavailable:
             ecx &= ~(ECX_XSAVE | ECX_AVX | ECX_FMA | ECX_F16C)
+        if "avx" in unavailable:
+            ecx &= ~(ECX_AVX | ECX_FMA | ECX_F16C)
         _edit(entries, 1, ecx=ecx)
+    if "avx" in unavailable and "xsave" not in unavailable:
+        entries = _without_avx_state(entries)
     if "xsave" in unavailable:
         entries = [e for e in entries if e.function != 0xD]
+    if "xsave" in unavailable or "avx" in unavailable:
         l7 = _get(entries, 7, 0)
         if l7 is not None:
+            pku = L7_ECX_PKU_OSPKE if "xsave" in unavailable else 0  # PKRU is XSAVE state, not AVX's
             _edit(
                 entries,
                 7,
                 0,
                 ebx=l7.ebx & ~(L7_EBX_AVX2 | L7_EBX_AVX512),
-                ecx=l7.ecx & ~(L7_ECX_AVX512 | L7_ECX_VAES_VPCLMUL | L7_ECX_PKU_OSPKE),
+                ecx=l7.ecx & ~(L7_ECX_AVX512 | L7_ECX_VAES_VPCLMUL | pku),
                 edx=l7.edx & ~(L7_EDX_AVX512 | L7_EDX_AMX),
             )
         entries = [e for e in entries if not (e.function == 7 and e.index == 1)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,13 @@ from dataclasses import dataclass, field
 from popek.errors import ConfigError, GuestMemoryError
 
 PAGE_SIZE = 4096
+_PROT_READ, _PROT_WRITE = mmap.PROT_READ, mmap.PROT_WRITE
+# PyDLL, not CDLL: the GIL stays held across the call, so no other Python thread touches guest RAM between the
+# two mprotect calls of `GuestMemory.remap_page`
+_libc = ctypes.PyDLL(None, use_errno=True)
+_mprotect = _libc.mprotect
+_mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_mprotect.restype = ctypes.c_int
 MMIO_HOLE_START = 0xC000_0000
 MMIO_HOLE_END = 0x1_0000_0000
 FILL_CHUNK = 1 << 20  # the most host memory one fill or zero builds at a time
@@ -219,6 +227,24 @@ class GuestMemory:
         chunk = region.mapping[offset : min(offset + limit, region.size)]
         end = chunk.find(b"\0")
         return chunk if end < 0 else chunk[:end]
+
+    def remap_page(self, gpa: int) -> bool:
+        """Make the host kernel drop every mapping it derived from the RAM page at `gpa`, keeping its contents:
+        the page is made read-only and then read-write again, and the change of protection runs the kernel's MMU
+        notifiers, so KVM forgets its EPT or shadow entries for the page and the guest's next access to it faults
+        into KVM's MMU. This is what QEMU's pc-testdev flush-page port does (with PROT_NONE; read-only is enough
+        for the notifiers and keeps readers safe). A write to the page by another vCPU inside KVM_RUN in the
+        microseconds between the two calls would fail that KVM_RUN (an error stop). Returns False for an address
+        outside RAM."""
+        if not self.contains(gpa - gpa % PAGE_SIZE, PAGE_SIZE):
+            return False
+        page = gpa - gpa % PAGE_SIZE
+        region, offset = self._find(page, PAGE_SIZE)
+        address = region.host_address + offset
+        if _mprotect(address, PAGE_SIZE, _PROT_READ) or _mprotect(address, PAGE_SIZE, _PROT_READ | _PROT_WRITE):
+            errno = ctypes.get_errno()
+            raise GuestMemoryError(f"mprotect of guest page {page:#x} failed: {os.strerror(errno)}")
+        return True
 
     # --- dirty tracking ---
 

@@ -1,8 +1,10 @@
 """A virtual machine built from a `VmSpec`, run on one of the backends, stopped cleanly with a reason.
 
 `Vm.__init__` is the builder, in Firecracker's order and read top to bottom: guest memory → accelerator →
-buses and legacy devices (`_attach_*`) → virtio devices (`_attach_virtio`, which also extends the kernel command
-line) → kernel, initrd and command line → MP table → boot vCPU state.
+buses, legacy devices and the firmware-visible ones (`_attach_*`: fw_cfg, the ACPI PM block, the reset
+register, the Bochs shutdown port, pc-testdev if asked) → virtio devices (`_attach_virtio`, which also extends the
+kernel command line) → kernel, initrd and command line → MP table and ACPI tables → boot vCPU state. Every device
+goes on a bus under its own name, which `--stats` reports.
 `Vm.run` starts one thread per vCPU and returns the `Stop` that ended the VM, whoever caused it: the guest
 (reset, debug-exit port, triple fault), the VMM (an error), or the host (a signal, a timeout).
 """
@@ -25,13 +27,18 @@ from popek.accel.exits import Stop, StopReason
 from popek.accel.kvm import KvmAccel
 from popek.accel.lockstep import LockstepAccel
 from popek.accel.soft import SoftAccel
-from popek.boot import load_kernel, mptable
+from popek.boot import acpi, load_kernel, mptable
 from popek.boot.bootsector import is_boot_sector
 from popek.boot.loader import BootFiles, BootImage, encode_cmdline, read_file
 from popek.bus import Bus, Window
+from popek.devices import acpi_pm, pc_testdev
+from popek.devices.fw_cfg import PORT_COUNT as FW_CFG_PORTS
+from popek.devices.fw_cfg import FwCfg
+from popek.devices.legacy.bochs_shutdown import BochsShutdown
 from popek.devices.legacy.cmos import Cmos
 from popek.devices.legacy.i8042 import I8042
-from popek.devices.legacy.misc import DebugExit, PostCode
+from popek.devices.legacy.misc import DEBUG_EXIT_SIZE, DebugExit, PostCode
+from popek.devices.legacy.reset_control import RESET_VALUE, ResetControl
 from popek.devices.legacy.serial import Serial
 from popek.devices.virtio.blk import BlockDevice, DiskImage, DiskSpec
 from popek.devices.virtio.console import ConsoleDevice, ConsoleHost
@@ -46,6 +53,11 @@ I8042_PORT = 0x60
 CMOS_PORT = 0x70
 POST_PORT = 0x80
 DEBUG_EXIT_PORT = 0xF4
+FW_CFG_PORT = 0x510
+ACPI_PM_BASE = 0x600  # PIIX4's PMBA under QEMU: PM1a_EVT 0x600, PM1a_CNT 0x604, PM_TMR 0x608
+SCI_IRQ = 9
+RESET_CONTROL_PORT = 0xCF9
+BOCHS_SHUTDOWN_PORT = 0x8900
 MMIO_STATS_GRANULE = PAGE_SIZE
 SERIAL_TAIL = 1 << 20
 ACCELS = ("kvm", "soft", "lockstep")
@@ -74,6 +86,8 @@ class VmSpec:
     timeout: float | None = None
     debug_exit: bool = True
     kvm_device: str = "/dev/kvm"
+    acpi: bool = True  # ACPI tables and the PM registers (--no-acpi: MP table only, as for a pre-ACPI PC)
+    pc_testdev: bool = False  # QEMU's pc-testdev (--pc-testdev), for kvm-unit-tests
     disks: list[DiskSpec] = field(default_factory=list)
     rng: bool = False
     console2: Path | None = None  # a second console (virtio-console, /dev/hvc0 in the guest)
@@ -177,6 +191,11 @@ class SerialLog:
             self.sink(data)
 
 
+def _placements(bus: Bus) -> str:
+    """The devices on a bus and where, as `--stats` lists them."""
+    return ", ".join(f"{r.name} {r.base:#x}" + (f"-{r.end - 1:#x}" if r.size > 1 else "") for r in bus.ranges())
+
+
 class Vm:
     def __init__(self, spec: VmSpec, console: Callable[[bytes], None] | None = None) -> None:
         spec.validate()
@@ -204,12 +223,16 @@ class Vm:
             self._stop_lock = threading.Lock()
             self.stopping = threading.Event()
             self._attach_legacy_devices()
+            self._attach_firmware_devices()
+            if spec.pc_testdev:
+                self._attach_pc_testdev()
             self._attach_virtio_devices()
             # a boot sector takes no command line: it finds the devices at their fixed addresses
             announce = [] if is_boot_sector(kernel) else [slot.cmdline for slot in self.virtio]
             cmdline = extend_cmdline(spec.cmdline, announce)
             self.boot: BootImage = load_kernel(self.mem, kernel, cmdline, initrd, files)
             mptable.write(self.mem, spec.cpus)
+            self.acpi: acpi.AcpiTables | None = acpi.write(self.mem, self._acpi_platform()) if spec.acpi else None
             self.accel.set_boot_state(self.boot.entry)
         except BaseException:
             self.close()
@@ -241,7 +264,72 @@ class Vm:
                     Stop(StopReason.DEBUG_EXIT, f"the guest wrote to the debug-exit port (status {status})", status)
                 )
             )
-            self.pio.insert(DEBUG_EXIT_PORT, 1, exit_dev, "debug exit")
+            self.pio.insert(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, exit_dev, "debug exit")
+
+    def _attach_firmware_devices(self) -> None:
+        """What QEMU's PC gives firmware-less guests: fw_cfg, the PIIX's reset control register, the Bochs
+        shutdown port and, with ACPI, the PIIX4 power-management registers the FADT points at."""
+        assert self.accel is not None
+        self.fw_cfg = FwCfg(self.spec.mem, self.spec.cpus)
+        self.pio.insert(FW_CFG_PORT, FW_CFG_PORTS, self.fw_cfg, "fw_cfg")
+        self.reset_control = ResetControl(
+            lambda: self.request_stop(Stop(StopReason.RESET, "the guest reset the machine (reset control 0xcf9)"))
+        )
+        self.pio.insert(RESET_CONTROL_PORT, 1, self.reset_control, "reset control")
+        self.bochs_shutdown = BochsShutdown(
+            lambda: self.request_stop(Stop(StopReason.POWEROFF, "the guest powered off (Bochs shutdown port)"))
+        )
+        self.pio.insert(BOCHS_SHUTDOWN_PORT, 1, self.bochs_shutdown, "bochs shutdown")
+        self.acpi_pm: acpi_pm.AcpiPm | None = None
+        if self.spec.acpi:
+            pm = acpi_pm.AcpiPm(
+                self.accel.time_ns,
+                self.accel.irq_line(SCI_IRQ),
+                lambda state: self.request_stop(Stop(StopReason.POWEROFF, f"the guest entered {state.value}")),
+            )
+            self.pio.insert(ACPI_PM_BASE + acpi_pm.PM1_EVT, acpi_pm.PM1_EVT_LEN, pm, "acpi pm1a event")
+            self.pio.insert(
+                ACPI_PM_BASE + acpi_pm.PM1_CNT, acpi_pm.PM1_CNT_LEN, Window(pm, acpi_pm.PM1_CNT), "acpi pm1a control"
+            )
+            self.pio.insert(
+                ACPI_PM_BASE + acpi_pm.PM_TMR, acpi_pm.PM_TMR_LEN, Window(pm, acpi_pm.PM_TMR), "acpi pm timer"
+            )
+            self.acpi_pm = pm
+
+    def _attach_pc_testdev(self) -> None:
+        assert self.accel is not None
+        ports = pc_testdev.PcTestdevPorts(self.mem.remap_page)
+        base = pc_testdev.IOPORT_BASE
+        size = pc_testdev.PORT_BLOCK_LEN
+        self.pio.insert(base + pc_testdev.IOPORT, size, Window(ports, pc_testdev.IOPORT), "pc-testdev ioport")
+        self.pio.insert(
+            base + pc_testdev.FLUSH_PAGE, size, Window(ports, pc_testdev.FLUSH_PAGE), "pc-testdev flush-page"
+        )
+        self.pio.insert(
+            base + pc_testdev.IOPORT_BYTE, size, Window(ports, pc_testdev.IOPORT_BYTE), "pc-testdev ioport-byte"
+        )
+        irqs = pc_testdev.PcTestdevIrqLines(self.accel.irq_line)
+        self.pio.insert(pc_testdev.IRQ_PORT_BASE, len(irqs.lines), irqs, "pc-testdev irq-line")
+        self.mmio.insert(pc_testdev.IORAM_BASE, pc_testdev.IORAM_SIZE, pc_testdev.Ioram(), "pc-testdev ioram")
+
+    def _acpi_platform(self) -> acpi.AcpiPlatform:
+        """The machine as the ACPI tables describe it: what `_attach_firmware_devices` placed, and the MP table's
+        I/O APIC."""
+        return acpi.AcpiPlatform(
+            cpus=self.spec.cpus,
+            ioapic_id=mptable.ioapic_id(self.spec.cpus),
+            pm1a_evt=ACPI_PM_BASE + acpi_pm.PM1_EVT,
+            pm1a_evt_len=acpi_pm.PM1_EVT_LEN,
+            pm1a_cnt=ACPI_PM_BASE + acpi_pm.PM1_CNT,
+            pm1a_cnt_len=acpi_pm.PM1_CNT_LEN,
+            pm_tmr=ACPI_PM_BASE + acpi_pm.PM_TMR,
+            pm_tmr_len=acpi_pm.PM_TMR_LEN,
+            pm_timer_32bit=acpi_pm.PM_TIMER_BITS == 32,
+            sci_irq=SCI_IRQ,
+            reset_port=RESET_CONTROL_PORT,
+            reset_value=RESET_VALUE,
+            s5_sleep_type=acpi_pm.SLP_TYP_S5,
+        )
 
     def _attach_virtio_devices(self) -> None:
         """`--disk` (vda, vdb, ...), `--rng`, `--console2`, in that order of MMIO windows and IRQs."""
@@ -368,6 +456,8 @@ class Vm:
             lines.append(f"mmio other: {self.mmio.counts.other} (pages beyond the first {self.mmio.counts.limit} seen)")
         unclaimed = self.pio.unclaimed.total_count() + self.mmio.unclaimed.total_count()
         lines.append(f"unclaimed accesses: {unclaimed}")
+        lines.append("port devices: " + _placements(self.pio))
+        lines.append("mmio devices: " + (_placements(self.mmio) or "none"))
         assists = [f"{k}={v}" for k, v in self.accel.assists.most_common()]
         if self.accel.assists.other:
             assists.append(f"other={self.accel.assists.other}")

@@ -37,6 +37,7 @@ import os
 import signal
 import struct
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -49,6 +50,7 @@ from popek.accel.kvm_syscall import UserSyscallAssist
 from popek.boot.entry import EntryState
 from popek.bus import BoundedCounter, Bus
 from popek.cpu import xsave
+from popek.cpu.interp import KVM_ENOSYS
 from popek.cpuid import apply_template, for_vcpu
 from popek.devices.event_loop import EventLoop, FdWatch, drain_eventfd
 from popek.devices.irq import IrqLine, Pulse
@@ -77,7 +79,6 @@ KICK_SIGNAL = signal.SIGUSR1
 
 
 WATCHDOG_PERIOD = 0.25
-KVM_ENOSYS = 1000
 HALT_PROBES = 2  # consecutive watchdog periods every vCPU must be found unable to wake before the VM stops
 
 
@@ -170,6 +171,7 @@ class KvmAccel:
         self._probe_done = [0] * cpus
         self._dead_probes = [0] * cpus
         self._halt_lock = threading.Lock()
+        self._created_ns = time.monotonic_ns()
         self.ioeventfd = eventfds and bool(self.vm.check_extension(Cap.IOEVENTFD))
         self.irqfd = eventfds and bool(self.vm.check_extension(Cap.IRQFD))
         self.device_loop: EventLoop | None = None
@@ -194,6 +196,11 @@ class KvmAccel:
 
     def set_boot_state(self, entry: EntryState) -> None:
         apply_entry(self.vcpus[0], entry)
+
+    def time_ns(self) -> int:
+        """The VM's time for devices that read a clock (the ACPI PM timer): host monotonic time since the VM was
+        created."""
+        return time.monotonic_ns() - self._created_ns
 
     # --- devices served beside the vCPUs ---
 

@@ -5,7 +5,10 @@ Nested or paravirtual KVM hosts may emulate guest kernel code in software and fa
 signal), or do only half of a SYSCALL from ring 3 (`popek.accel.kvm_syscall`). Rather than knowing hosts by name,
 popek runs each candidate instruction once in a scratch VM in 64-bit mode, at ring 0 (or ring 3 for SYSCALL),
 hides from the guest's CPUID every family that failed (see `popek.cpuid`) and completes for the guest what CPUID
-cannot hide. On hardware that runs guests natively every probe passes and nothing is hidden or completed.
+cannot hide. AVX (VEX-encoded instructions) is one such family: hosts that emulate ring 0 may know no VEX
+encoding, and popek's software CPU has no AVX to complete them with, so there the guest is told it has no AVX
+(and no AVX2, AVX-512, FMA, F16C, nor their XSAVE state components), and ring 3 never uses it either.
+On hardware that runs guests natively every probe passes and nothing is hidden or completed.
 """
 
 from __future__ import annotations
@@ -20,17 +23,21 @@ from popek.accel.kvm_state import apply_entry
 from popek.boot.gdt import long_mode_entry
 from popek.cpuid import apply_template, for_vcpu
 from popek.kvm import ExitReason, Kvm, KvmError, VcpuFd
+from popek.kvm.structs import kvm_xcrs
 from popek.memory import GuestMemory
 
 CODE_ADDR = 0x1000
 DATA_ADDR = 0x3000  # 64-byte aligned, as XSAVE requires
 HLT = b"\xf4"
 CR4_OSXSAVE = 1 << 18
+XCR0_AVX = 0x7  # x87, SSE and AVX state enabled
 
 # instruction bytes (64-bit mode), and the registers they need
 PROBES: dict[str, tuple[bytes, dict[str, int]]] = {
     "xsave": (bytes.fromhex("0fae242500300000"), {"rax": 1, "rdx": 0}),  # xsave [0x3000]
     "cmpxchg16b": (bytes.fromhex("480fc70c2500300000"), {}),  # cmpxchg16b [0x3000]
+    # vmovdqu ymm0, [0x3000], with XCR0 = x87 | SSE | AVX: the VEX encoding a kernel's AVX code starts with
+    "avx": (bytes.fromhex("c5fe6f042500300000"), {}),
     # KVM_HC_CLOCK_PAIRING with an invalid clock type: a working host answers -KVM_EOPNOTSUPP at once
     "hypercall": (b"", {"rax": 9, "rbx": 0x3000, "rcx": 0xFFFF}),
     # from ring 3 to LSTAR (CODE_ADDR + 2), where HLT exits only if SYSCALL really switched to ring 0
@@ -118,10 +125,14 @@ def _runs(kvm: Kvm, family: str) -> bool:
                 code = hypercall_instruction(kvm)
             mem.write(CODE_ADDR, code + HLT)
             apply_entry(vcpu, long_mode_entry(mem, CODE_ADDR, regs))
-            if family == "xsave":
+            if family in ("xsave", "avx"):
                 sregs = vcpu.get_sregs()
                 sregs.cr4 |= CR4_OSXSAVE
                 vcpu.set_sregs(sregs)
+            if family == "avx":
+                xcrs = kvm_xcrs(nr_xcrs=1)
+                xcrs.xcrs[0].xcr, xcrs.xcrs[0].value = 0, XCR0_AVX
+                vcpu.set_xcrs(xcrs)
             elif family == "syscall":
                 _enter_user_mode(mem, vcpu)
             for _ in range(16):

@@ -106,13 +106,19 @@ class _Buses:
 
 
 def _load_fpu(state: CpuState, fpu: kvm_fpu) -> None:
+    """kvm_fpu is an FXSAVE image: fpr[i] is ST(i), in stack order; the software CPU keeps R0..R7 (physical order,
+    which the abridged tag ftwx indexes). KVM keeps FIP/FDP as 64-bit offsets and no FCS/FDS."""
     state.fcw, state.fsw, state.ftw, state.mxcsr = int(fpu.fcw), int(fpu.fsw), int(fpu.ftwx), int(fpu.mxcsr)
-    state.st = [int.from_bytes(bytes(fpu.fpr[i])[:10], "little") for i in range(8)]
+    top = (state.fsw >> 11) & 7
+    for i in range(8):
+        state.st[(top + i) & 7] = int.from_bytes(bytes(fpu.fpr[i])[:10], "little")
+    state.fop, state.fip, state.fdp = int(fpu.last_opcode) & 0x7FF, int(fpu.last_ip), int(fpu.last_dp)
+    state.fcs = state.fds = 0
     state.xmm = [int.from_bytes(bytes(fpu.xmm[i]), "little") for i in range(16)]
 
 
 def _fpu_view(state: CpuState) -> tuple[int, ...]:
-    return (state.fcw, state.fsw, state.ftw, state.mxcsr, *state.st, *state.xmm)
+    return (state.fcw, state.fsw, state.ftw, state.mxcsr, state.fop, state.fip, state.fdp, *state.st, *state.xmm)
 
 
 def _system_view(state: CpuState) -> tuple[int, ...]:
@@ -125,9 +131,12 @@ def _system_view(state: CpuState) -> tuple[int, ...]:
 
 
 def _store_fpu(state: CpuState, fpu: kvm_fpu) -> None:
+    """The inverse of `_load_fpu`."""
     fpu.fcw, fpu.fsw, fpu.ftwx, fpu.mxcsr = state.fcw, state.fsw, state.ftw & 0xFF, state.mxcsr
+    fpu.last_opcode, fpu.last_ip, fpu.last_dp = state.fop, state.fip, state.fdp
+    top = (state.fsw >> 11) & 7
     for i in range(8):
-        fpu.fpr[i][:] = list((state.st[i] & ((1 << 80) - 1)).to_bytes(10, "little") + bytes(6))
+        fpu.fpr[i][:] = list((state.st[(top + i) & 7] & ((1 << 80) - 1)).to_bytes(10, "little") + bytes(6))
     for i in range(16):
         fpu.xmm[i][:] = list((state.xmm[i] & ((1 << 128) - 1)).to_bytes(16, "little"))
 

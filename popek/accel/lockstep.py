@@ -927,6 +927,10 @@ class LockstepAccel:
     def irq_line(self, number: int) -> IrqLine:
         return self.kvm.irq_line(number)
 
+    def time_ns(self) -> int:
+        """KVM's clock: KVM drives the devices, and the software CPU replays what they answered."""
+        return self.kvm.time_ns()
+
     # Devices that write guest memory behind the CPU (virtio DMA) would make the software CPU's copy of memory
     # diverge from KVM's: the builder refuses them with --accel lockstep, and these say so if called anyway.
     NO_DMA_DEVICES = "virtio devices need --accel kvm or soft (lockstep keeps two copies of guest memory)"

@@ -177,6 +177,7 @@ class SoftAccel:
         self.platform.on_sipi = self._sipi
         self.platform.on_nmi = self._nmi
         self._run_thread: int | None = None
+        self._running: int | None = None  # the vCPU whose quantum is in progress
         self._pending_irqs: collections.deque[tuple[int, bool]] = collections.deque()
         self._wakeup = threading.Event()
         # this round's accounting, per vCPU: where its instruction count started, and the extra virtual time
@@ -212,6 +213,12 @@ class SoftAccel:
             return self.clock.now_ns() + self._spent_ns(index)
 
         return tsc
+
+    def time_ns(self) -> int:
+        """The VM's time for devices that read a clock (the ACPI PM timer): the virtual clock plus the running
+        vCPU's progress in its quantum, as its TSC sees it, so device reads stay deterministic."""
+        running = self._running
+        return self.clock.now_ns() + (self._spent_ns(running) if running is not None else 0)
 
     def stall(self, index: int, ns: int) -> None:
         """vCPU `index` spends `ns` of virtual time without retiring instructions; its turn ends with the round's
@@ -359,6 +366,7 @@ class SoftAccel:
                 self._quantum_start[i] = cpu.instructions
                 self._stall_ns[i] = 0
                 interp.stop_requested = False
+                self._running = i
                 try:
                     retired = interp.run(quantum)
                 except TripleFault:
@@ -369,6 +377,8 @@ class SoftAccel:
                     )
                 except UnsupportedTaskSwitch as e:
                     return Stop(StopReason.INTERNAL_ERROR, f"{e}: not supported\n" + format_state(i, cpu.state))
+                finally:
+                    self._running = None
                 ran_any = ran_any or retired > 0 or not cpu.state.halted
             if stopping.is_set():
                 break

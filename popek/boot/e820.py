@@ -23,11 +23,13 @@ class E820Entry:
 
 
 def memory_map(mem: GuestMemory) -> list[E820Entry]:
-    """Usable RAM minus the EBDA (where the MP table is) and the legacy VGA/ROM hole."""
+    """Usable RAM minus the EBDA (where the MP table is), the legacy VGA/ROM hole, the ACPI tables' range and the
+    BIOS area above it."""
     entries = [
         E820Entry(0, layout.EBDA_ADDR, E820_RAM),
         E820Entry(layout.EBDA_ADDR, layout.EBDA_END - layout.EBDA_ADDR, E820_RESERVED),
-        E820Entry(0xF0000, 0x10000, E820_RESERVED),
+        E820Entry(layout.ACPI_ADDR, layout.ACPI_END - layout.ACPI_ADDR, E820_RESERVED),
+        E820Entry(layout.ACPI_END, layout.BIOS_AREA_END - layout.ACPI_END, E820_RESERVED),
     ]
     for region in mem:
         start = max(region.gpa, layout.HIGH_MEMORY)

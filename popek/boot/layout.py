@@ -2,7 +2,9 @@
 and which of them each boot protocol writes.
 
 The ranges are chosen to stay clear of what a kernel may overwrite before it has read them: the real-mode IVT
-and BDA (0-0x500), the boot-sector address 0x7C00, the EBDA, and the kernel's load address at 1 MiB.
+and BDA (0-0x500), the boot-sector address 0x7C00, the EBDA, and the kernel's load address at 1 MiB. The ACPI
+tables go where a PC BIOS keeps them, in the 0xE0000-0xFFFFF BIOS area that Linux and kvm-unit-tests scan for
+the RSDP (ACPI 6.0 §5.2.5.1), reserved in the e820 map.
 
 Kernels may still ask for any of this memory (kvm-unit-tests' realmode.flat loads at 0x8000; images linked at
 1 MiB carry an ELF-headers segment at 0xFF000). `Area` names each range popek writes, and the `*_AREAS` tuples
@@ -25,8 +27,9 @@ CMDLINE_ADDR = 0x20000
 CMDLINE_MAX = 0x10000
 EBDA_ADDR = 0x9FC00  # the MP table lives here; the last KB of base memory is searched by Linux
 EBDA_END = 0xA0000
-ACPI_ADDR = 0xE0000  # the ACPI tables (RSDP found by Linux's scan of 0xE0000-0xFFFFF, ACPI spec §5.2.5.1)
+ACPI_ADDR = 0xE0000  # RSDP first (16-byte aligned), then every table popek builds (popek.boot.acpi)
 ACPI_END = 0xF0000
+BIOS_AREA_END = 0x100000  # the top 64 KiB of the first MiB, reserved like a PC's system BIOS ROM
 HIGH_MEMORY = 0x100000
 BOOT_SECTOR_ADDR = 0x7C00
 BOOT_SECTOR_SIZE = 512

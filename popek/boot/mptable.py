@@ -27,18 +27,23 @@ def _checksum(data: bytes) -> int:
     return (-sum(data)) & 0xFF
 
 
+def ioapic_id(cpus: int) -> int:
+    """The I/O APIC's ID: the first after the CPUs' APIC IDs 0..cpus-1 (the ACPI MADT gives it too)."""
+    return cpus
+
+
 def build(cpus: int, cpu_signature: int = 0x600, feature_flags: int = 0x201) -> bytes:
     if not 1 <= cpus <= MAX_CPUS:
         raise ConfigError(f"the MP table can describe 1 to {MAX_CPUS} CPUs, not {cpus}")
-    ioapic_id = cpus
+    ioapic = ioapic_id(cpus)
     entries = b""
     for i in range(cpus):
         flags = CPU_ENABLED | (CPU_BSP if i == 0 else 0)
         entries += struct.pack("<BBBBII8x", MP_PROCESSOR, i, APIC_VERSION, flags, cpu_signature, feature_flags)
     entries += struct.pack("<BB6s", MP_BUS, 0, b"ISA   ")
-    entries += struct.pack("<BBBBI", MP_IOAPIC, ioapic_id, IOAPIC_VERSION, 1, IOAPIC_ADDR)
+    entries += struct.pack("<BBBBI", MP_IOAPIC, ioapic, IOAPIC_VERSION, 1, IOAPIC_ADDR)
     for irq in range(16):
-        entries += struct.pack("<BBHBBBB", MP_INTSRC, MP_INT, 0, 0, irq, ioapic_id, irq)
+        entries += struct.pack("<BBHBBBB", MP_INTSRC, MP_INT, 0, 0, irq, ioapic, irq)
     entries += struct.pack("<BBHBBBB", MP_LINTSRC, MP_EXTINT, 0, 0, 0, 0xFF, 0)
     entries += struct.pack("<BBHBBBB", MP_LINTSRC, MP_NMI, 0, 0, 0, 0xFF, 1)
     count = cpus + 1 + 1 + 16 + 2

@@ -1,5 +1,5 @@
 """The software CPU's instruction interpreter: fetch, decode (iced-x86) and execute (Intel SDM vol. 2A-2D for
-instruction semantics; vol. 1 ch. 3-7 and 10-11 for the general-purpose, x87-control and SSE state; vol. 3A
+instruction semantics; vol. 1 ch. 3-8 and 10-11 for the general-purpose, x87 and SSE state; vol. 3A
 ch. 2 (system registers, CR0/CR4/EFER checks), ch. 4 (paging effects of CR writes), ch. 6 (interrupt/exception
 ordering: NMI, maskable interrupts, STI/MOV SS shadows) and vol. 4 (MSRs)).
 
@@ -20,11 +20,22 @@ Structure, chosen so each instruction's semantics can later be emitted into tran
 Deviations from hardware, deliberate and documented:
 - The TSS I/O permission bitmap is not consulted: with CPL > IOPL (or in virtual-8086 mode) every IN/OUT/INS/
   OUTS raises #GP(0), as if the bitmap denied every port.
-- x87 arithmetic, MMX, and SSE beyond SSE2's data moves, integer operations and basic floating point are #UD.
-  CPUID advertises FPU and SSE2 because a 64-bit kernel requires them; of x87 only the control instructions
-  FNINIT/FNSTCW/FLDCW/FNSTSW/FNCLEX/FWAIT and FXSAVE/FXRSTOR run. SSE floating point (ADD/SUB/MUL/DIV/MIN/MAX/
-  SQRT in SD/SS/PD/PS forms, CMPxx, (U)COMISx, CVT between integers, singles and doubles) is bit-exact for
+- MMX, and SSE beyond SSE2's data moves, integer operations and basic floating point are #UD. CPUID
+  advertises SSE2 because a 64-bit kernel requires it. SSE floating point (ADD/SUB/MUL/DIV/MIN/MAX/SQRT in
+  SD/SS/PD/PS forms, CMPxx, (U)COMISx, CVT between integers, singles and doubles) is bit-exact for
   round-to-nearest; MXCSR rounding control, DAZ/FTZ and exception flags are not modelled (no #XM).
+- The x87 FPU (values in `popek.cpu.x87`) is bit-exact with the reference AMD host wherever the SDM defines the
+  result: every arithmetic, load/store, integer and BCD conversion, comparison, FXAM, FSCALE/FXTRACT/FPREM(1),
+  FRNDINT and stack instruction, under every precision and rounding control, with masked and unmasked
+  exceptions (tests/unit/cpu/test_x87_native.py). Not bit-exact: the transcendentals (FSIN, FCOS, FSINCOS,
+  FPTAN, FPATAN, F2XM1, FYL2X, FYL2XP1) are within 1 ulp of the exact result, which processors are not for
+  large trigonometric arguments (they reduce with a rounded pi); FPREM's partial remainder (exponents 64 or
+  more apart) reduces by its own choice of 2**(32..63); values the SDM leaves undefined (C0/C2/C3 after
+  arithmetic, F2XM1/FYL2XP1 outside their domains, FBLD of invalid digits). With CR0.NE clear an unmasked
+  exception does not assert FERR# (no IRQ 13): the instruction that would take #MF runs. FOP/FIP/FDP are
+  updated by every non-control instruction (the SDM's base behaviour; some processors update them only on
+  unmasked exceptions).
+- DAA/DAS/AAA/AAS/AAM/AAD set the flags the SDM leaves undefined as the AMD host does (compared exhaustively).
 - Decoded instructions are cached; a write to a code page through the MMU invalidates it, but a write made
   behind the MMU's back (the VMM writing guest RAM directly) needs `flush_decode_cache()`.
 - Flags the SDM leaves undefined take the values AMD processors produce (the reference host of the native
@@ -41,7 +52,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import iced_x86
 
-from popek.cpu import alu, bitops, exceptions, segments, sse
+from popek.cpu import alu, bitops, exceptions, segments, sse, x87
 from popek.cpu.flags import COND_TABLE, MASKS, NOT_STATUS, PARITY, SIGN, add, logic, sub
 from popek.cpu.mmu import Access
 from popek.cpu.state import (
@@ -139,8 +150,11 @@ M = iced_x86.Mnemonic
 C = iced_x86.Code
 R = iced_x86.Register
 K = iced_x86.OpKind
+_MS = iced_x86.MemorySize
 
 M32 = 0xFFFF_FFFF
+KVM_ENOSYS = 1000  # KVM's hypercall error numbers (include/uapi/linux/kvm_para.h)
+KVM_EPERM = 1
 FSW_ES = 1 << 7  # x87 status word: exception summary
 # decoded instructions kept (a Linux boot executes ~60k distinct ones); a few hundred bytes each at most
 DECODE_CACHE_ENTRIES = 1 << 18
@@ -260,7 +274,20 @@ STORAGE_MSRS = frozenset(
 )
 CANONICAL_MSRS = frozenset({MSR_LSTAR, MSR_CSTAR, MSR_KERNEL_GS_BASE, MSR_FS_BASE, MSR_GS_BASE,
                             MSR_IA32_SYSENTER_ESP, MSR_IA32_SYSENTER_EIP})  # fmt: skip
-MSR_DEFAULTS = {MSR_PAT: 0x0007040600070406, MSR_MTRRCAP: 0x508, MSR_IA32_APIC_BASE: 0xFEE00900}
+# Machine-check architecture (vol. 3B ch. 16), which CPUID's MCE and MCA bits promise: MCG_CAP (read-only: the bank
+# count, no MCG_CTL), MCG_STATUS, and per bank CTL/STATUS/ADDR/MISC at 0x400 + 4 * bank. No machine check ever
+# happens on this CPU, so the banks only hold what software writes.
+MSR_MCG_CAP, MSR_MCG_STATUS = 0x179, 0x17A
+MCE_BANKS = 10  # as QEMU's CPU models have
+MSR_MC0_CTL = 0x400
+MCE_BANK_MSRS = range(MSR_MC0_CTL, MSR_MC0_CTL + 4 * MCE_BANKS)
+MSR_DEFAULTS = {
+    MSR_PAT: 0x0007040600070406,
+    MSR_MTRRCAP: 0x508,
+    MSR_IA32_APIC_BASE: 0xFEE00900,
+    MSR_MISC_ENABLE: 1 | 1 << 11 | 1 << 12,  # fast strings; BTS and PEBS unavailable (read-only), as KVM sets it
+    MSR_MCG_CAP: MCE_BANKS,
+}
 
 
 def canonical(addr: int) -> bool:
@@ -346,18 +373,20 @@ def default_cpuid(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
             | 1 << 4
             | 1 << 5
             | 1 << 6
+            | 1 << 7
             | 1 << 8
             | 1 << 9
             | 1 << 11
             | 1 << 12
             | 1 << 13
+            | 1 << 14
             | 1 << 15
             | 1 << 16
             | 1 << 19
             | 1 << 24
             | 1 << 25
             | 1 << 26
-        )  # fmt: skip  FPU DE PSE TSC MSR PAE CX8 APIC SEP MTRR PGE CMOV PAT CLFSH FXSR SSE SSE2
+        )  # fmt: skip  FPU DE PSE TSC MSR PAE MCE CX8 APIC SEP MTRR PGE MCA CMOV PAT CLFSH FXSR SSE SSE2
         return eax, ebx, ecx, edx
     if leaf == 7 and subleaf == 0:
         # FSGSBASE, BMI1, SMEP, BMI2, ERMS, RDSEED, ADX, SMAP; ECX: UMIP, RDPID
@@ -1262,6 +1291,80 @@ class Interpreter:
             self._wreg(hi, mem >> half)
             self._set_flags(0, ZF)
 
+    # ------------------------------------------------------------------ BCD adjusts and ARPL (legacy modes)
+    # (vol. 2A DAA/DAS/AAA/AAS/AAM/AAD, ARPL; all are #UD in 64-bit mode, which iced decodes as invalid.
+    # The flags the SDM leaves undefined take the values the reference AMD host produces.)
+
+    @handles(M.DAA, M.DAS)
+    def _daa(self, ins: Instruction) -> None:
+        s = self.s
+        al = s.gpr[RAX] & 0xFF
+        old_cf = s.rflags & CF
+        sign = 1 if ins.mnemonic == M.DAA else -1
+        cf = af = adjust = 0
+        if (al & 0xF) > 9 or s.rflags & AF:
+            adjust = 6
+            cf = CF if old_cf or not 0 <= al + sign * 6 <= 0xFF else 0
+            af = AF
+        if al > 0x99 or old_cf:
+            adjust += 0x60
+            cf = CF
+        elif sign > 0:
+            cf = 0
+        new = (al + sign * adjust) & 0xFF
+        # OF (undefined): the signed overflow of AL plus or minus the whole adjustment, as the AMD host sets it
+        b = adjust if sign > 0 else (-adjust) & 0xFF
+        of = OF if ~(al ^ b) & (al ^ new) & 0x80 else 0
+        s.gpr[RAX] = (s.gpr[RAX] & ~0xFF) | new
+        self._set_flags(cf | af | PARITY[new] | (ZF if new == 0 else 0) | (SF if new & 0x80 else 0) | of)
+
+    @handles(M.AAA, M.AAS)
+    def _aaa(self, ins: Instruction) -> None:
+        s = self.s
+        ax = s.gpr[RAX] & 0xFFFF
+        if (ax & 0xF) > 9 or s.rflags & AF:
+            ax = ((ax + 0x106) if ins.mnemonic == M.AAA else (ax - 0x106)) & 0xFFFF
+            flags = AF | CF
+        else:
+            flags = 0
+        # SF, ZF and PF (undefined) follow the 16-bit sum before AL is masked, as the AMD host sets them
+        flags |= PARITY[ax & 0xFF] | (ZF if ax == 0 else 0) | (SF if ax & 0x8000 else 0)
+        s.gpr[RAX] = (s.gpr[RAX] & ~0xFFFF) | (ax & 0xFF0F)
+        self._set_flags(flags)
+
+    @handles(M.AAM)
+    def _aam(self, ins: Instruction) -> None:
+        s = self.s
+        base = ins.immediate(0) & 0xFF
+        if base == 0:
+            raise _fault(Vector.DE)
+        al = s.gpr[RAX] & 0xFF
+        ah, al = divmod(al, base)
+        s.gpr[RAX] = (s.gpr[RAX] & ~0xFFFF) | ah << 8 | al
+        self._set_flags(logic(al, 8))
+
+    @handles(M.AAD)
+    def _aad(self, ins: Instruction) -> None:
+        s = self.s
+        base = ins.immediate(0) & 0xFF
+        ax = s.gpr[RAX]
+        product = ((ax >> 8) & 0xFF) * base
+        total = (ax & 0xFF) + product
+        al = total & 0xFF
+        s.gpr[RAX] = (ax & ~0xFFFF) | al
+        self._set_flags(add(ax & 0xFF, product & 0xFF, 8)[1])
+
+    @handles(M.ARPL)
+    def _arpl(self, ins: Instruction) -> None:
+        self._need_pe()
+        dest = self._read(ins, 0, 16)
+        src = self._read(ins, 1, 16)
+        if dest & 3 < src & 3:
+            self._write0(ins, (dest & ~3) | (src & 3), 16)
+            self._set_flags(ZF, ZF)
+        else:
+            self._set_flags(0, ZF)
+
     # ------------------------------------------------------------------ shifts and rotates
 
     @handles(M.SHL, M.SAL, M.SHR, M.SAR, M.ROL, M.ROR, M.RCL, M.RCR)
@@ -1830,6 +1933,20 @@ class Interpreter:
     @handles(M.UD0, M.UD1, M.UD2)
     def _ud2(self, ins: Instruction) -> None:
         raise _ud()
+
+    @handles(M.VMCALL, M.VMMCALL)
+    def _hypercall(self, ins: Instruction) -> None:
+        """The hypercall instruction of the vendor CPUID names (Intel's VMCALL, AMD's VMMCALL; the other one is
+        #UD, as on a processor outside VMX/SVM operation) calls the hypervisor, which for this CPU is popek. It
+        answers with KVM's hypercall ABI (Linux Documentation/virt/kvm/x86/hypercalls.rst), so a guest written
+        for KVM sees what KVM would tell it: popek implements no hypercall, so RAX = -KVM_ENOSYS, and -KVM_EPERM
+        from CPL > 0; the result is truncated to 32 bits outside 64-bit mode."""
+        s = self.s
+        if (ins.mnemonic == M.VMCALL) != self.intel:
+            raise _ud()
+        result = -KVM_EPERM if s.cpl else -KVM_ENOSYS
+        long64 = s.efer & EFER_LMA and s.seg[CS].l
+        s.gpr[RAX] = result & (MASK64 if long64 else M32)
 
     # ------------------------------------------------------------------ string instructions
 
@@ -2454,7 +2571,7 @@ class Interpreter:
             return s.seg[GS].base
         if index == MSR_IA32_TSC:
             return (self.tsc() + s.tsc_offset) & MASK64
-        if index in STORAGE_MSRS or index in MSR_DEFAULTS:
+        if index in STORAGE_MSRS or index in MSR_DEFAULTS or index == MSR_MCG_STATUS or index in MCE_BANK_MSRS:
             return s.msrs.get(index, MSR_DEFAULTS.get(index, 0))
         raise _gp0()
 
@@ -2479,8 +2596,22 @@ class Interpreter:
             s.seg[GS].base = value
         elif index == MSR_IA32_TSC:
             s.tsc_offset = (value - self.tsc()) & MASK64
-        elif index == MSR_MTRRCAP:
-            raise _gp0()
+        elif index in (MSR_MTRRCAP, MSR_MCG_CAP):
+            raise _gp0()  # read-only
+        elif index == MSR_MISC_ENABLE:
+            ro = 1 << 7 | 1 << 11 | 1 << 12  # performance monitoring available, BTS and PEBS unavailable
+            s.msrs[index] = (value & ~ro) | (self.read_msr(index) & ro)
+        elif index == MSR_MCG_STATUS:
+            s.msrs[index] = value
+        elif index in MCE_BANK_MSRS:
+            register = (index - MSR_MC0_CTL) % 4
+            # MCi_CTL enables error reporting per bit: 0 or all ones (bit 10 aside, an AMD erratum KVM tolerates);
+            # MCi_STATUS may only be cleared
+            if register == 0 and value and (value | 1 << 10) != MASK64:
+                raise _gp0()
+            if register == 1 and value:
+                raise _gp0()
+            s.msrs[index] = value
         elif index == MSR_PAT:
             if any(((value >> (8 * i)) & 0xFF) not in (0, 1, 4, 5, 6, 7) for i in range(8)):
                 raise _gp0()
@@ -2581,11 +2712,20 @@ class Interpreter:
 
     # ------------------------------------------------------------------ x87 control, FXSAVE, MXCSR
 
+    def _fwait_check(self) -> None:
+        """What FWAIT and every waiting x87 instruction check first: #NM with CR0.TS and CR0.MP (FWAIT) or
+        CR0.EM/TS (the others, via `_fpu_check`), then #MF for a pending unmasked exception when CR0.NE is set
+        (with CR0.NE clear, hardware signals FERR# to an external interrupt controller: not modelled)."""
+        s = self.s
+        if s.fsw & FSW_ES and s.cr0 & CR0_NE:
+            raise _fault(Vector.MF)
+
     @handles(M.FNINIT, M.FINIT)
     def _fninit(self, ins: Instruction) -> None:
         self._fpu_check()
         s = self.s
-        s.fcw, s.fsw, s.ftw = 0x37F, 0, 0
+        s.fcw, s.fsw, s.ftw = x87.FCW_DEFAULT, 0, 0
+        s.fop = s.fip = s.fcs = s.fdp = s.fds = 0
 
     @handles(M.FNSTCW, M.FSTCW)
     def _fnstcw(self, ins: Instruction) -> None:
@@ -2595,7 +2735,9 @@ class Interpreter:
     @handles(M.FLDCW)
     def _fldcw(self, ins: Instruction) -> None:
         self._fpu_check()
-        self.s.fcw = self._read(ins, 0, 16)
+        self._fwait_check()
+        self.s.fcw = x87.control_word(self._read(ins, 0, 16))
+        x87.update_summary(self.s)  # unmasking a flagged exception makes it pending
 
     @handles(M.FNSTSW, M.FSTSW)
     def _fnstsw(self, ins: Instruction) -> None:
@@ -2612,8 +2754,89 @@ class Interpreter:
         s = self.s
         if s.cr0 & CR0_TS and s.cr0 & CR0_MP:
             raise _fault(Vector.NM)
-        if s.fsw & FSW_ES and s.cr0 & CR0_NE:
-            raise _fault(Vector.MF)  # an unmasked x87 exception is pending (loaded by FRSTOR/FXRSTOR/FLDENV)
+        self._fwait_check()
+
+    def _x87_env_layout(self, ins: Instruction) -> tuple[bool, bool]:
+        """(32-bit layout, real-mode layout) of FNSTENV/FLDENV/FNSAVE/FRSTOR (vol. 1 §8.1.10 figures 8-9..8-12):
+        by operand size, and the real-mode form in real and virtual-8086 mode."""
+        size = ins.memory_size
+        wide = size in (_MS.FPU_ENV28, _MS.FPU_STATE108)
+        s = self.s
+        return wide, not s.cr0 & CR0_PE or bool(s.rflags & VM)
+
+    def _x87_env(self, ins: Instruction) -> bytes:
+        s = self.s
+        wide, real = self._x87_env_layout(ins)
+        tw = x87.Stack(s).full_tag()
+        if real:
+            fip = ((s.fcs << 4) + s.fip) & M32
+            fdp = ((s.fds << 4) + s.fdp) & M32
+            if wide:  # the reserved upper halves of the first three doublewords store as ones
+                words = (s.fcw | 0xFFFF0000, s.fsw | 0xFFFF0000, tw | 0xFFFF0000, fip & 0xFFFF,
+                         ((fip >> 16) << 12) | s.fop, fdp & 0xFFFF, (fdp >> 16) << 12)  # fmt: skip
+                return b"".join((w & M32).to_bytes(4, "little") for w in words)
+            words = (s.fcw, s.fsw, tw, fip & 0xFFFF, ((fip >> 16) & 0xF) << 12 | s.fop, fdp & 0xFFFF,
+                     ((fdp >> 16) & 0xF) << 12)  # fmt: skip
+            return b"".join((w & 0xFFFF).to_bytes(2, "little") for w in words)
+        if wide:
+            words = (s.fcw | 0xFFFF0000, s.fsw | 0xFFFF0000, tw | 0xFFFF0000, s.fip & M32, s.fcs | (s.fop << 16),
+                     s.fdp & M32, s.fds | 0xFFFF0000)  # fmt: skip
+            return b"".join((w & M32).to_bytes(4, "little") for w in words)
+        words = (s.fcw, s.fsw, tw, s.fip, s.fcs, s.fdp, s.fds)
+        return b"".join((w & 0xFFFF).to_bytes(2, "little") for w in words)
+
+    def _x87_load_env(self, ins: Instruction, env: bytes) -> None:
+        s = self.s
+        wide, real = self._x87_env_layout(ins)
+        n = 4 if wide else 2
+        w = [int.from_bytes(env[i : i + n], "little") for i in range(0, 7 * n, n)]
+        s.fcw, s.fsw = x87.control_word(w[0]), w[1] & 0xFFFF
+        x87.Stack(s).load_tag(w[2])
+        if real:
+            hi = 16 if wide else 4
+            s.fip = (w[3] & 0xFFFF) | ((w[4] >> 12) & ((1 << hi) - 1)) << 16
+            s.fdp = (w[5] & 0xFFFF) | ((w[6] >> 12) & ((1 << hi) - 1)) << 16
+            s.fop, s.fcs, s.fds = w[4] & 0x7FF, 0, 0
+        elif wide:
+            s.fip, s.fcs, s.fop = w[3], w[4] & 0xFFFF, (w[4] >> 16) & 0x7FF
+            s.fdp, s.fds = w[5], w[6] & 0xFFFF
+        else:
+            s.fip, s.fcs, s.fdp, s.fds = w[3], w[4], w[5], w[6]
+        x87.update_summary(s)
+
+    @handles(M.FNSTENV, M.FSTENV)
+    def _fnstenv(self, ins: Instruction) -> None:
+        self._fpu_check()
+        env = self._x87_env(ins)
+        self.mmu.write_bytes(self._lin(ins, len(env), _WRITE), env)
+        self.s.fcw |= x87.EXC  # FNSTENV masks every exception after saving
+        x87.update_summary(self.s)
+
+    @handles(M.FLDENV)
+    def _fldenv(self, ins: Instruction) -> None:
+        self._fpu_check()
+        size = MEMSIZE[ins.memory_size]
+        self._x87_load_env(ins, self.mmu.read_bytes(self._lin(ins, size, _READ), size))
+
+    @handles(M.FNSAVE, M.FSAVE)
+    def _fnsave(self, ins: Instruction) -> None:
+        self._fpu_check()
+        s = self.s
+        stack = x87.Stack(s)
+        image = self._x87_env(ins) + b"".join(stack.raw(i).to_bytes(10, "little") for i in range(8))
+        self.mmu.write_bytes(self._lin(ins, len(image), _WRITE), image)
+        self._fninit(ins)
+
+    @handles(M.FRSTOR)
+    def _frstor(self, ins: Instruction) -> None:
+        self._fpu_check()
+        size = MEMSIZE[ins.memory_size]
+        image = self.mmu.read_bytes(self._lin(ins, size, _READ), size)
+        env = size - 80
+        self._x87_load_env(ins, image[:env])
+        stack = x87.Stack(self.s)
+        for i in range(8):
+            self.s.st[stack.phys(i)] = int.from_bytes(image[env + 10 * i : env + 10 * i + 10], "little")
 
     @handles(M.FXSAVE, M.FXSAVE64)
     def _fxsave(self, ins: Instruction) -> None:
@@ -2627,11 +2850,18 @@ class Interpreter:
         area[2:4] = s.fsw.to_bytes(2, "little")
         area[4] = s.ftw & 0xFF
         area[5] = 0
-        area[6:24] = bytes(18)  # FOP, FIP/FCS, FDP/FDS: no x87 instruction ever faulted
+        area[6:8] = s.fop.to_bytes(2, "little")
+        if ins.mnemonic == M.FXSAVE64:
+            area[8:16] = s.fip.to_bytes(8, "little")
+            area[16:24] = s.fdp.to_bytes(8, "little")
+        else:
+            area[8:16] = (s.fip & M32).to_bytes(4, "little") + s.fcs.to_bytes(2, "little") + bytes(2)
+            area[16:24] = (s.fdp & M32).to_bytes(4, "little") + s.fds.to_bytes(2, "little") + bytes(2)
         area[24:28] = s.mxcsr.to_bytes(4, "little")
         area[28:32] = (0xFFFF).to_bytes(4, "little")  # MXCSR_MASK: DAZ supported
-        for i in range(8):
-            area[32 + 16 * i : 48 + 16 * i] = (s.st[i] & ((1 << 80) - 1)).to_bytes(10, "little") + bytes(6)
+        stack = x87.Stack(s)
+        for i in range(8):  # ST(0)..ST(7), in stack order
+            area[32 + 16 * i : 48 + 16 * i] = stack.raw(i).to_bytes(10, "little") + bytes(6)
         nxmm = 16 if s.efer & EFER_LMA and s.seg[CS].l else 8
         for i in range(nxmm):
             area[160 + 16 * i : 176 + 16 * i] = s.xmm[i].to_bytes(16, "little")
@@ -2648,12 +2878,20 @@ class Interpreter:
         mxcsr = int.from_bytes(area[24:28], "little")
         if mxcsr & ~0xFFFF:
             raise _gp0()
-        s.fcw = int.from_bytes(area[0:2], "little")
+        s.fcw = x87.control_word(int.from_bytes(area[0:2], "little"))
         s.fsw = int.from_bytes(area[2:4], "little")
         s.ftw = area[4]
+        s.fop = int.from_bytes(area[6:8], "little") & 0x7FF
+        if ins.mnemonic == M.FXRSTOR64:
+            s.fip, s.fcs = int.from_bytes(area[8:16], "little"), 0
+            s.fdp, s.fds = int.from_bytes(area[16:24], "little"), 0
+        else:
+            s.fip, s.fcs = int.from_bytes(area[8:12], "little"), int.from_bytes(area[12:14], "little")
+            s.fdp, s.fds = int.from_bytes(area[16:20], "little"), int.from_bytes(area[20:22], "little")
         s.mxcsr = mxcsr
+        stack = x87.Stack(s)
         for i in range(8):
-            s.st[i] = int.from_bytes(area[32 + 16 * i : 42 + 16 * i], "little")
+            s.st[stack.phys(i)] = int.from_bytes(area[32 + 16 * i : 42 + 16 * i], "little")
         nxmm = 16 if s.efer & EFER_LMA and s.seg[CS].l else 8
         for i in range(nxmm):
             s.xmm[i] = int.from_bytes(area[160 + 16 * i : 176 + 16 * i], "little")
@@ -2670,6 +2908,499 @@ class Interpreter:
     def _stmxcsr(self, ins: Instruction) -> None:
         self._sse_check()
         self._mwrite(ins, 4, self.s.mxcsr)
+
+    # ------------------------------------------------------------------ x87 arithmetic
+    # Each handler: #NM and #MF checks, operands read (memory first, so a fault changes nothing), the value
+    # computed by popek.cpu.x87, memory written, and only then the stack, FSW and the FOP/FIP/FDP pointers.
+    # An empty source register is a stack underflow (IE+SF, C1=0), a push onto a full stack an overflow
+    # (IE+SF, C1=1); masked, the destination receives the real indefinite.
+
+    def _x87(self) -> x87.Stack:
+        """The checks of a waiting x87 instruction, and the stack it works on."""
+        self._fpu_check()
+        self._fwait_check()
+        return x87.Stack(self.s)
+
+    def _x87_retire(self, ins: Instruction) -> None:
+        """FOP, FCS:FIP and (with a memory operand) FDS:FDP of the last non-control instruction (vol. 1 §8.1.8,
+        §8.1.9): the opcode is the low 3 bits of the D8-DF byte and the ModR/M byte."""
+        s = self.s
+        cs = s.seg[CS]
+        lin = ins.ip if s.efer & EFER_LMA and cs.l else (cs.base + ins.ip) & M32
+        code = self.mmu.read_bytes(lin, ins.len, _EXECUTE)
+        for i, b in enumerate(code[:-1]):
+            if b & 0xF8 == 0xD8:
+                s.fop = ((b & 7) << 8) | code[i + 1]
+                break
+        s.fip, s.fcs = ins.ip, cs.selector
+        if ins.op_count and ins.op0_kind == MEMORY:
+            s.fdp, s.fds = self._ea(ins), s.seg[SEG_OF[ins.memory_segment]].selector
+
+    @staticmethod
+    def _st_index(ins: Instruction, i: int) -> int:
+        return int(ins.op_register(i) - R.ST0)
+
+    def _x87_operand(self, ins: Instruction) -> tuple[int, int]:
+        """A memory source operand as an extended value (SNaNs kept signalling) and DE for a denormal."""
+        size = ins.memory_size
+        n = MEMSIZE[size]
+        raw = self._mread(ins, n)
+        if size == _MS.FLOAT32:
+            return x87.from_format(x87.SINGLE, raw, keep_snan=True)
+        if size == _MS.FLOAT64:
+            return x87.from_format(x87.DOUBLE, raw, keep_snan=True)
+        if size == _MS.FLOAT80:
+            return raw, 0
+        return x87.from_int(raw - (1 << (8 * n)) if raw >> (8 * n - 1) else raw), 0
+
+    def _x87_result(self, ins: Instruction, stack: x87.Stack, dest: int, value: int, exc: int, pop: int) -> None:
+        """Deliver an arithmetic result: flags (C1 from the rounding), then the register and pops unless an
+        unmasked IE/DE/ZE withholds them."""
+        withheld = stack.signal(exc)
+        stack.set_cc(0 if withheld else exc & x87.C1, x87.C1)
+        if not withheld:
+            stack.set(dest, value)
+            for _ in range(pop):
+                stack.pop()
+        self._x87_retire(ins)
+
+    def _x87_underflow(self, ins: Instruction, stack: x87.Stack, dest: int | None, pop: int) -> None:
+        """A source register was empty: IE+SF with C1 clear; masked, `dest` gets the indefinite."""
+        if not stack.signal(x87.IE | x87.SF) and dest is not None:
+            stack.set(dest, x87.INDEFINITE)
+            for _ in range(pop):
+                stack.pop()
+        stack.set_cc(0, x87.C1)
+        self._x87_retire(ins)
+
+    def _x87_push(self, ins: Instruction, stack: x87.Stack, value: int, exc: int) -> None:
+        """Push a loaded value: stack overflow when ST(7) is in use (IE+SF, C1=1)."""
+        if not stack.empty(7):
+            if not stack.signal(x87.IE | x87.SF):
+                stack.push(x87.INDEFINITE)
+            stack.set_cc(x87.C1, x87.C1)
+        else:
+            if not stack.signal(exc):
+                stack.push(value)
+            stack.set_cc(exc & x87.C1, x87.C1)
+        self._x87_retire(ins)
+
+    def _x87_binary(self, ins: Instruction, op: x87.BinaryOp, rev: bool, pop: int) -> None:
+        stack = self._x87()
+        s = self.s
+        if ins.op_count == 1:  # ST(0) op memory
+            b, conv = self._x87_operand(ins)
+            dest, a_reg = 0, stack.get(0)
+            if a_reg is None:
+                return self._x87_underflow(ins, stack, 0, pop)
+            a = a_reg
+        else:
+            dest, src = self._st_index(ins, 0), self._st_index(ins, 1)
+            a_opt, b_opt = stack.get(dest), stack.get(src)
+            if a_opt is None or b_opt is None:
+                return self._x87_underflow(ins, stack, dest, pop)
+            a, b, conv = a_opt, b_opt, 0
+        if rev:
+            a, b = b, a
+        value, exc = op(a, b, s.fcw)
+        if conv and not exc & (x87.IE | x87.ZE) and x87.classify(value) not in x87.NANS:
+            exc |= conv  # a denormal memory operand (a NaN operand takes precedence over DE)
+            if conv & ~s.fcw & x87.DE:
+                exc &= ~(x87.PE | x87.UE | x87.OE | x87.C1)
+        self._x87_result(ins, stack, dest, value, exc, pop)
+
+    @handles(M.FADD, M.FADDP, M.FIADD)
+    def _fadd(self, ins: Instruction) -> None:
+        self._x87_binary(ins, x87.add, False, ins.mnemonic == M.FADDP)
+
+    @handles(M.FSUB, M.FSUBP, M.FISUB)
+    def _fsub(self, ins: Instruction) -> None:
+        self._x87_binary(ins, x87.sub, False, ins.mnemonic == M.FSUBP)
+
+    @handles(M.FSUBR, M.FSUBRP, M.FISUBR)
+    def _fsubr(self, ins: Instruction) -> None:
+        self._x87_binary(ins, x87.sub, True, ins.mnemonic == M.FSUBRP)
+
+    @handles(M.FMUL, M.FMULP, M.FIMUL)
+    def _fmul(self, ins: Instruction) -> None:
+        self._x87_binary(ins, x87.mul, False, ins.mnemonic == M.FMULP)
+
+    @handles(M.FDIV, M.FDIVP, M.FIDIV)
+    def _fdiv(self, ins: Instruction) -> None:
+        self._x87_binary(ins, x87.div, False, ins.mnemonic == M.FDIVP)
+
+    @handles(M.FDIVR, M.FDIVRP, M.FIDIVR)
+    def _fdivr(self, ins: Instruction) -> None:
+        self._x87_binary(ins, x87.div, True, ins.mnemonic == M.FDIVRP)
+
+    def _x87_unary(self, ins: Instruction, op: x87.UnaryOp) -> None:
+        stack = self._x87()
+        a = stack.get(0)
+        if a is None:
+            return self._x87_underflow(ins, stack, 0, 0)
+        value, exc = op(a, self.s.fcw)
+        self._x87_result(ins, stack, 0, value, exc, 0)
+
+    @handles(M.FSQRT)
+    def _fsqrt(self, ins: Instruction) -> None:
+        self._x87_unary(ins, x87.sqrt)
+
+    @handles(M.FRNDINT)
+    def _frndint(self, ins: Instruction) -> None:
+        self._x87_unary(ins, x87.roundint)
+
+    @handles(M.F2XM1)
+    def _f2xm1(self, ins: Instruction) -> None:
+        self._x87_unary(ins, x87.f2xm1)
+
+    @handles(M.FCHS, M.FABS)
+    def _fchs(self, ins: Instruction) -> None:
+        stack = self._x87()
+        a = stack.get(0)
+        if a is None:
+            return self._x87_underflow(ins, stack, 0, 0)
+        stack.set(0, a ^ x87.SIGN80 if ins.mnemonic == M.FCHS else a & ~x87.SIGN80)
+        stack.set_cc(0, x87.C1)
+        self._x87_retire(ins)
+
+    def _x87_st0_st1(self, ins: Instruction, op: x87.BinaryOp, into: int, pop: int,
+                     cc: int = x87.C1) -> None:  # fmt: skip
+        """ST(into) = op(ST(0), ST(1)) (FSCALE, FPREM/FPREM1 into ST(0); FPATAN/FYL2X/FYL2XP1 into ST(1), popping)."""
+        stack = self._x87()
+        a, b = stack.get(0), stack.get(1)
+        if a is None or b is None:
+            self._x87_underflow(ins, stack, into, pop)
+            return stack.set_cc(0, cc & x87.C2)  # FPREM: no reduction left to do
+        value, exc = op(a, b, self.s.fcw)
+        if stack.signal(exc):
+            stack.set_cc(0, x87.C1 | (cc & x87.C2))
+        else:
+            stack.set(into, value)
+            for _ in range(pop):
+                stack.pop()
+            stack.set_cc(exc & cc, cc)
+        self._x87_retire(ins)
+
+    @handles(M.FSCALE)
+    def _fscale(self, ins: Instruction) -> None:
+        self._x87_st0_st1(ins, x87.scale, 0, 0)
+
+    @handles(M.FPREM, M.FPREM1)
+    def _fprem(self, ins: Instruction) -> None:
+        ieee = ins.mnemonic == M.FPREM1
+        self._x87_st0_st1(ins, lambda a, b, fcw: x87.prem(a, b, fcw, ieee), 0, 0, x87.CC)
+
+    @handles(M.FPATAN)
+    def _fpatan(self, ins: Instruction) -> None:
+        self._x87_st0_st1(ins, lambda x, y, fcw: x87.atan2(y, x, fcw), 1, 1)
+
+    @handles(M.FYL2X)
+    def _fyl2x(self, ins: Instruction) -> None:
+        self._x87_st0_st1(ins, lambda x, y, fcw: x87.yl2x(y, x, fcw), 1, 1)
+
+    @handles(M.FYL2XP1)
+    def _fyl2xp1(self, ins: Instruction) -> None:
+        self._x87_st0_st1(ins, lambda x, y, fcw: x87.yl2xp1(y, x, fcw), 1, 1)
+
+    @handles(M.FSIN, M.FCOS)
+    def _fsin(self, ins: Instruction) -> None:
+        stack = self._x87()
+        a = stack.get(0)
+        if a is None:
+            return self._x87_underflow(ins, stack, 0, 0)
+        both = x87.sin_cos(a, self.s.fcw)
+        if both is None:
+            stack.set_cc(x87.C2, x87.C2 | x87.C1)
+            return self._x87_retire(ins)
+        value, exc = both[0] if ins.mnemonic == M.FSIN else both[1]
+        self._x87_result(ins, stack, 0, value, exc, 0)
+        stack.set_cc(0, x87.C2)
+
+    @handles(M.FSINCOS, M.FPTAN)
+    def _fsincos(self, ins: Instruction) -> None:
+        """ST(0) = sin (FSINCOS) or tan (FPTAN), then push cos or 1.0."""
+        stack = self._x87()
+        a = stack.get(0)
+        if a is None:
+            if not stack.signal(x87.IE | x87.SF):
+                stack.set(0, x87.INDEFINITE)
+                stack.push(x87.INDEFINITE)
+            stack.set_cc(0, x87.C1)
+            return self._x87_retire(ins)
+        if not stack.empty(7):
+            if not stack.signal(x87.IE | x87.SF):
+                stack.set(0, x87.INDEFINITE)
+                stack.push(x87.INDEFINITE)
+            stack.set_cc(x87.C1, x87.C1)
+            return self._x87_retire(ins)
+        fcw = self.s.fcw
+        if ins.mnemonic == M.FSINCOS:
+            both = x87.sin_cos(a, fcw)
+            pair = None if both is None else (both[0], both[1])
+        else:
+            t = x87.tan(a, fcw)
+            pair = None if t is None else (t, (x87.INDEFINITE if x87.classify(t[0]) in x87.NANS else x87.ONE, 0))
+        if pair is None:
+            stack.set_cc(x87.C2, x87.C2 | x87.C1)
+            return self._x87_retire(ins)
+        (first, e1), (second, e2) = pair
+        if x87.classify(first) in x87.NANS:
+            second, e2 = first, e1  # a NaN or invalid operand: both results are that NaN
+        exc = e1 | e2
+        if not stack.signal(exc):
+            stack.set(0, first)
+            stack.push(second)
+        stack.set_cc(e2 & x87.C1, x87.C1 | x87.C2)
+        self._x87_retire(ins)
+
+    @handles(M.FXTRACT)
+    def _fxtract(self, ins: Instruction) -> None:
+        stack = self._x87()
+        a = stack.get(0)
+        if a is None:
+            if not stack.signal(x87.IE | x87.SF):
+                stack.set(0, x87.INDEFINITE)
+                stack.push(x87.INDEFINITE)
+            stack.set_cc(0, x87.C1)
+            return self._x87_retire(ins)
+        if not stack.empty(7):
+            if not stack.signal(x87.IE | x87.SF):
+                stack.set(0, x87.INDEFINITE)
+                stack.push(x87.INDEFINITE)
+            stack.set_cc(x87.C1, x87.C1)
+            return self._x87_retire(ins)
+        exponent, significand, exc = x87.xtract(a, self.s.fcw)
+        if not stack.signal(exc):
+            stack.set(0, exponent)
+            stack.push(significand)
+        stack.set_cc(0, x87.C1)
+        self._x87_retire(ins)
+
+    # --- loads and stores ---
+
+    @handles(M.FLD)
+    def _fld(self, ins: Instruction) -> None:
+        stack = self._x87()
+        if ins.op0_kind == REGISTER:
+            v = stack.get(self._st_index(ins, 0))
+            if v is None:
+                if not stack.signal(x87.IE | x87.SF):
+                    stack.push(x87.INDEFINITE)
+                stack.set_cc(0, x87.C1)
+                return self._x87_retire(ins)
+            return self._x87_push(ins, stack, v, 0)
+        size = ins.memory_size
+        raw = self._mread(ins, MEMSIZE[size])
+        if size == _MS.FLOAT80:
+            return self._x87_push(ins, stack, raw, 0)
+        value, exc = x87.from_format(x87.SINGLE if size == _MS.FLOAT32 else x87.DOUBLE, raw)
+        if exc == x87.DE and not self.s.fcw & x87.DE and stack.empty(7):
+            stack.signal(exc)  # an unmasked denormal operand still loads (the reference host; the SDM is silent)
+            exc = 0
+        self._x87_push(ins, stack, value, exc)
+
+    @handles(M.FILD)
+    def _fild(self, ins: Instruction) -> None:
+        stack = self._x87()
+        value, _ = self._x87_operand(ins)
+        self._x87_push(ins, stack, value, 0)
+
+    @handles(M.FBLD)
+    def _fbld(self, ins: Instruction) -> None:
+        stack = self._x87()
+        self._x87_push(ins, stack, x87.from_bcd(self._mread(ins, 10)), 0)
+
+    _CONSTANTS = {M.FLD1: "one", M.FLDZ: "zero", M.FLDPI: "pi", M.FLDL2E: "l2e", M.FLDL2T: "l2t",
+                  M.FLDLG2: "lg2", M.FLDLN2: "ln2"}  # fmt: skip
+
+    @handles(M.FLD1, M.FLDZ, M.FLDPI, M.FLDL2E, M.FLDL2T, M.FLDLG2, M.FLDLN2)
+    def _fldconst(self, ins: Instruction) -> None:
+        stack = self._x87()
+        self._x87_push(ins, stack, x87.constant(self._CONSTANTS[ins.mnemonic], self.s.fcw), 0)
+
+    def _x87_store(self, ins: Instruction, convert: Callable[[int], tuple[int | None, int]], indefinite: int,
+                   pop: bool) -> None:  # fmt: skip
+        """Store ST(0) to memory through `convert` (bits, or None where an unmasked exception withholds the store
+        and the pop; exceptions | C1). An empty ST(0) stores `indefinite` when IE is masked."""
+        stack = self._x87()
+        size = MEMSIZE[ins.memory_size]
+        a = stack.get(0)
+        if a is None:
+            bits, exc = (indefinite if self.s.fcw & x87.IE else None), x87.IE | x87.SF
+        else:
+            bits, exc = convert(a)
+        if bits is not None:
+            self._mwrite(ins, size, bits)
+        stack.signal(exc)
+        if pop and bits is not None:
+            stack.pop()
+        stack.set_cc(exc & x87.C1, x87.C1)
+        self._x87_retire(ins)
+
+    @handles(M.FST, M.FSTP, M.FSTPNCE)  # FSTPNCE: D9 D8+i, an alias of FSTP ST(i)
+    def _fst(self, ins: Instruction) -> None:
+        pop = ins.mnemonic != M.FST
+        if ins.mnemonic == M.FSTPNCE:  # an empty ST(0) is no stack fault: nothing is copied (as the host does)
+            stack = self._x87()
+            if not stack.empty(0):
+                stack.set(self._st_index(ins, 0), stack.raw(0))
+            stack.pop()
+            stack.set_cc(0, x87.C1)
+            return self._x87_retire(ins)
+        if ins.op0_kind == REGISTER:
+            stack = self._x87()
+            a = stack.get(0)
+            if a is None:
+                return self._x87_underflow(ins, stack, self._st_index(ins, 0), int(pop))
+            stack.set(self._st_index(ins, 0), a)
+            if pop:
+                stack.pop()
+            stack.set_cc(0, x87.C1)
+            return self._x87_retire(ins)
+        size = ins.memory_size
+        fcw = self.s.fcw
+        if size == _MS.FLOAT80:
+            self._x87_store(ins, lambda a: (a, 0), x87.INDEFINITE, pop)
+        else:
+            fmt = x87.SINGLE if size == _MS.FLOAT32 else x87.DOUBLE
+            self._x87_store(ins, lambda a: x87.to_format(fmt, a, fcw), fmt.indefinite(), pop)
+
+    @handles(M.FIST, M.FISTP, M.FISTTP)
+    def _fist(self, ins: Instruction) -> None:
+        n = MEMSIZE[ins.memory_size]
+        fcw = self.s.fcw
+        trunc = ins.mnemonic == M.FISTTP
+        self._x87_store(ins, lambda a: x87.to_int(a, n, fcw, trunc), x87.INT_INDEFINITE[n], ins.mnemonic != M.FIST)
+
+    @handles(M.FBSTP)
+    def _fbstp(self, ins: Instruction) -> None:
+        fcw = self.s.fcw
+        self._x87_store(ins, lambda a: x87.to_bcd(a, fcw), x87.BCD_INDEFINITE, True)
+
+    # --- comparisons and classification ---
+
+    def _x87_compare(self, ins: Instruction, quiet: bool, pops: int, eflags: bool, b_mem: bool) -> None:
+        stack = self._x87()
+        a = stack.get(0)
+        conv = 0
+        if b_mem:
+            b: int | None
+            b, conv = self._x87_operand(ins)
+        elif ins.mnemonic == M.FTST:
+            b = 0
+        elif ins.op_count == 2:
+            b = stack.get(self._st_index(ins, 1))
+        else:
+            b = stack.get(1)
+        if a is None or b is None:
+            cc, exc = x87.C3 | x87.C2 | x87.C0, x87.IE | x87.SF
+        else:
+            cc, exc = x87.compare(a, b, quiet)
+            if conv and not exc & x87.IE and cc != x87.C3 | x87.C2 | x87.C0:
+                exc |= conv
+        # the result is set even when an unmasked exception withholds the pops (as the host does); FCOMI
+        # clears OF, SF and AF, and C1 (SDM; the reference AMD host leaves C1 alone)
+        if eflags:
+            zf = ZF if cc & x87.C3 else 0
+            pf = PF if cc & x87.C2 else 0
+            cf = CF if cc & x87.C0 else 0
+            self._set_flags(zf | pf | cf, STATUS_FLAGS)
+            stack.set_cc(0, x87.C1)
+        else:
+            stack.set_cc(cc, x87.CC)
+        if not stack.signal(exc):
+            for _ in range(pops):
+                stack.pop()
+        self._x87_retire(ins)
+
+    @handles(M.FCOM, M.FCOMP, M.FUCOM, M.FUCOMP, M.FICOM, M.FICOMP)
+    def _fcom(self, ins: Instruction) -> None:
+        mn = ins.mnemonic
+        pops = 1 if mn in (M.FCOMP, M.FUCOMP, M.FICOMP) else 0
+        mem = ins.op_count == 1 and ins.op0_kind == MEMORY
+        self._x87_compare(ins, mn in (M.FUCOM, M.FUCOMP), pops, False, mem)
+
+    @handles(M.FCOMPP, M.FUCOMPP)
+    def _fcompp(self, ins: Instruction) -> None:
+        self._x87_compare(ins, ins.mnemonic == M.FUCOMPP, 2, False, False)
+
+    @handles(M.FCOMI, M.FCOMIP, M.FUCOMI, M.FUCOMIP)
+    def _fcomi(self, ins: Instruction) -> None:
+        mn = ins.mnemonic
+        self._x87_compare(ins, mn in (M.FUCOMI, M.FUCOMIP), int(mn in (M.FCOMIP, M.FUCOMIP)), True, False)
+
+    @handles(M.FTST)
+    def _ftst(self, ins: Instruction) -> None:
+        self._x87_compare(ins, False, 0, False, False)
+
+    @handles(M.FXAM)
+    def _fxam(self, ins: Instruction) -> None:
+        stack = self._x87()
+        v = stack.get(0)
+        cc = x87.examine(v)
+        if v is None and x87.sign_of(stack.raw(0)):
+            cc |= x87.C1
+        stack.set_cc(cc, x87.CC)
+        self._x87_retire(ins)
+
+    # --- stack management ---
+
+    @handles(M.FXCH)
+    def _fxch(self, ins: Instruction) -> None:
+        stack = self._x87()
+        i = self._st_index(ins, 1) if ins.op_count == 2 else 1
+        a, b = stack.get(0), stack.get(i)
+        if a is None or b is None:
+            if stack.signal(x87.IE | x87.SF):
+                stack.set_cc(0, x87.C1)
+                return self._x87_retire(ins)
+            a = x87.INDEFINITE if a is None else a
+            b = x87.INDEFINITE if b is None else b
+        stack.set(0, b)
+        stack.set(i, a)
+        stack.set_cc(0, x87.C1)
+        self._x87_retire(ins)
+
+    @handles(M.FINCSTP, M.FDECSTP)
+    def _fincstp(self, ins: Instruction) -> None:
+        stack = self._x87()
+        stack.set_top(stack.top + (1 if ins.mnemonic == M.FINCSTP else -1))
+        stack.set_cc(0, x87.C1)
+        self._x87_retire(ins)
+
+    @handles(M.FFREE, M.FFREEP)
+    def _ffree(self, ins: Instruction) -> None:
+        stack = self._x87()
+        stack.free(self._st_index(ins, 0))
+        if ins.mnemonic == M.FFREEP:
+            stack.pop()
+        stack.set_cc(0, x87.C1)  # undefined by the SDM; cleared, as the reference host does
+        self._x87_retire(ins)
+
+    @handles(M.FNENI, M.FNDISI, M.FNSETPM, M.FENI, M.FDISI, M.FSETPM)
+    def _fneni(self, ins: Instruction) -> None:
+        """The 8087/287 control instructions (DB E0, E1, E4): no-ops since the 387, FOP/FIP untouched."""
+        self._fpu_check()
+
+    @handles(M.FNOP)
+    def _fnop(self, ins: Instruction) -> None:
+        self._x87()
+        self._x87_retire(ins)
+
+    _FCMOV = {M.FCMOVB: (CF, True), M.FCMOVE: (ZF, True), M.FCMOVBE: (CF | ZF, True), M.FCMOVU: (PF, True),
+              M.FCMOVNB: (CF, False), M.FCMOVNE: (ZF, False), M.FCMOVNBE: (CF | ZF, False),
+              M.FCMOVNU: (PF, False)}  # fmt: skip
+
+    @handles(*_FCMOV)
+    def _fcmov(self, ins: Instruction) -> None:
+        stack = self._x87()
+        flags, when_set = self._FCMOV[ins.mnemonic]
+        src = stack.get(self._st_index(ins, 1))
+        if src is None or stack.empty(0):
+            return self._x87_underflow(ins, stack, 0, 0)
+        if bool(self.s.rflags & flags) == when_set:
+            stack.set(0, src)
+        self._x87_retire(ins)  # C1 is defined only for a stack underflow
 
     # ------------------------------------------------------------------ SSE/SSE2
 

@@ -150,13 +150,22 @@ class CpuState:
     efer: int = 0
     dr: list[int] = field(default_factory=lambda: [0, 0, 0, 0, 0xFFFF0FF0, 0x400, 0xFFFF0FF0, 0x400])
     msrs: dict[int, int] = field(default_factory=dict)  # every MSR not kept as a field above
-    # SSE: 16 XMM registers as 128-bit ints, and MXCSR; x87 control/status/tag words (no x87 arithmetic)
+    # SSE: 16 XMM registers as 128-bit ints, and MXCSR
     xmm: list[int] = field(default_factory=lambda: [0] * 16)
     mxcsr: int = 0x1F80
+    # x87 (vol. 1 §8.1): control and status words (TOP in FSW 13:11), the abridged tag (bit i: R{i} in use, as
+    # FXSAVE stores it; the full tag is derived from the contents), the eight 80-bit data registers as ints in
+    # physical order R0..R7 (ST(i) is R[(TOP + i) % 8]), and the last instruction's opcode (11 bits), FCS:FIP
+    # and FDS:FDP (offsets, as FXSAVE64 stores them)
     fcw: int = 0x37F
     fsw: int = 0
-    ftw: int = 0  # abridged tag word as FXSAVE stores it
-    st: list[int] = field(default_factory=lambda: [0] * 8)  # 80-bit values as ints, kept for FXSAVE/FXRSTOR
+    ftw: int = 0
+    st: list[int] = field(default_factory=lambda: [0] * 8)
+    fop: int = 0
+    fip: int = 0
+    fcs: int = 0
+    fdp: int = 0
+    fds: int = 0
     xcr0: int = 1
     tsc_offset: int = 0
     halted: bool = False

@@ -34,6 +34,15 @@ class IrqLine:
         self.set_level(True)
         self.set_level(False)
 
+    def drive(self, level: bool) -> None:
+        """Deliver `level` even if unchanged, as a device does whose every write reaches the interrupt controller
+        (pc-testdev's IRQ ports, like QEMU's `qemu_set_irq`): a level-triggered I/O APIC input whose Remote IRR is
+        clear delivers again when it is driven high again."""
+        if level and not self.level:
+            self.raised += 1
+        self.level = level
+        self._deliver(self.number, level)
+
 
 def null_line(number: int = 0) -> IrqLine:
     """A line connected to nothing (tests, or a device whose interrupts the guest never enables)."""

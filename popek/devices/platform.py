@@ -59,7 +59,7 @@ class SoftPlatform:
             for i in range(cpus)
         ]
         self.apics = ApicSystem(self.lapics)
-        self.ioapic = IoApic(self.apics, apic_id=cpus)
+        self.ioapic = IoApic(self.apics, apic_id=mptable.ioapic_id(cpus))
         self.apics.on_eoi = self.ioapic.eoi
         self.pic.on_intr_change = lambda level: self.apics.set_lint(0, level)
         self.pit = Pit(self.clock, on_out0=lambda level: self.set_irq(0, level))

@@ -4,14 +4,15 @@ config and a rootfs recipe instead of binaries.
 Recipe (RECIPE_VERSION): Debian's ``linux-source-6.1`` tarball, ``make tinyconfig``, the fragment ``guest.config``
 merged with ``scripts/kconfig/merge_config.sh -m`` and settled with ``make olddefconfig``, every fragment option
 checked in the result (kconfig.py), then ``make vmlinux bzImage``; popek boots ``vmlinux`` through its PVH entry
-(no decompressor to emulate) and keeps ``bzImage`` as a second artefact. The initramfs is Debian's
-``busybox-static`` with popek's ``init`` (initramfs.py).
+(no decompressor to emulate) and keeps ``bzImage`` as a second artefact. The initramfs (initramfs.py) is Debian's
+``busybox-static`` with popek's ``init`` and its guest agent, compiled statically from popek/agent/guest/ as
+popek/agent/binary.py says.
 
 Cache: ``$XDG_CACHE_HOME/popek`` (default ``~/.cache/popek``), one ``guest-<key>`` folder per set of inputs, the key a
-hash of everything that changes the artefacts (the fragment, the init script, the package versions, the tarball's
-size and mtime, the recipe version). A build runs in a ``.staging-*`` folder of the same file system and is
-published by one rename, so an interrupted build is never taken for a finished one; a lock per key makes a second
-popek wait for the first instead of building the same thing twice.
+hash of everything that changes the artefacts (the fragment, the init script, the agent's sources and compiler
+flags, the package versions, the tarball's size and mtime, the recipe version). A build runs in a ``.staging-*``
+folder of the same file system and is published by one rename, so an interrupted build is never taken for a finished
+one; a lock per key makes a second popek wait for the first instead of building the same thing twice.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from importlib import resources
 from pathlib import Path
 from typing import IO, Any
 
+from popek.agent import binary as agent_binary
 from popek.boot import elf
 from popek.errors import PopekError
 from popek.image import kconfig
@@ -43,7 +45,7 @@ from popek.image.progress import Progress
 from popek.image.protocol import BASE_CMDLINE
 
 # Bump when the recipe changes in a way the inputs below do not show (build steps, initramfs layout, make flags).
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: the initramfs has the guest agent
 
 LINUX_SOURCE_PACKAGE = "linux-source-6.1"
 LINUX_SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
@@ -193,6 +195,7 @@ class Inputs:
     recipe: int
     fragment: bytes
     init: bytes
+    agent: str  # agent_binary.source_digest(): its sources and compiler flags
     linux_source_version: str
     linux_source_size: int
     linux_source_mtime: int  # seconds; the tarball's size and mtime stand in for its 140 MB of content
@@ -203,6 +206,7 @@ class Inputs:
             "recipe": self.recipe,
             "guest.config sha256": hashlib.sha256(self.fragment).hexdigest(),
             "init sha256": hashlib.sha256(self.init).hexdigest(),
+            "agent sources sha256": self.agent,
             LINUX_SOURCE_PACKAGE: {
                 "version": self.linux_source_version,
                 "tarball": str(LINUX_SOURCE_TARBALL),
@@ -247,6 +251,7 @@ def gather_inputs() -> Inputs:
         recipe=RECIPE_VERSION,
         fragment=recipe_fragment(),
         init=recipe_init(),
+        agent=agent_binary.source_digest(),
         linux_source_version=versions[LINUX_SOURCE_PACKAGE],
         linux_source_size=tarball.st_size,
         linux_source_mtime=int(tarball.st_mtime),
@@ -549,6 +554,18 @@ def _build_kernel(
     return {"key": inputs.kernel_key, "release": release, "compile_steps": steps}
 
 
+def _build_agent(staging: Path, out: Path, log: _Log, env: dict[str, str]) -> bytes:
+    """The guest agent, compiled from the sources written into staging (the binary is also kept in out)."""
+    sources = staging / "agent"
+    agent_binary.write_sources(sources)
+    target = out / agent_binary.BINARY
+    _run(agent_binary.compile_command(sources, target), sources, log, env, "compiling the guest agent")
+    data = target.read_bytes()
+    if any(header.type == 3 for header in elf.program_headers(data)):  # PT_INTERP
+        raise _BuildFailed(f"the guest agent was linked dynamically ({' '.join(agent_binary.CFLAGS)} lost -static?)")
+    return data
+
+
 def _reuse_kernel(donor: Path, out: Path, log: _Log, progress: Progress) -> dict[str, Any]:
     progress.phase("kernel")
     log.note(f"the kernel inputs are those of {donor}: its vmlinux, bzImage and kernel.config are reused")
@@ -593,10 +610,11 @@ def _build(inputs: Inputs, root: Path, entry: Path, show_progress: bool, reuse_k
         kernel["pvh_entry"] = f"{entry_point:#x}"
 
         progress.phase("initramfs")
-        log.note("writing the initramfs")
+        log.note("compiling the guest agent and writing the initramfs")
+        agent = _build_agent(staging, out, log, _build_env(inputs))
         applets = busybox_applets(BUSYBOX_BINARY)
         with open(out / INITRD, "wb") as cpio:
-            write_initramfs(cpio, busybox=busybox, applets=applets, init=inputs.init)
+            write_initramfs(cpio, busybox=busybox, applets=applets, init=inputs.init, agent=agent)
 
         seconds = round(time.monotonic() - started, 1)
         manifest = {
@@ -607,7 +625,7 @@ def _build(inputs: Inputs, root: Path, entry: Path, show_progress: bool, reuse_k
             "build_seconds": seconds,
             "toolchain": {"gcc": _first_line(["gcc", "--version"]), "make": _first_line(["make", "--version"])},
             "kernel": kernel,
-            "initramfs": {"busybox_applets": len(applets)},
+            "initramfs": {"busybox_applets": len(applets), "agent_size": len(agent)},
             "cmdline": BASE_CMDLINE,
             "artefacts": {
                 "kernel": _artefact(out / KERNEL),

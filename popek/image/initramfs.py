@@ -1,5 +1,6 @@
-"""The default guest's initramfs: Debian's static busybox, one symlink per applet, and popek's /init, as an
-uncompressed newc cpio (see cpio.py; the kernel config has BLK_DEV_INITRD and no decompressor is needed).
+"""The default guest's initramfs: Debian's static busybox, one symlink per applet, popek's guest agent
+(/sbin/popek-agent, popek/agent/) and popek's /init, as an uncompressed newc cpio (see cpio.py; the kernel config
+has BLK_DEV_INITRD and no decompressor is needed).
 
 The symlinks are written here rather than by ``busybox --install -s`` at boot: a few hundred symlink() calls in
 the guest are a few hundred system calls the guest kernel would run, possibly emulated; in the archive they cost
@@ -17,6 +18,7 @@ from popek.image.cpio import NewcWriter
 from popek.image.errors import ImageError
 
 BUSYBOX_PATH = "bin/busybox"
+AGENT_PATH = "sbin/popek-agent"  # the init script starts it by this path
 
 # linuxrc is busybox's init for old initrd images; this initramfs has its own /init
 _SKIPPED_APPLETS = {BUSYBOX_PATH, "linuxrc"}
@@ -65,7 +67,9 @@ def busybox_applets(busybox: Path) -> list[str]:
     return sorted(set(applets))
 
 
-def write_initramfs(out: BinaryIO, *, busybox: bytes, applets: Iterable[str], init: bytes) -> int:
+def write_initramfs(
+    out: BinaryIO, *, busybox: bytes, applets: Iterable[str], init: bytes, agent: bytes | None = None
+) -> int:
     """Write the whole archive to out; returns its size. Deterministic: same inputs, same bytes."""
     writer = NewcWriter(out)
     for path, mode in _DIRECTORIES:
@@ -77,6 +81,8 @@ def write_initramfs(out: BinaryIO, *, busybox: bytes, applets: Iterable[str], in
     writer.file(BUSYBOX_PATH, busybox, 0o755)
     for applet in applets:
         writer.symlink(applet, "/" + BUSYBOX_PATH)
+    if agent is not None:
+        writer.file(AGENT_PATH, agent, 0o755)
     writer.file("init", init, 0o755)
     writer.close()
     return writer.size

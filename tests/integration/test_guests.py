@@ -49,11 +49,11 @@ def test_port_and_mmio_exits_reach_the_buses_and_are_counted(tmp_path: Path, bac
         PROTECTED_MODE
         + """
     mov ecx, 1000
-    mov dx, 0x510
+    mov dx, 0x710
 .out: out dx, al
     loop .out
     mov ecx, 500
-    mov dx, 0x511
+    mov dx, 0x711
 .in: in al, dx
     cmp al, 0xff
     jne bad
@@ -90,8 +90,8 @@ badmsg: db "bad read", 10, 0
         assert m, r.stderr
         return int(m.group(1))
 
-    assert count(r"^io 0x0510: (\d+) \(unclaimed\)") == 1000
-    assert count(r"^io 0x0511: (\d+) \(unclaimed\)") == 500
+    assert count(r"^io 0x0710: (\d+) \(unclaimed\)") == 1000
+    assert count(r"^io 0x0711: (\d+) \(unclaimed\)") == 500
     assert count(r"^mmio 0xd0000000: (\d+) \(unclaimed\)") == 500
     assert count(r"^unclaimed accesses: (\d+)") == 2000
     assert count(r"^exits: .*\bmmio=(\d+)") == 500

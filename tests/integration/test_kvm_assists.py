@@ -4,6 +4,7 @@ software CPU (`--accel soft`) gives the same results."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -492,3 +493,82 @@ def test_xsave_into_a_not_present_or_read_only_page_is_the_guests_page_fault(tmp
         "#PF err=0003 cr2=0000008000006000 rip=ok cpl=0",
         "xsave fcw 037F dirty 1",
     ], "\n".join(lines) + err
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_x87_arithmetic_and_bcd_adjusts_at_ring0_give_the_same_results_on_both_backends(
+    tmp_path: Path, backend: str
+) -> None:
+    """x87 arithmetic, conversions, a transcendental, the status word after a masked divide by zero, an
+    FNSAVE/FRSTOR round trip, and DAA/AAM, in real mode (ring 0: on KVM hosts that emulate it, each instruction
+    is completed by popek's software CPU through the KVM assist path)."""
+    image = build(
+        tmp_path,
+        """
+    xor ax, ax
+    mov ds, ax
+    fninit
+    fldpi
+    fimul dword [million]
+    fistp dword [0x8000]        ; round(pi * 1e6)
+    mov eax, [0x8000]
+    call hex32
+    fild dword [two]
+    fsqrt
+    fild dword [two30]
+    fmulp st1, st0
+    fistp dword [0x8000]        ; round(sqrt(2) * 2**30)
+    mov eax, [0x8000]
+    call hex32
+    fld dword [half]
+    fsin
+    fimul dword [billion]
+    fistp dword [0x8000]        ; round(sin(0.5) * 1e9)
+    mov eax, [0x8000]
+    call hex32
+    fnclex
+    fld1
+    fldz
+    fdivp st1, st0              ; 1/0, masked: +inf, ZE
+    fnstsw ax
+    and eax, 0x3f
+    call hex32
+    fnsave [0x8100]
+    fninit
+    frstor [0x8100]
+    fxam                        ; ST(0) = +inf after the round trip: C3,C2,C0 = 0,1,1
+    fnstsw ax
+    and eax, 0x4700
+    call hex32
+    fild dword [bcd_in]
+    fbstp [0x8000]
+    mov eax, [0x8000]
+    call hex32
+    mov al, 0x19
+    add al, 0x28
+    daa
+    mov ah, 77
+    xchg al, ah
+    aam                         ; AH:AL = 7:7, the DAA result in the high byte
+    rol eax, 16
+    mov ax, 0
+    rol eax, 16
+    call hex32
+    mov si, nl
+    call print
+    mov al, 0
+    out 0xf4, al
+million: dd 1000000
+billion: dd 1000000000
+two: dd 2
+two30: dd 0x40000000
+half: dd 0.5
+bcd_in: dd 1234567
+nl: db 10, 0
+""",
+    )
+    r = run(image, backend=backend)
+    assert r.returncode == 1, r.stderr
+    expected = [round(math.pi * 1e6), round(math.sqrt(2) * 2**30), round(math.sin(0.5) * 1e9), 0x04, 0x0500,
+                0x01234567, 0x0707]  # fmt: skip
+    assert r.stdout.strip() == "".join(f"{v:08X}" for v in expected), r.stdout + r.stderr

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.integration.guests import KVM_MARKS
-from tests.unit.boot.test_kvm_unit_tests_images import IMAGES
+from tests.kvm_unit_tests import IMAGES
 
 REALMODE = IMAGES / "realmode.flat"
 

@@ -101,3 +101,13 @@ def test_fill_and_zero_refuse_ranges_outside_guest_ram() -> None:
                 mem.zero(gpa, size)
             with pytest.raises(GuestMemoryError):
                 mem.fill(gpa, size, 1)
+
+
+def test_remap_page_keeps_contents_and_the_page_writable() -> None:
+    with GuestMemory(4 * 1024 * 1024) as mem:
+        mem.write(0x21FF0, b"before the flush")
+        assert mem.remap_page(0x21FF8)
+        assert mem.read(0x21FF0, 16) == b"before the flush"
+        mem.write(0x21000, b"after")
+        assert mem.read(0x21000, 5) == b"after"
+        assert not mem.remap_page(4 * 1024 * 1024)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+# QEMU's `-device isa-debug-exit,iobase=0xf4,iosize=0x4`, as kvm-unit-tests runs it: ports 0xF4-0xF7
+DEBUG_EXIT_SIZE = 4
+
 
 class PostCode:
     """Port 0x80: firmware and kernels write progress codes (and Linux uses it as an I/O delay)."""
@@ -21,7 +24,8 @@ class PostCode:
 
 class DebugExit:
     """A guest write of `value` ends the VM; popek exits with `(value << 1) | 1`, as QEMU's isa-debug-exit does
-    (so a test guest cannot be mistaken for one that exited 0 by other means)."""
+    (so a test guest cannot be mistaken for one that exited 0 by other means). As there, the value is the whole
+    write, 1, 2 or 4 bytes, at any port of the device's range (QEMU's `debug_exit_write` ignores the address)."""
 
     def __init__(self, on_exit: Callable[[int], None]) -> None:
         self.on_exit = on_exit

@@ -11,11 +11,9 @@ import pytest
 from popek.boot import load_kernel, multiboot
 from popek.boot.loader import BootFiles
 from popek.memory import GuestMemory
+from tests.kvm_unit_tests import IMAGES
 
-# the project's shared/ folder lies beside the checkout (in CI too); /work/shared in a developer's workplace
-_CANDIDATES = [Path(__file__).resolve().parents[3].parent / "shared", Path("/work/shared")]
-IMAGES = next((p / "kvm-unit-tests/x86" for p in _CANDIDATES if (p / "kvm-unit-tests/x86").is_dir()), Path())
-FLATS = sorted(IMAGES.glob("*.flat")) if Path() != IMAGES else []
+FLATS = sorted(IMAGES.glob("*.flat"))
 MEM = 256 << 20
 PT_LOAD = 1
 

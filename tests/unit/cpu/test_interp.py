@@ -346,6 +346,22 @@ def test_the_vendor_cpuid_names_decides_where_syscall_and_sysenter_exist(faults:
     assert faults.seen[0][:2] == ((Vector.UD, None) if amd else (Vector.GP, 0))  # Intel: SYSENTER_CS is null
 
 
+@pytest.mark.parametrize("amd", [False, True])
+def test_the_vendors_hypercall_instruction_answers_as_kvm_does_and_the_other_is_undefined(
+    faults: Faults, amd: bool
+) -> None:
+    m = Machine(64)
+    if amd:
+        m.interp.cpuid = _amd_cpuid
+    m.load(("vmmcall" if amd else "vmcall") + "\nhlt")
+    m.run()
+    assert not faults.seen and m.gpr[0] == (-1000) & (2**64 - 1)  # -KVM_ENOSYS: popek offers no hypercall
+    m.reset()
+    m.load("vmcall\nhlt" if amd else "vmmcall\nhlt")
+    m.run()
+    assert faults.seen[0][0] == Vector.UD
+
+
 def test_sse_strlen_style_sequence_and_fxsave() -> None:
     m = run(
         64,

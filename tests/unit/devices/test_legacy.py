@@ -2,11 +2,17 @@ from __future__ import annotations
 
 import time
 
+from hypothesis import given
+from hypothesis import strategies as st
+
+from popek.bus import Bus
 from popek.devices.irq import IrqLine
 from popek.devices.legacy import serial as uart
+from popek.devices.legacy.bochs_shutdown import SHUTDOWN, BochsShutdown
 from popek.devices.legacy.cmos import Cmos
 from popek.devices.legacy.i8042 import I8042
-from popek.devices.legacy.misc import DebugExit
+from popek.devices.legacy.misc import DEBUG_EXIT_SIZE, DebugExit
+from popek.devices.legacy.reset_control import RESET_VALUE, ResetControl
 
 
 def make_uart() -> tuple[uart.Serial, list[bytes], list[bool]]:
@@ -127,3 +133,90 @@ def test_debug_exit_status_is_value_shifted_left_plus_one() -> None:
     got: list[int] = []
     DebugExit(got.append).write(0, b"\x2a")
     assert got == [0x55]
+
+
+def test_debug_exit_takes_the_whole_1_2_or_4_byte_write_at_any_of_its_ports() -> None:
+    got: list[int] = []
+    bus = Bus("port")
+    bus.insert(0xF4, DEBUG_EXIT_SIZE, DebugExit(got.append), "debug exit")
+    bus.write(0xF4, (0x1234).to_bytes(4, "little"))  # kvm-unit-tests: outl(code, 0xf4)
+    bus.write(0xF4, (0x0102).to_bytes(2, "little"))
+    bus.write(0xF7, b"\x03")
+    bus.write(0xF6, b"\xff\xff")
+    bus.write(0xF4, b"\xff\xff\xff\xff")
+    assert got == [0x2469, 0x205, 0x7, 0x1FFFF, 0x1FFFFFFFF]
+    assert bus.unclaimed == {}
+
+
+def test_bochs_shutdown_sequence_powers_off() -> None:
+    offs: list[int] = []
+    dev = BochsShutdown(lambda: offs.append(1))
+    for b in b"Shutdown":
+        dev.write(0, bytes([b]))
+    assert offs == [1]
+    assert dev.matched == 0  # ready for another sequence
+
+
+def test_bochs_shutdown_wrong_or_wide_writes_do_not_power_off() -> None:
+    offs: list[int] = []
+    dev = BochsShutdown(lambda: offs.append(1))
+    for b in b"Shutdowm" + b"ShutXdown":
+        dev.write(0, bytes([b]))
+    dev.write(0, b"Sh")
+    for b in b"utdown":
+        dev.write(0, bytes([b]))
+    assert offs == []
+    for b in b"SShutdown":  # a fresh 'S' restarts the sequence
+        dev.write(0, bytes([b]))
+    assert offs == [1]
+    assert dev.read(0, 1) == b"\xff"
+
+
+@given(st.lists(st.binary(min_size=1, max_size=4), max_size=200))
+def test_bochs_shutdown_powers_off_exactly_when_the_bytes_end_with_shutdown(writes: list[bytes]) -> None:
+    offs: list[int] = []
+    dev = BochsShutdown(lambda: offs.append(1))
+    stream: list[int | None] = []
+    for w in writes:
+        dev.write(0, w)
+        stream.append(w[0] if len(w) == 1 else None)
+        assert 0 <= dev.matched < len(SHUTDOWN)
+    expected = 0
+    run = 0
+    for b in stream:  # a reference matcher: count completed sequences
+        if b is not None and b == SHUTDOWN[run]:
+            run += 1
+        else:
+            run = 1 if b == SHUTDOWN[0] else 0
+        if run == len(SHUTDOWN):
+            expected += 1
+            run = 0
+    assert len(offs) == expected
+
+
+def test_reset_control_resets_on_rst_cpu_and_keeps_sys_rst() -> None:
+    resets: list[int] = []
+    dev = ResetControl(lambda: resets.append(1))
+    dev.write(0, b"\x02")  # Linux's reboot=pci writes SYS_RST first...
+    assert resets == [] and dev.read(0, 1) == b"\x02"
+    dev.write(0, bytes([RESET_VALUE]))  # ...then SYS_RST | RST_CPU, the FADT's reset value
+    assert resets == [1]
+    dev.write(0, b"\x09")
+    assert dev.read(0, 1) == b"\x00" and resets == [1]
+
+
+@given(st.lists(st.binary(max_size=4), max_size=50))
+def test_reset_control_arbitrary_writes(writes: list[bytes]) -> None:
+    resets: list[int] = []
+    dev = ResetControl(lambda: resets.append(1))
+    for w in writes:
+        dev.write(0, w)
+        assert dev.read(0, 1)[0] in (0, 2)
+    assert len(resets) == sum(1 for w in writes if w and w[0] & 4)
+
+
+@given(st.binary(min_size=1, max_size=4))
+def test_debug_exit_status_is_the_whole_write_shifted_plus_one(data: bytes) -> None:
+    got: list[int] = []
+    DebugExit(got.append).write(0, data)
+    assert got == [(int.from_bytes(data, "little") << 1) | 1]

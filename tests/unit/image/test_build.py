@@ -8,16 +8,21 @@ import io
 import json
 import os
 import shutil
+import stat
 import struct
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from popek.boot import elf
 from popek.image import ImageError, build, cache_dir, cached_default_guest, ensure_default_guest, image_info, kconfig
 from popek.image.progress import Progress
 from popek.image.protocol import BASE_CMDLINE
+
+from .test_cpio import read_newc
 
 BUSYBOX = Path("/bin/busybox")
 
@@ -27,6 +32,7 @@ def fake_inputs(**changes: Any) -> build.Inputs:
         recipe=build.RECIPE_VERSION,
         fragment=b"CONFIG_64BIT=y\n",
         init=b"#!/bin/busybox sh\n",
+        agent="0" * 64,
         linux_source_version="6.1.192-2",
         linux_source_size=138009412,
         linux_source_mtime=1700000000,
@@ -57,6 +63,7 @@ def test_key_is_stable_and_follows_every_input() -> None:
         {"recipe": build.RECIPE_VERSION + 1},
         {"fragment": b"CONFIG_64BIT=y\nCONFIG_SMP=y\n"},
         {"init": b"#!/bin/busybox sh\necho\n"},
+        {"agent": "1" * 64},
         {"linux_source_version": "6.1.193-1"},
         {"linux_source_size": 138009413},
         {"linux_source_mtime": 1700000001},
@@ -69,6 +76,7 @@ def test_key_is_stable_and_follows_every_input() -> None:
 def test_kernel_key_ignores_what_only_the_initramfs_uses() -> None:
     base = fake_inputs()
     assert fake_inputs(init=b"other").kernel_key == base.kernel_key
+    assert fake_inputs(agent="f" * 64).kernel_key == base.kernel_key
     assert fake_inputs(busybox_version="2").kernel_key == base.kernel_key
     assert fake_inputs(fragment=b"CONFIG_SMP=y\n").kernel_key != base.kernel_key
     assert fake_inputs(linux_source_mtime=1).kernel_key != base.kernel_key
@@ -187,6 +195,9 @@ def fake_vmlinux(entry: int = 0x1000000) -> bytes:
     return ehdr + phdr + note
 
 
+FAKE_AGENT = b"\x7fELF popek-agent stand-in"
+
+
 @dataclasses.dataclass
 class FakeKernelBuilds:
     inputs: build.Inputs = dataclasses.field(default_factory=fake_inputs)
@@ -217,6 +228,8 @@ def fake_host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeK
         return {"key": inputs.kernel_key, "release": "6.1.0-fake", "compile_steps": 3}
 
     monkeypatch.setattr(build, "_build_kernel", build_kernel)
+    # the real compiler is the subject of test_the_agent_is_compiled_static_into_the_initramfs
+    monkeypatch.setattr(build, "_build_agent", lambda staging, out, log, env: FAKE_AGENT)
     yield builds
 
 
@@ -235,6 +248,9 @@ def test_build_publishes_a_complete_entry_once(fake_host: FakeKernelBuilds) -> N
     assert initrd["size"] == image.initrd.stat().st_size
     assert initrd["sha256"] == build._artefact(image.initrd)["sha256"]
     assert (entry / "build.log").read_text().count("writing the initramfs") == 1
+    members = {member.name: member for member in read_newc(image.initrd.read_bytes())}
+    assert members["sbin/popek-agent"].data == FAKE_AGENT
+    assert members["sbin/popek-agent"].mode == stat.S_IFREG | 0o755
     assert [p.name for p in cache_dir().iterdir() if p.name.startswith(".staging")] == []
     # a second call is a cache hit, with or without the lock
     assert ensure_default_guest(progress=False) == image == cached_default_guest()
@@ -301,6 +317,36 @@ def test_image_info_without_inputs_says_why(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setattr(build, "gather_inputs", no_inputs)
     info = image_info()
     assert str(tmp_path / "popek") in info and "apt-get install linux-source-6.1" in info
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc (and libc6-dev) to compile the guest agent")
+def test_the_agent_is_compiled_static_into_the_initramfs(tmp_path: Path) -> None:
+    staging, out = tmp_path / "staging", tmp_path / "out"
+    staging.mkdir()
+    out.mkdir()
+    log = build._Log(tmp_path / "build.log")
+    try:
+        agent = build._build_agent(staging, out, log, build._build_env(fake_inputs()))
+    finally:
+        log.close()
+    assert agent == (out / "popek-agent").read_bytes()
+    assert not any(header.type == 3 for header in elf.program_headers(agent))  # no PT_INTERP: static
+    assert "$ gcc -static -O2" in (tmp_path / "build.log").read_text()  # the command is logged
+    usage = subprocess.run([str(out / "popek-agent"), "--bogus"], capture_output=True, timeout=10, check=False)
+    assert usage.returncode == 2 and b"usage: popek-agent" in usage.stderr
+
+
+def test_agent_sources_are_part_of_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    digest = build.agent_binary.source_digest()
+    assert len(digest) == 64 and digest == build.agent_binary.source_digest()
+    sources = build.agent_binary.sources()
+    assert {"popek-agent.c", "protocol.h"} <= set(sources)
+    changed = {**sources, "exec.c": sources["exec.c"] + b"\n/* changed */\n"}
+    monkeypatch.setattr(build.agent_binary, "sources", lambda: changed)
+    assert build.agent_binary.source_digest() != digest
+    monkeypatch.setattr(build.agent_binary, "CFLAGS", (*build.agent_binary.CFLAGS, "-DX"))
+    monkeypatch.setattr(build.agent_binary, "sources", lambda: sources)
+    assert build.agent_binary.source_digest() != digest
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import base64
 import os
 import shlex
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,49 @@ def test_the_last_status_line_wins_and_only_whole_lines_count() -> None:
 
 def test_a_guest_that_never_finished_has_no_status() -> None:
     assert parse_exit_status(SERIAL_LOG.split(b"no newline")[0].replace(b"popek-exit-status: 1 is", b"x")) is None
+
+
+def init_agent_section() -> str:
+    """The real init's lines that start the guest agent."""
+    lines = recipe_init().decode().splitlines()
+    start = next(i for i, line in enumerate(lines) if "/dev/vsock" in line and line.startswith("if "))
+    end = next(i for i in range(start, len(lines)) if lines[i] == "fi")
+    section = "\n".join(lines[start : end + 1]) + "\n"
+    ready = next(i for i, line in enumerate(lines) if line == "echo popek-guest-ready")
+    assert end < ready, "the agent must be started before the ready marker"
+    return section
+
+
+@needs_busybox
+@pytest.mark.parametrize("has_vsock", [False, True])
+def test_init_starts_the_agent_only_with_a_vsock_device(tmp_path: Path, has_vsock: bool) -> None:
+    """The section under busybox with its paths moved into tmp_path: /dev/vsock is a character device there
+    (/dev/null stands in) or missing, and the agent is a script that records how it was started."""
+    agent = tmp_path / "popek-agent"
+    agent.write_text(f'#!{BUSYBOX} sh\necho "args: $*" > {tmp_path}/started\necho noise; echo more noise >&2\n')
+    agent.chmod(0o755)
+    device = "/dev/null" if has_vsock else str(tmp_path / "no-vsock")
+    section = (
+        init_agent_section()
+        .replace("/dev/vsock", device)
+        .replace("/sbin/popek-agent", str(agent))
+        .replace("/run/popek-agent.log", str(tmp_path / "agent.log"))
+    )
+    result = subprocess.run(
+        [str(BUSYBOX), "sh", "-c", section + "wait\n"],
+        capture_output=True,
+        env={"PATH": "/bin:/usr/bin"},
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0 and result.stdout == b"" and result.stderr == b""  # quiet on the console
+    if has_vsock:
+        deadline = time.monotonic() + 10  # setsid detaches it: wait for its file
+        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (tmp_path / "started").read_text() == "args: --vsock 1024\n"
+        time.sleep(0.1)
+        assert (tmp_path / "agent.log").read_text() == "noise\nmore noise\n"
+    else:
+        time.sleep(0.2)
+        assert not (tmp_path / "started").exists() and not (tmp_path / "agent.log").exists()
