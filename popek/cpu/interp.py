@@ -3116,23 +3116,28 @@ class Interpreter:
         self._x87_result(ins, stack, 0, value, exc, 0)
         stack.set_cc(0, x87.C2)
 
+    def _x87_operand_for_push(self, ins: Instruction, stack: x87.Stack) -> int | None:
+        """ST(0) for an instruction that replaces it and pushes a second result (FSINCOS, FPTAN, FXTRACT), or None
+        once the stack fault it takes instead has been handled: ST(0) empty (underflow, C1 = 0) or ST(7) in use
+        (overflow, C1 = 1); masked, both results are the real indefinite (SDM vol. 1 §8.5.1.1)."""
+        a = stack.get(0)
+        overflow = a is not None and not stack.empty(7)
+        if a is not None and not overflow:
+            return a
+        if not stack.signal(x87.IE | x87.SF):
+            stack.set(0, x87.INDEFINITE)
+            stack.push(x87.INDEFINITE)
+        stack.set_cc(x87.C1 if overflow else 0, x87.C1)
+        self._x87_retire(ins)
+        return None
+
     @handles(M.FSINCOS, M.FPTAN)
     def _fsincos(self, ins: Instruction) -> None:
         """ST(0) = sin (FSINCOS) or tan (FPTAN), then push cos or 1.0."""
         stack = self._x87()
-        a = stack.get(0)
+        a = self._x87_operand_for_push(ins, stack)
         if a is None:
-            if not stack.signal(x87.IE | x87.SF):
-                stack.set(0, x87.INDEFINITE)
-                stack.push(x87.INDEFINITE)
-            stack.set_cc(0, x87.C1)
-            return self._x87_retire(ins)
-        if not stack.empty(7):
-            if not stack.signal(x87.IE | x87.SF):
-                stack.set(0, x87.INDEFINITE)
-                stack.push(x87.INDEFINITE)
-            stack.set_cc(x87.C1, x87.C1)
-            return self._x87_retire(ins)
+            return None
         fcw = self.s.fcw
         if ins.mnemonic == M.FSINCOS:
             both = x87.sin_cos(a, fcw)
@@ -3156,19 +3161,9 @@ class Interpreter:
     @handles(M.FXTRACT)
     def _fxtract(self, ins: Instruction) -> None:
         stack = self._x87()
-        a = stack.get(0)
+        a = self._x87_operand_for_push(ins, stack)
         if a is None:
-            if not stack.signal(x87.IE | x87.SF):
-                stack.set(0, x87.INDEFINITE)
-                stack.push(x87.INDEFINITE)
-            stack.set_cc(0, x87.C1)
-            return self._x87_retire(ins)
-        if not stack.empty(7):
-            if not stack.signal(x87.IE | x87.SF):
-                stack.set(0, x87.INDEFINITE)
-                stack.push(x87.INDEFINITE)
-            stack.set_cc(x87.C1, x87.C1)
-            return self._x87_retire(ins)
+            return None
         exponent, significand, exc = x87.xtract(a, self.s.fcw)
         if not stack.signal(exc):
             stack.set(0, exponent)
