@@ -221,20 +221,22 @@ positive = st.builds(ext, st.just(0), st.integers(1, 0x7FFE), st.integers(2**63,
 @given(x=any_arg, y=positive, small=small_arg, rc=st.integers(0, 3))
 def test_transcendentals_are_within_one_ulp_of_the_exact_result(x: int, y: int, small: int, rc: int) -> None:
     """Across the whole range (|x| up to 2**63 for the trigonometric ones, where processors' rounded pi drifts
-    thousands of ulps): within 1 ulp of the exact value in every rounding mode."""
+    thousands of ulps): within 1 ulp of the exact value in every rounding mode. At most 1, not less: rounded
+    toward zero or infinity, a result next to an exact value a hair off a representable one (atan(r) = r - r^3/3
+    for a tiny r) is off by 1 - r^2/3 ulp, which even 512 bits of mpmath see as 1."""
     f = fcw(rc=rc)
     with mpmath.workprec(512):  # mpmath floats: relative precision; it reduces large arguments exactly itself
         sc = x87.sin_cos(x, f)
         assert sc is not None
-        assert _ulp_error(sc[0][0], mpmath.sin(_mp(x))) < 1
-        assert _ulp_error(sc[1][0], mpmath.cos(_mp(x))) < 1
+        assert _ulp_error(sc[0][0], mpmath.sin(_mp(x))) <= 1
+        assert _ulp_error(sc[1][0], mpmath.cos(_mp(x))) <= 1
         t = x87.tan(x, f)
-        assert t is not None and _ulp_error(t[0], mpmath.tan(_mp(x))) < 1
-        assert _ulp_error(x87.atan2(x, y, f)[0], mpmath.atan2(_mp(x), _mp(y))) < 1
-        assert _ulp_error(x87.f2xm1(small, f)[0], mpmath.power(2, _mp(small)) - 1) < 1
+        assert t is not None and _ulp_error(t[0], mpmath.tan(_mp(x))) <= 1
+        assert _ulp_error(x87.atan2(x, y, f)[0], mpmath.atan2(_mp(x), _mp(y))) <= 1
+        assert _ulp_error(x87.f2xm1(small, f)[0], mpmath.power(2, _mp(small)) - 1) <= 1
         if y != ONE:
-            assert _ulp_error(x87.yl2x(x, y, f)[0], _mp(x) * mpmath.log(_mp(y), 2)) < 1
-        assert _ulp_error(x87.yl2xp1(x, small, f)[0], _mp(x) * mpmath.log(1 + _mp(small), 2)) < 1
+            assert _ulp_error(x87.yl2x(x, y, f)[0], _mp(x) * mpmath.log(_mp(y), 2)) <= 1
+        assert _ulp_error(x87.yl2xp1(x, small, f)[0], _mp(x) * mpmath.log(1 + _mp(small), 2)) <= 1
 
 
 def test_trigonometric_arguments_out_of_range_set_c2() -> None:
