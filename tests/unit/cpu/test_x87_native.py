@@ -154,18 +154,25 @@ def run_both(body: str, data: bytes) -> tuple[bytes, bytes]:
     if full not in _natives:
         _natives[full] = native.NativeBuffer(full)
     fn = _natives[full]
-    return _relative_fdp(_settled(fn, data), fn.last_address), _relative_fdp(interpret(full, data), BUF)
+    return _settled(fn, data), _relative_fdp(interpret(full, data), BUF)
 
 
 def _settled(fn: native.NativeBuffer, data: bytes, tries: int = 6) -> bytes:
     """The native result, taken once two runs in a row agree. A host context switch between the snippet's FRSTOR
     and its FNSAVE loses FOP/FIP/FDP on AMD processors (they are saved only with an exception pending, and Linux
-    clears them on a switch: X86_BUG_FXSAVE_LEAK), so a preempted run is not the hardware's answer."""
-    previous = fn(data)
+    clears them on a switch: X86_BUG_FXSAVE_LEAK), so a preempted run is not the hardware's answer. Each run has
+    its own buffer, so two runs are compared on what the comparison sees (with FDP relative to the buffer), not
+    on bytes that hold the buffer's address."""
+
+    def run() -> tuple[bytes, dict[str, str]]:
+        out = _relative_fdp(fn(data), fn.last_address)
+        return out, fields(out, 0xFFFF, ~0)
+
+    previous = run()
     for _ in range(tries):
-        current = fn(data)
-        if current == previous:
-            return current
+        current = run()
+        if current[1] == previous[1]:
+            return current[0]
         previous = current
     raise AssertionError("the native run never gave the same result twice in a row")
 
