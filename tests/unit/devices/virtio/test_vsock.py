@@ -426,9 +426,7 @@ def test_the_guest_hears_of_freed_space_and_its_credit_requests_are_answered(gue
     client.close()
 
 
-def test_guest_data_a_slow_host_cannot_take_waits_bounded_and_beyond_the_credit_resets(
-    guest: Guest, uds: Path
-) -> None:
+def test_guest_data_a_slow_host_cannot_take_waits_bounded_and_beyond_the_credit_resets(guest: Guest, uds: Path) -> None:
     client, local = establish(guest, uds)
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     chunk = os.urandom(vsock.MAX_PAYLOAD)
