@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from popek.devices.event_loop import EventLoop
 from popek.devices.virtio import mmio, vsock
 from popek.devices.virtio.device import COMMON_FEATURES, DeviceStatus
 from popek.devices.virtio.mmio import MmioTransport
@@ -90,12 +91,18 @@ class FakeLoop:
 class Guest:
     """A guest's vsock driver: rx buffers of RX_BUF bytes kept posted, packets sent one descriptor each."""
 
-    def __init__(self, path: Path, connect_timeout: float = vsock.CONNECT_TIMEOUT) -> None:
+    def __init__(
+        self, path: Path, connect_timeout: float = vsock.CONNECT_TIMEOUT, event_loop: EventLoop | None = None
+    ) -> None:
         self.mem = GuestMemory(MEM)
         self.device = VsockDevice(VsockSpec(CID, path), connect_timeout=connect_timeout)
         self.transport = MmioTransport(self.device, self.mem, Irq())
-        self.loop = FakeLoop(self.transport)
-        self.device.connect_host(self.loop.watch_fd)
+        self.loop = FakeLoop(self.transport)  # with an event loop, never given a watch: `run` only takes rx
+        if event_loop is None:
+            self.device.connect_host(self.loop.watch_fd)
+        else:
+            run = self.transport.run_device
+            self.device.connect_host(lambda fd, callback: event_loop.watch(fd, lambda: run(callback)))
         self.drv = Driver(self.transport, self.mem)
         self.drv.init()
         self.tx_free = list(range(self.drv.queues[vsock.TXQ].size))
@@ -592,3 +599,39 @@ def test_hostile_tx_packets_end_in_rsts_or_drops_with_bounded_state(guest: Guest
     finally:
         client.close()
         server.close()
+
+
+def test_the_device_works_on_the_device_event_loop_thread(uds: Path) -> None:
+    """The KVM backend's loop (real epoll, its own thread, watches added and closed as connections come and go)."""
+    loop = EventLoop("vsock-test")
+    errors: list[str] = []
+    g = Guest(uds, event_loop=loop)
+
+    def wait_for(op: Op) -> tuple[Header, bytes]:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            for hdr, payload in g.run():
+                if hdr.op == op:
+                    return hdr, payload
+            time.sleep(0.01)
+        raise AssertionError(f"no {op.name} from the device")
+
+    loop.start(errors.append)
+    try:
+        for round_ in range(3):  # fds come and go: the loop must follow
+            client = connect(uds)
+            request, _ = wait_for(Op.REQUEST)
+            g.send(Op.RESPONSE, src_port=GUEST_PORT, dst_port=request.src_port)
+            assert read_line(client) == f"OK {request.src_port}\n".encode()
+            client.sendall(b"over epoll %d" % round_)
+            assert wait_for(Op.RW)[1] == b"over epoll %d" % round_
+            g.send(Op.RW, src_port=GUEST_PORT, dst_port=request.src_port, payload=b"back")
+            assert client.recv(10) == b"back"
+            client.close()
+            assert wait_for(Op.SHUTDOWN)[0].flags == vsock.SHUTDOWN_SEND
+            g.send(Op.SHUTDOWN, src_port=GUEST_PORT, dst_port=request.src_port, flags=3)
+            wait_for(Op.RST)
+        assert errors == [] and g.transport.error is None
+    finally:
+        loop.stop()
+        g.close()
