@@ -44,6 +44,7 @@ from popek.devices.virtio.blk import BlockDevice, DiskImage, DiskSpec
 from popek.devices.virtio.console import ConsoleDevice, ConsoleHost
 from popek.devices.virtio.device import VirtioDevice
 from popek.devices.virtio.mmio import MMIO_WINDOW, QUEUE_NOTIFY, MmioTransport
+from popek.devices.virtio.net import NetDevice, NetSpec, open_host
 from popek.devices.virtio.rng import EntropyDevice
 from popek.errors import ConfigError
 from popek.memory import PAGE_SIZE, GuestMemory
@@ -92,10 +93,11 @@ class VmSpec:
     rng: bool = False
     console2: Path | None = None  # a second console (virtio-console, /dev/hvc0 in the guest)
     kvm_eventfds: bool = True  # KVM: virtio notifications by ioeventfd, interrupts by irqfd, where the host can
+    net: NetSpec | None = None  # a virtio-net device (eth0) on passt or a TAP device
 
     @property
     def virtio_devices(self) -> int:
-        return len(self.disks) + int(self.rng) + int(self.console2 is not None)
+        return len(self.disks) + int(self.rng) + int(self.console2 is not None) + int(self.net is not None)
 
     def validate(self) -> None:
         if self.mem > MAX_MEM:
@@ -122,6 +124,8 @@ class VmSpec:
                               f"{self.virtio_devices}")  # fmt: skip
         for disk in self.disks:
             disk.validate()
+        if self.net is not None:
+            self.net.validate()
 
 
 class HostSignal(BaseException):
@@ -229,6 +233,8 @@ class Vm:
             self._attach_virtio_devices()
             # a boot sector takes no command line: it finds the devices at their fixed addresses
             announce = [] if is_boot_sector(kernel) else [slot.cmdline for slot in self.virtio]
+            if spec.net is not None and announce:
+                announce += spec.net.kernel_parameters()  # a static address for the default guest's init
             cmdline = extend_cmdline(spec.cmdline, announce)
             self.boot: BootImage = load_kernel(self.mem, kernel, cmdline, initrd, files)
             mptable.write(self.mem, spec.cpus)
@@ -332,7 +338,7 @@ class Vm:
         )
 
     def _attach_virtio_devices(self) -> None:
-        """`--disk` (vda, vdb, ...), `--rng`, `--console2`, in that order of MMIO windows and IRQs."""
+        """`--disk` (vda, vdb, ...), `--rng`, `--console2`, `--net`, in that order of MMIO windows and IRQs."""
         seen: dict[tuple[int, int], Path] = {}
         for i, disk in enumerate(self.spec.disks):
             try:
@@ -348,6 +354,8 @@ class Vm:
             self._unattached.append(EntropyDevice())
         if self.spec.console2 is not None:
             self._unattached.append(ConsoleDevice(ConsoleHost.open(self.spec.console2)))
+        if self.spec.net is not None:
+            self._unattached.append(NetDevice(open_host(self.spec.net), self.spec.net.mac))
         while self._unattached:  # each stays in `_unattached` (closed by `close`) until it is attached
             self._attach_virtio(self._unattached[0])
             self._unattached.pop(0)
