@@ -458,8 +458,7 @@ class NetDevice(VirtioDevice):
 
     def _link_failed(self, reason: str) -> None:
         if self.link_error is None:
-            self.link_error = reason
-            self.backlog.clear()
+            self.link_error = reason  # frames already received stay in the backlog: they were whole
             if self.watch is not None:
                 self.watch.set_enabled(False)
             self.config_changed()  # VIRTIO_NET_F_STATUS: the driver reads the link as down
