@@ -6,10 +6,12 @@ ioctl against the kernel headers, and passt itself when it is installed."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -495,3 +497,52 @@ def test_a_forwarded_port_already_in_use_is_a_config_error() -> None:
             net.PasstHost(((busy.getsockname()[1], 80),))
     finally:
         busy.close()
+
+
+# --- a real TAP device, in a network namespace of the test's own ---
+
+TAP_PROBE = r"""
+import select, socket, struct, subprocess, sys
+from popek.devices.virtio.net import TapHost
+host = TapHost.open("popektap0")
+for cmd in ("ip link set popektap0 up", "ip addr add 10.9.0.1/24 dev popektap0"):
+    subprocess.run(cmd.split(), check=True)
+guest_mac = bytes.fromhex("525400000002")
+arp = b"\xff" * 6 + guest_mac + b"\x08\x06" + struct.pack(">HHBBH", 1, 0x0800, 6, 4, 1) + guest_mac
+arp += socket.inet_aton("10.9.0.2") + bytes(6) + socket.inet_aton("10.9.0.1")
+assert host.send_frame([memoryview(arp)])
+for _ in range(50):
+    select.select([host.fd], [], [], 0.1)
+    frame = host.recv_frame()
+    if frame is not None and frame[12:14] == b"\x08\x06" and frame[20:22] == b"\x00\x02":
+        print("arp-reply-for", frame[:6].hex(), "from", socket.inet_ntoa(frame[28:32]))
+        break
+from popek.devices.tap import open_tap
+from popek.errors import ConfigError
+try:
+    open_tap("lo")
+except ConfigError as e:
+    print("lo-refused:", "not a TAP device" in str(e))
+"""
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs root and unshare(1)")
+def test_a_tap_device_carries_frames_to_the_host_kernel_and_back() -> None:
+    """TUNSETIFF creates the TAP interface; the host kernel answers an ARP request the guest side sends; a name
+    that is taken by another kind of interface is a ConfigError."""
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create a network namespace: {probe.stderr.decode().strip()}")
+    root = Path(__file__).resolve().parents[4]
+    r = subprocess.run(
+        ["unshare", "-n", sys.executable, "-c", TAP_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["arp-reply-for", "525400000002", "from", "10.9.0.1", "lo-refused:", "True"], (
+        r.stdout + r.stderr
+    )
