@@ -37,13 +37,16 @@ pytestmark = [
 
 
 def guest_script(http_port: int) -> str:
+    # no `wget -T`: Debian 12's static busybox 1.35 wget crashes on that option (on the host as well)
     return f"""
 echo "eth0-addr=$(ip -o -f inet addr show dev eth0 | awk '{{print $4}}')"
 gw=$(ip route | awk '/^default/ {{print $3}}')
 echo "gateway=$gw"
-echo "fetched=$(wget -q -T 20 -O - http://$gw:{http_port}/page.txt)"
+echo "fetched=$(timeout 60 wget -q -O - http://$gw:{http_port}/page.txt)"
 echo {GUEST_TO_HOST} | timeout 120 nc -l -p {GUEST_PORT} >/tmp/from-host &
-sleep 1
+# ready once the socket listens (state 0A in /proc/net/tcp), not after a guess: a slow guest takes seconds
+n=0
+while ! grep -q ':{GUEST_PORT:04X} 00000000:0000 0A' /proc/net/tcp && [ $n -lt 300 ]; do sleep 0.2; n=$((n + 1)); done
 echo guest-server-ready
 wait
 echo "nc-got=$(cat /tmp/from-host)"
