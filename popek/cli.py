@@ -12,11 +12,14 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from popek.accel.exits import Stop, StopReason
 from popek.errors import ConfigError, PopekError
 from popek.kvm import KvmError
+
+if TYPE_CHECKING:
+    from popek.devices.virtio.net import NetSpec
 
 EXIT_ERROR = 1
 EXIT_TRIPLE_FAULT = 3
@@ -116,6 +119,18 @@ def _parser() -> argparse.ArgumentParser:
         "a guest connect to CID 2 port P reaches the Unix socket SOCKET_P",
     )
     run.add_argument(
+        "--net",
+        metavar="passt|tap:NAME[,mac=MAC][,ip=ADDR/PREFIX[,gw=ADDR]]",
+        help="a virtio-net device (eth0): user-mode networking through passt, or a TAP device (needs root)",
+    )
+    run.add_argument(
+        "--port",
+        action="append",
+        default=[],
+        metavar="HOST:GUEST",
+        help="with --net passt: forward host TCP port HOST to the guest's port GUEST (repeatable)",
+    )
+    run.add_argument(
         "--no-eventfds",
         action="store_true",
         help="KVM: virtio notifications and interrupts through vCPU exits instead of ioeventfd/irqfd",
@@ -139,6 +154,18 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _net_spec(text: str | None, ports: list[str]) -> NetSpec | None:
+    """`--net` and its `--port` forwards; a forward without a network device is a mistake worth naming."""
+    from popek.devices.virtio.net import NetSpec, parse_port
+
+    forwards = tuple(parse_port(port) for port in ports)
+    if text is None:
+        if forwards:
+            raise ConfigError("--port forwards into the guest's network: it needs --net passt")
+        return None
+    return NetSpec.parse(text, forwards)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from popek.console import HostConsole
     from popek.devices.virtio.blk import DiskSpec
@@ -150,6 +177,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         command = command[1:]
     disks = [DiskSpec.parse(text) for text in args.disk]  # before a default guest build: bad options fail fast
     vsock = VsockSpec.parse(args.vsock) if args.vsock is not None else None
+    net = _net_spec(args.net, args.port)
     default_guest = args.kernel is None
     if default_guest:
         from popek import image
@@ -183,6 +211,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         console2=Path(args.console2) if args.console2 is not None else None,
         vsock=vsock,
         kvm_eventfds=not args.no_eventfds,
+        net=net,
     )
     console: HostConsole | None = None
 

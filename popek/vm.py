@@ -44,6 +44,7 @@ from popek.devices.virtio.blk import BlockDevice, DiskImage, DiskSpec
 from popek.devices.virtio.console import ConsoleDevice, ConsoleHost
 from popek.devices.virtio.device import VirtioDevice
 from popek.devices.virtio.mmio import MMIO_WINDOW, QUEUE_NOTIFY, MmioTransport
+from popek.devices.virtio.net import NetDevice, NetSpec, open_host
 from popek.devices.virtio.rng import EntropyDevice
 from popek.devices.virtio.vsock import VsockDevice, VsockSpec
 from popek.errors import ConfigError
@@ -94,10 +95,12 @@ class VmSpec:
     console2: Path | None = None  # a second console (virtio-console, /dev/hvc0 in the guest)
     vsock: VsockSpec | None = None  # virtio-vsock with Firecracker's Unix-socket convention (--vsock CID:SOCKET)
     kvm_eventfds: bool = True  # KVM: virtio notifications by ioeventfd, interrupts by irqfd, where the host can
+    net: NetSpec | None = None  # a virtio-net device (eth0) on passt or a TAP device
 
     @property
     def virtio_devices(self) -> int:
-        return len(self.disks) + int(self.rng) + int(self.console2 is not None) + int(self.vsock is not None)
+        return (len(self.disks) + int(self.rng) + int(self.console2 is not None) + int(self.vsock is not None)
+                + int(self.net is not None))  # fmt: skip
 
     def validate(self) -> None:
         if self.mem > MAX_MEM:
@@ -126,6 +129,8 @@ class VmSpec:
             disk.validate()
         if self.vsock is not None:
             self.vsock.validate()
+        if self.net is not None:
+            self.net.validate()
 
 
 class HostSignal(BaseException):
@@ -233,6 +238,8 @@ class Vm:
             self._attach_virtio_devices()
             # a boot sector takes no command line: it finds the devices at their fixed addresses
             announce = [] if is_boot_sector(kernel) else [slot.cmdline for slot in self.virtio]
+            if spec.net is not None and announce:
+                announce += spec.net.kernel_parameters()  # a static address for the default guest's init
             cmdline = extend_cmdline(spec.cmdline, announce)
             self.boot: BootImage = load_kernel(self.mem, kernel, cmdline, initrd, files)
             mptable.write(self.mem, spec.cpus)
@@ -336,7 +343,8 @@ class Vm:
         )
 
     def _attach_virtio_devices(self) -> None:
-        """`--disk` (vda, vdb, ...), `--rng`, `--console2`, `--vsock`, in that order of MMIO windows and IRQs."""
+        """`--disk` (vda, vdb, ...), `--rng`, `--console2`, `--vsock`, `--net`, in that order of MMIO windows and
+        IRQs."""
         seen: dict[tuple[int, int], Path] = {}
         for i, disk in enumerate(self.spec.disks):
             try:
@@ -354,6 +362,8 @@ class Vm:
             self._unattached.append(ConsoleDevice(ConsoleHost.open(self.spec.console2)))
         if self.spec.vsock is not None:
             self._unattached.append(VsockDevice(self.spec.vsock))
+        if self.spec.net is not None:
+            self._unattached.append(NetDevice(open_host(self.spec.net), self.spec.net.mac))
         while self._unattached:  # each stays in `_unattached` (closed by `close`) until it is attached
             self._attach_virtio(self._unattached[0])
             self._unattached.pop(0)

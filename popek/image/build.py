@@ -45,7 +45,7 @@ from popek.image.progress import Progress
 from popek.image.protocol import BASE_CMDLINE
 
 # Bump when the recipe changes in a way the inputs below do not show (build steps, initramfs layout, make flags).
-RECIPE_VERSION = 2  # 2: the initramfs has the guest agent
+RECIPE_VERSION = 3  # 2: the initramfs has the guest agent; 3: init configures eth0, CONFIG_PACKET
 
 LINUX_SOURCE_PACKAGE = "linux-source-6.1"
 LINUX_SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")

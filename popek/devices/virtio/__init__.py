@@ -6,7 +6,8 @@
   independent of how it is reached;
 - `mmio.py`: the virtio-mmio transport (§4.2), the register block a driver programs, with the status state
   machine, feature negotiation and interrupt status;
-- device types: `blk.py` (§5.2), `rng.py` (§5.4), `console.py` (§5.3).
+- device types: `blk.py` (§5.2), `rng.py` (§5.4), `console.py` (§5.3), `net.py` (§5.1; its host sides in
+  `popek.devices.passt` and `popek.devices.tap`).
 
 The builder (`popek.vm`) places each transport in the 32-bit MMIO hole with an ISA IRQ, announces it on the kernel
 command line (`virtio_mmio.device=4K@ADDR:IRQ`), and lets the backend wire the fast path: on KVM each QueueNotify

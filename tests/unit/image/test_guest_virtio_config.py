@@ -15,6 +15,10 @@ VIRTIO_OPTIONS = (
     "CONFIG_HW_RANDOM",
     "CONFIG_HW_RANDOM_VIRTIO",
     "CONFIG_VIRTIO_CONSOLE",
+    "CONFIG_VIRTIO_NET",
+    "CONFIG_INET",
+    "CONFIG_UNIX",
+    "CONFIG_PACKET",  # busybox udhcpc's raw socket, for the DHCP the init script does on eth0
 )
 
 

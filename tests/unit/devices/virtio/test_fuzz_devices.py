@@ -18,6 +18,7 @@ from popek.devices.virtio.blk import BlockDevice, DiskImage, DiskSpec
 from popek.devices.virtio.console import ConsoleDevice, ConsoleHost
 from popek.devices.virtio.device import DeviceStatus, VirtioDevice
 from popek.devices.virtio.mmio import MmioTransport
+from popek.devices.virtio.net import NetDevice, StreamHost
 from popek.devices.virtio.rng import EntropyDevice
 
 from .driver import MEM_SIZE, Driver, Irq, RecordingMemory
@@ -53,10 +54,20 @@ def console(_tmp: Path) -> VirtioDevice:
     return device
 
 
+def net(_tmp: Path) -> VirtioDevice:
+    ours, theirs = socket.socketpair()
+    frame = b"\xff" * 12 + b"\x08\x00" + b"frame from the host"
+    ours.sendall(struct.pack(">I", len(frame)) + frame)
+    device = NetDevice(StreamHost(theirs), bytes.fromhex("525400000001"))
+    device._fuzz_peer = ours  # type: ignore[attr-defined]  # keep the other end open for the test
+    return device
+
+
 FACTORIES: dict[str, Callable[[Path], VirtioDevice]] = {
     "blk": blk,
     "rng": lambda _t: EntropyDevice(),
     "console": console,
+    "net": net,
 }
 
 
@@ -96,6 +107,8 @@ def test_garbage_in_a_live_queue_never_escapes_the_device(
             drv.kick(q.index)
             if isinstance(device, ConsoleDevice):
                 drv.t.run_device(device.on_host_input)  # host input arriving, as the backends deliver it
+            if isinstance(device, NetDevice):
+                drv.t.run_device(device.on_host_readable)
             used = drv.take_used(q.index)
             if drv.status & DeviceStatus.DEVICE_NEEDS_RESET:
                 assert drv.t.error
