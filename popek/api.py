@@ -308,6 +308,7 @@ class VM:
         self._runtime: _Runtime | None = None
         self._client: AgentClient | None = None
         self._files: GuestFiles | None = None
+        self._probe: AgentClient | None = None
         self._finalizer: weakref.finalize[[], VM] | None = None
         self._start_lock = threading.Lock()
         self._check_spec()
@@ -368,8 +369,9 @@ class VM:
 
     # --- life cycle
 
-    def start(self) -> VM:
-        """Boot the VM and wait for its agent (at most boot_timeout s): BootTimeout, VMStopped."""
+    def start(self, wait: bool = True) -> VM:
+        """Boot the VM and (with wait) wait for its agent, at most boot_timeout s: BootTimeout, VMStopped.
+        Without wait, the guest boots on while this returns; wait_ready() waits for the agent later."""
         with self._start_lock:
             if self._runtime is not None:
                 raise VMError("this popek.VM was already started (a VM boots once; make a new one)")
@@ -380,39 +382,48 @@ class VM:
             self._finalizer = weakref.finalize(self, runtime.shutdown)
             try:
                 uds = workdir / "vsock.sock"
-                vm = Vm(self._spec(kernel, initrd, cmdline, uds), console=self._console)
-                runtime.vm = vm
+                runtime.vm = Vm(self._spec(kernel, initrd, cmdline, uds), console=self._console)
                 runtime.thread = threading.Thread(target=runtime.run, name="popek-vm", daemon=True)
                 runtime.thread.start()
                 connect = runtime.connector(vsock_unix_connector(uds, self.agent_port, self.agent_timeout))
                 self._client = AgentClient(connect, timeout=self.agent_timeout)
                 self._files = GuestFiles(self, self._client)
-                probe = AgentClient(
+                self._probe = AgentClient(
                     runtime.connector(vsock_unix_connector(uds, self.agent_port, READY_PING_TIMEOUT)),
                     timeout=READY_PING_TIMEOUT,
                 )
-                self._wait_ready(runtime, probe)
+            except BaseException:
+                self.close()
+                raise
+        if wait:
+            try:
+                self.wait_ready()
             except BaseException:
                 self.close()
                 raise
         return self
 
-    def _wait_ready(self, runtime: _Runtime, probe: AgentClient) -> None:
+    def wait_ready(self, timeout: float | None = None) -> float:
+        """Wait for the guest agent (timeout: the boot_timeout by default): the seconds it took. BootTimeout if
+        it does not answer in time, VMStopped if the VM stops first."""
+        runtime = self._started()
+        assert self._probe is not None
+        limit = self.boot_timeout if timeout is None else timeout
         started = time.monotonic()
-        deadline = started + self.boot_timeout
+        deadline = started + limit
         while True:
             if runtime.done.is_set():
                 raise VMStopped(f"{_describe(runtime.stop)} before its agent answered", runtime.stop, self.console_tail)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise BootTimeout(
-                    f"the guest agent did not answer within {self.boot_timeout:g} s of the boot (is the guest "
-                    "still booting? does its initrd start popek's agent?)",
+                    f"the guest agent did not answer within {limit:g} s of the boot (is the guest still booting? "
+                    "does its initrd start popek's agent?)",
                     self.console_tail,
                 )
             try:
-                probe.wait_ready(timeout=min(1.0, remaining), interval=0.1)
-                return
+                self._probe.wait_ready(timeout=min(1.0, remaining), interval=0.1)
+                return time.monotonic() - started
             except (AgentUnavailable, AgentDisconnected):
                 continue
 
