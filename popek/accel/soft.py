@@ -142,9 +142,24 @@ class _PolledFd:
         self.fd = fd
         self.callback = callback
         self.enabled = True
+        self.writable = False
+        self.closed = False
+
+    @property
+    def events(self) -> int:
+        """The poll(2) events this watch wants now (0: none)."""
+        if self.closed:
+            return 0
+        return (select.POLLIN if self.enabled else 0) | (select.POLLOUT if self.writable else 0)
 
     def set_enabled(self, enabled: bool) -> None:
         self.enabled = enabled
+
+    def set_writable(self, wanted: bool) -> None:
+        self.writable = wanted
+
+    def close(self) -> None:
+        self.closed = True
 
 
 class SoftAccel:
@@ -310,12 +325,20 @@ class SoftAccel:
         return []
 
     def _poll_host_fds(self) -> None:
-        fds = [w.fd for w in self._polled if w.enabled]
-        if not fds:
+        """One non-blocking poll(2) of every watched fd (poll, not select: a VM with many vsock connections has fd
+        numbers beyond select's FD_SETSIZE). A callback may add or close watches; a closed one is not called."""
+        self._polled = [w for w in self._polled if not w.closed]
+        watches = [w for w in self._polled if w.events]
+        if not watches:
             return
-        readable, _, _ = select.select(fds, [], [], 0)
-        for watch in self._polled:
-            if watch.enabled and watch.fd in readable:
+        poller = select.poll()
+        for watch in watches:
+            poller.register(watch.fd, watch.events)
+        ready = dict(poller.poll(0))
+        always = select.POLLHUP | select.POLLERR | select.POLLNVAL  # reported whatever was asked
+        for watch in watches:
+            events = ready.get(watch.fd, 0)
+            if events & (watch.events | always) and watch.events:
                 watch.callback()
 
     def platform_devices(self) -> tuple[list[PortRange], list[PortRange]]:

@@ -5,9 +5,13 @@ This is Firecracker's VMM event loop in miniature: a notification costs the vCPU
 works beside the running guest, and its interrupt goes back through a KVM irqfd (§4.75) without a vCPU either.
 
 Callbacks run on the loop thread only; devices take their own lock. Watches can be paused and resumed from any
-thread (a console stops reading its host fd while its input buffer is full): the change is queued and applied by
-the loop thread, which an eventfd wakes. An exception out of a callback is a VMM bug: the loop reports it through
-`on_error` (the VM stops with it) and exits.
+thread (a console stops reading its host fd while its input buffer is full), asked to report writability too (a
+vsock connection waiting for a slow host reader), and closed (a vsock connection torn down): the change is queued
+and applied by the loop thread, at once when it makes the change itself, otherwise when an eventfd wakes it.
+A closed watch is never called again, even for an event the loop has already collected; an fd number the kernel
+reuses for a new watch after the old fd was closed is re-registered for the new one (epoll drops a closed fd by
+itself, so unregistering the old one may find nothing, which selectors tolerates). An exception out of a callback
+is a VMM bug: the loop reports it through `on_error` (the VM stops with it) and exits.
 """
 
 from __future__ import annotations
@@ -23,9 +27,16 @@ STOP_TIMEOUT = 5.0
 
 
 class FdWatch(Protocol):
-    """A registered host fd; `set_enabled(False)` stops its callback until it is enabled again."""
+    """A registered host fd whose callback runs when it is readable. `set_enabled(False)` stops the readable
+    callbacks until it is enabled again; `set_writable(True)` makes the callback run when the fd is writable too
+    (one callback for both: the device looks at what it was waiting for); `close()` removes the watch for good
+    (before the device closes the fd)."""
 
     def set_enabled(self, enabled: bool) -> None: ...
+
+    def set_writable(self, wanted: bool) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def drain_eventfd(fd: int) -> int:
@@ -42,10 +53,29 @@ class _Watch:
         self.fd = fd
         self.callback = callback
         self.enabled = True
+        self.writable = False
+        self.closed = False
+
+    @property
+    def events(self) -> int:
+        """The selector events this watch wants now (0: none, so not registered)."""
+        if self.closed:
+            return 0
+        return (selectors.EVENT_READ if self.enabled else 0) | (selectors.EVENT_WRITE if self.writable else 0)
 
     def set_enabled(self, enabled: bool) -> None:
-        if enabled != self.enabled:
+        if enabled != self.enabled and not self.closed:
             self.enabled = enabled
+            self.loop._change(self)
+
+    def set_writable(self, wanted: bool) -> None:
+        if wanted != self.writable and not self.closed:
+            self.writable = wanted
+            self.loop._change(self)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
             self.loop._change(self)
 
 
@@ -62,7 +92,7 @@ class EventLoop:
         self.dispatched = 0
 
     def watch(self, fd: int, callback: Callable[[], None]) -> FdWatch:
-        """Call `callback()` on the loop thread whenever `fd` is readable (until paused)."""
+        """Call `callback()` on the loop thread whenever `fd` is readable (until paused or closed)."""
         watch = _Watch(self, fd, callback)
         self._change(watch)
         return watch
@@ -71,19 +101,28 @@ class EventLoop:
         if self._stopping:
             return
         self._changes.append(watch)
-        if self._thread is None:
-            self._apply_changes()
+        if self._thread is None or self._thread.ident == threading.get_ident():
+            self._apply_changes()  # before the start, or a callback changing watches: no other thread applies
         else:
             os.eventfd_write(self._wake, 1)
 
     def _apply_changes(self) -> None:
         while self._changes:
             watch = self._changes.popleft()
-            registered = watch.fd in self._selector.get_map()
-            if watch.enabled and not registered:
-                self._selector.register(watch.fd, selectors.EVENT_READ, watch)
-            elif not watch.enabled and registered:
+            events = watch.events
+            key = self._selector.get_map().get(watch.fd)
+            if key is not None and key.data is not watch:
+                if not events:
+                    continue  # the fd number belongs to a newer watch now
+                self._selector.unregister(watch.fd)  # an older watch's fd was closed and its number reused
+                key = None
+            if key is None:
+                if events:
+                    self._selector.register(watch.fd, events, watch)
+            elif not events:
                 self._selector.unregister(watch.fd)
+            elif key.events != events:
+                self._selector.modify(watch.fd, events, watch)
 
     def start(self, on_error: Callable[[str], None]) -> None:
         self.on_error = on_error
@@ -98,7 +137,7 @@ class EventLoop:
                     if watch is None:
                         drain_eventfd(self._wake)
                         self._apply_changes()
-                    elif watch.enabled and not self._stopping:
+                    elif watch.events and not self._stopping:
                         self.dispatched += 1
                         watch.callback()
         except Exception as e:  # a VMM bug: the VM must end with its cause, not hang

@@ -169,6 +169,10 @@ class ConsoleDevice(VirtioDevice):
         if self.watch is not None:
             self.watch.set_enabled(not self.host_eof and len(self.pending) < INPUT_BUFFER)
 
+    def on_needs_reset(self) -> None:
+        if self.watch is not None:
+            self.watch.set_enabled(False)  # re-enabled by `_deliver` once the driver is back
+
     def on_reset(self) -> None:
         self.rx_posted = self.connected = False
 

@@ -21,7 +21,8 @@ from popek.devices.event_loop import FdWatch
 from popek.devices.virtio.queue import DescriptorChain, Queue
 from popek.memory import GuestMemory
 
-WatchFd = Callable[[int, Callable[[], None]], FdWatch]  # (fd, on_readable) -> a handle that can pause the watch
+# (fd, on_ready) -> a handle that can pause the watch, ask for writability too, or close it (popek.devices.event_loop)
+WatchFd = Callable[[int, Callable[[], None]], FdWatch]
 
 # reserved feature bits (§6)
 VIRTIO_F_INDIRECT_DESC = 1 << 28
@@ -115,7 +116,13 @@ class VirtioDevice:
 
     def connect_host(self, watch_fd: WatchFd) -> None:
         """Register the host fds the device waits on (a console socket, a TAP device): `watch_fd(fd, on_readable)`.
-        The backend calls `on_readable` from its device loop with the transport's lock held."""
+        The backend calls `on_readable` from its device loop with the transport's lock held. A device whose set of
+        fds changes (vsock connections) keeps `watch_fd` and calls it again later, always with that lock held."""
+
+    def on_needs_reset(self) -> None:
+        """The transport set DEVICE_NEEDS_RESET (§2.1.2): it will not run the device's host events until the
+        driver resets it, so a device must pause its host fds here; a readable fd nobody reads would otherwise
+        wake the device loop without end."""
 
     def close(self) -> None:
         """Release host resources (files, sockets)."""

@@ -336,6 +336,10 @@ class MmioTransport:
         self.error = self.last_error = reason
         self.resets_needed += 1
         self.status |= _S.DEVICE_NEEDS_RESET
+        try:
+            self.device.on_needs_reset()  # host fds paused: run_device will not run their events now
+        except Exception as e:  # a device bug here must not hide the error that broke it
+            self.last_error = f"{reason}; then, pausing its host fds: {type(e).__name__}: {e}"
         if self.status & _S.DRIVER_OK:
             self._signal(INT_CONFIG)  # §2.1.2: a configuration change notification tells the driver
 

@@ -4,6 +4,10 @@ decoded instructions of those pages, on every vCPU, as a guest store would; host
 from __future__ import annotations
 
 import os
+import resource
+import socket
+
+import pytest
 
 from popek.accel.soft import SoftAccel
 from popek.memory import GuestMemory
@@ -43,3 +47,42 @@ def test_watched_host_fds_are_polled_and_can_be_paused() -> None:
             assert calls == [2]
         finally:
             os.close(fd)
+
+
+def test_a_polled_watch_can_wait_for_writability_and_be_closed() -> None:
+    with GuestMemory(1 << 20) as mem:
+        accel = SoftAccel(mem, 1)
+        ours, theirs = socket.socketpair()
+        calls: list[str] = []
+        try:
+            watch = accel.watch_fd(ours.fileno(), lambda: calls.append("ready"))
+            accel._poll_host_fds()
+            assert calls == []  # nothing to read, writability not asked for
+            watch.set_writable(True)
+            accel._poll_host_fds()
+            assert calls == ["ready"]
+            watch.close()
+            theirs.send(b"x")  # readable and writable now, but the watch is gone
+            accel._poll_host_fds()
+            assert calls == ["ready"] and accel._polled == []
+        finally:
+            ours.close()
+            theirs.close()
+
+
+@pytest.mark.skipif(resource.getrlimit(resource.RLIMIT_NOFILE)[0] <= 1100, reason="needs an fd limit above 1100")
+def test_fds_beyond_select_limit_are_polled() -> None:
+    with GuestMemory(1 << 20) as mem:
+        accel = SoftAccel(mem, 1)
+        fd = os.eventfd(1, os.EFD_NONBLOCK)
+        high = -1
+        try:
+            high = os.dup2(fd, 1100)  # FD_SETSIZE is 1024: select() refuses this number
+            calls: list[int] = []
+            accel.watch_fd(high, lambda: calls.append(os.eventfd_read(high)))
+            accel._poll_host_fds()
+            assert calls == [1]
+        finally:
+            os.close(fd)
+            if high >= 0:
+                os.close(high)

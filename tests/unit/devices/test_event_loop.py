@@ -4,6 +4,7 @@ clean stop, and a callback's exception reported instead of hanging the VM."""
 from __future__ import annotations
 
 import os
+import socket
 import threading
 
 from popek.devices.event_loop import EventLoop, drain_eventfd
@@ -77,3 +78,43 @@ def test_an_exception_in_a_callback_is_reported_and_ends_the_loop() -> None:
     finally:
         loop.stop()
         os.close(fd)
+
+
+def test_a_watch_asked_for_writability_is_called_while_its_fd_is_writable() -> None:
+    loop = EventLoop()
+    ours, theirs = socket.socketpair()
+    calls = threading.Semaphore(0)
+    try:
+        watch = loop.watch(ours.fileno(), calls.release)
+        loop.start(lambda message: None)
+        assert not calls.acquire(timeout=0.3)  # nothing to read: no call
+        watch.set_writable(True)  # an empty send buffer: writable at once
+        assert calls.acquire(timeout=WAIT)
+        watch.set_writable(False)
+        while calls.acquire(timeout=0.3):
+            pass  # calls already collected before the change
+        assert not calls.acquire(timeout=0.3)
+    finally:
+        loop.stop()
+        ours.close()
+        theirs.close()
+
+
+def test_a_closed_watch_is_never_called_and_its_fd_number_can_be_watched_again() -> None:
+    loop = EventLoop()
+    first = os.eventfd(0, os.EFD_NONBLOCK)
+    old_calls: list[int] = []
+    new_calls = threading.Semaphore(0)
+    try:
+        watch = loop.watch(first, lambda: old_calls.append(drain_eventfd(first)))
+        loop.start(lambda message: None)
+        watch.close()
+        watch.set_enabled(True)  # no effect once closed
+        os.close(first)
+        second = os.eventfd(1, os.EFD_NONBLOCK)  # very likely the same number: the kernel reuses the lowest
+        loop.watch(second, lambda: (drain_eventfd(second), new_calls.release()))
+        assert new_calls.acquire(timeout=WAIT)
+        assert old_calls == []
+        os.close(second)
+    finally:
+        loop.stop()
