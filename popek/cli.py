@@ -109,6 +109,13 @@ def _parser() -> argparse.ArgumentParser:
         help="a virtio-console (/dev/hvc0) on a file (output), a Unix socket, a FIFO or a tty (both ways)",
     )
     run.add_argument(
+        "--vsock",
+        metavar="CID:SOCKET",
+        help="a virtio-vsock device, guest CID (3 or more), Firecracker's host side: popek listens on the Unix "
+        "socket SOCKET, where a host client writes 'CONNECT <port>\\n' to reach a guest port and reads 'OK <n>\\n'; "
+        "a guest connect to CID 2 port P reaches the Unix socket SOCKET_P",
+    )
+    run.add_argument(
         "--no-eventfds",
         action="store_true",
         help="KVM: virtio notifications and interrupts through vCPU exits instead of ioeventfd/irqfd",
@@ -143,12 +150,14 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_run(args: argparse.Namespace) -> int:
     from popek.console import HostConsole
     from popek.devices.virtio.blk import DiskSpec
+    from popek.devices.virtio.vsock import VsockSpec
     from popek.vm import Vm, VmSpec
 
     command = list(args.guest_command)
     if command and command[0] == "--":
         command = command[1:]
     disks = [DiskSpec.parse(text) for text in args.disk]  # before a default guest build: bad options fail fast
+    vsock = VsockSpec.parse(args.vsock) if args.vsock is not None else None
     default_guest = args.kernel is None
     # the default guest's own initramfs starts the agent; a custom one may not: it keeps the serial protocol
     agent = default_guest and args.initrd is None and not args.no_agent
@@ -188,6 +197,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         disks=disks,
         rng=args.rng,
         console2=Path(args.console2) if args.console2 is not None else None,
+        vsock=vsock,
         kvm_eventfds=not args.no_eventfds,
     )
     console: HostConsole | None = None

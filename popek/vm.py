@@ -45,6 +45,7 @@ from popek.devices.virtio.console import ConsoleDevice, ConsoleHost
 from popek.devices.virtio.device import VirtioDevice
 from popek.devices.virtio.mmio import MMIO_WINDOW, QUEUE_NOTIFY, MmioTransport
 from popek.devices.virtio.rng import EntropyDevice
+from popek.devices.virtio.vsock import VsockDevice, VsockSpec
 from popek.errors import ConfigError
 from popek.memory import PAGE_SIZE, GuestMemory
 
@@ -91,11 +92,12 @@ class VmSpec:
     disks: list[DiskSpec] = field(default_factory=list)
     rng: bool = False
     console2: Path | None = None  # a second console (virtio-console, /dev/hvc0 in the guest)
+    vsock: VsockSpec | None = None  # virtio-vsock with Firecracker's Unix-socket convention (--vsock CID:SOCKET)
     kvm_eventfds: bool = True  # KVM: virtio notifications by ioeventfd, interrupts by irqfd, where the host can
 
     @property
     def virtio_devices(self) -> int:
-        return len(self.disks) + int(self.rng) + int(self.console2 is not None)
+        return len(self.disks) + int(self.rng) + int(self.console2 is not None) + int(self.vsock is not None)
 
     def validate(self) -> None:
         if self.mem > MAX_MEM:
@@ -122,6 +124,8 @@ class VmSpec:
                               f"{self.virtio_devices}")  # fmt: skip
         for disk in self.disks:
             disk.validate()
+        if self.vsock is not None:
+            self.vsock.validate()
 
 
 class HostSignal(BaseException):
@@ -332,7 +336,7 @@ class Vm:
         )
 
     def _attach_virtio_devices(self) -> None:
-        """`--disk` (vda, vdb, ...), `--rng`, `--console2`, in that order of MMIO windows and IRQs."""
+        """`--disk` (vda, vdb, ...), `--rng`, `--console2`, `--vsock`, in that order of MMIO windows and IRQs."""
         seen: dict[tuple[int, int], Path] = {}
         for i, disk in enumerate(self.spec.disks):
             try:
@@ -348,6 +352,8 @@ class Vm:
             self._unattached.append(EntropyDevice())
         if self.spec.console2 is not None:
             self._unattached.append(ConsoleDevice(ConsoleHost.open(self.spec.console2)))
+        if self.spec.vsock is not None:
+            self._unattached.append(VsockDevice(self.spec.vsock))
         while self._unattached:  # each stays in `_unattached` (closed by `close`) until it is attached
             self._attach_virtio(self._unattached[0])
             self._unattached.pop(0)

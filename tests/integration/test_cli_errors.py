@@ -142,3 +142,11 @@ def test_usage_errors_are_one_line_and_status_1(sector: Path, args: list[str], n
     r = popek("--kernel", str(sector), *args)
     assert_one_line_error(r, needle)
     assert "try popek run --help" in r.stderr or "try popek --help" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "value,needle",
+    [("2:/tmp/popek-x.sock", "reserved"), ("3", "CID:SOCKET"), ("3:/no/such/dir/v.sock", "vsock socket")],
+)
+def test_bad_vsock_options(sector: Path, value: str, needle: str) -> None:
+    assert_one_line_error(popek("--kernel", str(sector), "--accel", "soft", "--vsock", value), needle)

@@ -10,6 +10,7 @@ import pytest
 
 from popek.devices.virtio.blk import DiskSpec
 from popek.devices.virtio.mmio import MmioTransport
+from popek.devices.virtio.vsock import VsockSpec
 from popek.errors import ConfigError
 from popek.vm import VIRTIO_IRQS, VIRTIO_MMIO_BASE, Vm, VmSpec, extend_cmdline
 
@@ -72,3 +73,17 @@ def test_devices_get_windows_irqs_and_kernel_parameters_and_the_guest_finds_them
         stats = vm.stats()
     assert "virtio-blk vda @0xd0000000 irq 5: status=0x0" in stats
     assert (tmp_path / "hvc.out").exists()
+
+
+def test_a_vsock_device_comes_after_the_others_and_its_socket_lives_as_long_as_the_vm(tmp_path: Path) -> None:
+    socket_path = tmp_path / "v.sock"
+    spec = VmSpec(multiboot_kernel(tmp_path), accel="soft", rng=True, vsock=VsockSpec(3, socket_path), timeout=30)
+    assert spec.virtio_devices == 2
+    with Vm(spec) as vm:
+        assert [vm.mmio.name_of(s.base) for s in vm.virtio] == ["virtio-rng", "virtio-vsock"]
+        assert socket_path.is_socket()
+        assert vm.run().status == 0x21
+        assert "virtio-vsock @0xd0001000 irq 6: " in vm.stats() and "connections=0" in vm.stats()
+    assert not socket_path.exists()
+    with pytest.raises(ConfigError, match="reserved"):
+        VmSpec(multiboot_kernel(tmp_path), accel="soft", vsock=VsockSpec(2, socket_path)).validate()

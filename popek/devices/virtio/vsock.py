@@ -623,13 +623,13 @@ class VsockDevice(VirtioDevice):
                 return self._reset(conn)  # the host end is gone
             conn.fwd_cnt = (conn.fwd_cnt + sent) & U32
             self.bytes_to_host += sent
-            self._advance_credit(conn)
         else:
             sent = 0
         if sent < length:
             rest = b"".join(bytes(v) for v in views)[sent:]
             conn.to_host += rest
             conn.buffered += len(rest)
+        self._advance_credit(conn)
 
     def _flush(self, conn: Connection) -> None:
         """Write what the host socket will take of `to_host`; act on a finished SHUTDOWN once it is empty."""

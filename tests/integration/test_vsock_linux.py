@@ -1,0 +1,130 @@
+"""The default Linux guest with a vsock device on the KVM backend: Linux's virtio_vsock driver and the guest agent
+(started by the guest's init on vsock port 1024) reached through Firecracker's convention — AgentClient over
+`vsock_unix_connector` — runs commands, several connections at once, and moves a 16 MiB file both ways intact.
+One boot serves the module; the VM is stopped from inside the guest at the end, and popek removes its socket."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from popek import image
+from popek.agent import AgentClient, vsock_unix_connector
+
+BOOT_TIMEOUT = 1200
+PORT = 1024
+STOP_FILE = "/tmp/popek-stop"
+
+pytestmark = [
+    pytest.mark.timeout(BOOT_TIMEOUT + 600),
+    pytest.mark.kvm,
+    pytest.mark.linux,
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs a usable /dev/kvm"),
+]
+
+
+@dataclass
+class RunningVm:
+    process: subprocess.Popen[str]
+    socket: Path
+    client: AgentClient
+
+    def log(self) -> str:
+        return f"popek exit status {self.process.poll()}"
+
+
+@pytest.fixture(scope="module")
+def vm(guest: image.GuestImage) -> Iterator[RunningVm]:
+    # a short folder: a Unix socket path holds at most 107 bytes, pytest's tmp paths can be longer
+    folder = Path(tempfile.mkdtemp(prefix="popek-vsock-"))
+    path = folder / "v.sock"
+    # the guest's command waits for the test to say it is done (through the agent), then the VM resets
+    command = f"while [ ! -e {STOP_FILE} ]; do sleep 0.2; done; echo vsock-test-done"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "popek", "run", "--accel", "kvm", "--timeout", str(BOOT_TIMEOUT), "--stats",
+         "--vsock", f"3:{path}", "--", "sh", "-c", command],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    output: dict[str, str] = {}
+
+    def collect() -> None:
+        out, err = process.communicate()
+        output["stdout"], output["stderr"] = out, err
+
+    collector = threading.Thread(target=collect, daemon=True)
+    collector.start()
+    client = AgentClient(vsock_unix_connector(path, PORT), timeout=120)
+    try:
+        try:
+            client.wait_ready(timeout=BOOT_TIMEOUT, interval=0.5)
+        except Exception:
+            process.terminate()
+            collector.join(60)
+            pytest.fail(f"the agent never answered over vsock\n{output.get('stdout', '')[-4000:]}\n"
+                        f"{output.get('stderr', '')[-4000:]}")  # fmt: skip
+        yield RunningVm(process, path, client)
+        client.exec(["touch", STOP_FILE], check=True)  # the guest's command ends: popek-exit-status 0, reset
+        collector.join(300)
+        assert not collector.is_alive(), "popek did not stop after the guest's command ended"
+        stdout, stderr = output["stdout"], output["stderr"]
+        assert "vsock-test-done" in stdout and "popek-exit-status: 0" in stdout, stdout[-4000:]
+        assert process.returncode == 0, stderr[-4000:]
+        assert "virtio-vsock" in stderr and "connections=" in stderr, stderr[-4000:]  # --stats has its counters
+        assert not path.exists()  # removed at close
+    finally:
+        if process.poll() is None:
+            process.terminate()  # only ours, by its pid
+            collector.join(60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_agent_runs_commands_over_vsock(vm: RunningVm) -> None:
+    result = vm.client.exec("echo out; echo err >&2; exit 3")
+    assert (result.stdout, result.stderr, result.exit_code) == (b"out\n", b"err\n", 3)
+    assert vm.client.exec(["test", "-c", "/dev/vsock"]).ok
+    big = vm.client.exec("head -c 3000000 /dev/zero | tr '\\0' x")  # output larger than any credit window
+    assert big.stdout == b"x" * 3_000_000 and big.exit_code == 0
+
+
+def test_several_connections_at_once(vm: RunningVm) -> None:
+    results: dict[int, bytes] = {}
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(3):
+                result = vm.client.exec(f"sleep 0.2; echo {n}-{i}; head -c {50000 * (n + 1)} /dev/zero | wc -c")
+                assert result.exit_code == 0
+                results[n * 10 + i] = result.stdout
+        except BaseException as e:  # reported below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert errors == []
+    assert results == {n * 10 + i: f"{n}-{i}\n{50000 * (n + 1)}\n".encode() for n in range(6) for i in range(3)}
+
+
+def test_a_16_mib_file_goes_to_the_guest_and_back_intact(vm: RunningVm) -> None:
+    data = random.Random(1024).randbytes(16 << 20)
+    digest = hashlib.sha256(data).hexdigest()
+    assert vm.client.write("/tmp/blob", data) == len(data)
+    assert vm.client.exec(["sha256sum", "/tmp/blob"]).stdout.split()[0].decode() == digest  # the guest's view
+    back = vm.client.read("/tmp/blob")
+    assert len(back) == len(data) and hashlib.sha256(back).hexdigest() == digest
+    vm.client.remove("/tmp/blob")
