@@ -39,6 +39,7 @@ from popek.agent import AgentClient, ExecResult, Process, protocol, vsock_unix_c
 from popek.agent.client import Command, OutputCallback, PathLike
 from popek.agent.errors import AgentDisconnected, AgentUnavailable
 from popek.devices.virtio.blk import DiskSpec
+from popek.devices.virtio.vsock import VsockSpec
 from popek.errors import ConfigError, PopekError
 from popek.vm import ACCELS, VIRTIO_IRQS, Vm, VmSpec
 
@@ -327,8 +328,6 @@ class VM:
 
     def _spec(self, kernel: Path, initrd: Path | None, cmdline: str, uds: Path) -> VmSpec:
         """The VmSpec, with the vsock device (host side: the Unix socket uds) the agent is reached through."""
-        from popek.devices.virtio.vsock import VsockSpec
-
         return VmSpec(
             kernel=kernel,
             initrd=initrd,
@@ -428,7 +427,10 @@ class VM:
                 continue
 
     def __enter__(self) -> VM:
-        return self.start()
+        """Start the VM (unless start() already did) and wait for its agent."""
+        if self._runtime is None:
+            return self.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
