@@ -263,6 +263,7 @@ class VM:
         acpi: bool = True,
         eventfds: bool = True,
         kvm_device: str = "/dev/kvm",
+        vsock: VsockSpec | None = None,
         timeout: float | None = None,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
@@ -300,6 +301,11 @@ class VM:
         self.acpi = bool(acpi)
         self.eventfds = bool(eventfds)
         self.kvm_device = kvm_device
+        if vsock is not None and not isinstance(vsock, VsockSpec):
+            raise ConfigError(f"vsock is a VsockSpec(cid, uds_path), not {type(vsock).__name__}")
+        if vsock is not None:
+            vsock.validate()
+        self.vsock = vsock
         self.timeout = timeout
         self.boot_timeout = float(boot_timeout)
         self.agent_timeout = float(agent_timeout)
@@ -326,8 +332,8 @@ class VM:
         cmdline = " ".join(part for part in (guest.cmdline, self.append) if part)
         return guest.kernel, self.initrd or guest.initrd, cmdline
 
-    def _spec(self, kernel: Path, initrd: Path | None, cmdline: str, uds: Path) -> VmSpec:
-        """The VmSpec, with the vsock device (host side: the Unix socket uds) the agent is reached through."""
+    def _spec(self, kernel: Path, initrd: Path | None, cmdline: str, vsock: VsockSpec) -> VmSpec:
+        """The VmSpec, with the vsock device the agent is reached through."""
         return VmSpec(
             kernel=kernel,
             initrd=initrd,
@@ -343,7 +349,7 @@ class VM:
             rng=self.rng,
             console2=self.console2,
             kvm_eventfds=self.eventfds,
-            vsock=VsockSpec(GUEST_CID, uds),
+            vsock=vsock,
         )
 
     def _check_spec(self) -> None:
@@ -380,8 +386,9 @@ class VM:
             self._runtime = runtime
             self._finalizer = weakref.finalize(self, runtime.shutdown)
             try:
-                uds = workdir / "vsock.sock"
-                runtime.vm = Vm(self._spec(kernel, initrd, cmdline, uds), console=self._console)
+                vsock = self.vsock or VsockSpec(GUEST_CID, workdir / "vsock.sock")
+                uds = vsock.uds_path
+                runtime.vm = Vm(self._spec(kernel, initrd, cmdline, vsock), console=self._console)
                 runtime.thread = threading.Thread(target=runtime.run, name="popek-vm", daemon=True)
                 runtime.thread.start()
                 connect = runtime.connector(vsock_unix_connector(uds, self.agent_port, self.agent_timeout))

@@ -166,11 +166,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if agent and (command or args.tty or args.interactive):
         from popek import cli_agent
 
-        if vsock is not None:
-            raise ConfigError("a guest command through the agent uses a vsock device of its own: drop --vsock, "
-                              "or give --no-agent")  # fmt: skip
-
-        return cli_agent.run(args, command, disks)
+        return cli_agent.run(args, command, disks, vsock)
     if default_guest:
         from popek import image
 

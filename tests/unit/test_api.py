@@ -17,6 +17,7 @@ from popek.accel.exits import Stop, StopReason
 from popek.agent import AgentUnavailable
 from popek.api import VM, BootTimeout, VMError, VMStopped
 from popek.devices.virtio.blk import DiskSpec
+from popek.devices.virtio.vsock import VsockSpec
 from popek.errors import ConfigError, PopekError
 
 SERIAL = 0x3F8
@@ -93,6 +94,8 @@ def vm_threads() -> list[threading.Thread]:
         {"disks": ["data.img,rw"]},
         {"disks": [42]},
         {"disks": [DiskSpec(Path("x.img"), serial="\n")]},
+        {"vsock": "3:/tmp/vm.vsock"},  # a VsockSpec, not the CLI's text
+        {"vsock": VsockSpec(2, Path("/tmp/vm.vsock"))},  # CID 2 is the host's
         {"disks": [f"d{i}.img" for i in range(7)]},  # the vsock device takes the seventh free IRQ
     ],
 )
