@@ -13,10 +13,10 @@ import argparse
 import contextlib
 import os
 import select
-import shutil
 import signal
 import sys
 import termios
+import threading
 import tty
 from collections.abc import Callable, Iterator
 
@@ -68,25 +68,36 @@ def _raw_terminal(fd: int) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-def _interactive(vm: VM, command: list[str], use_pty: bool) -> int:
-    """Feed stdin and copy output until the command ends. One thread: Process.read holds the process's lock
-    while it waits, so reads are short and stdin is looked at in between."""
-    size = shutil.get_terminal_size()
-    proc = vm.spawn(command, stdin=True, pty=(size.lines, size.columns) if use_pty else None)
-    out, err = _writer(1), _writer(2)
+def _terminal_size(fd: int) -> tuple[int, int]:
+    """(rows, cols) of the terminal on fd; 24x80 (what a terminal starts as) when fd is not one."""
+    try:
+        size = os.get_terminal_size(fd)
+    except OSError:
+        return 24, 80
+    return size.lines or 24, size.columns or 80
+
+
+def _interactive(
+    vm: VM, command: list[str], use_pty: bool, stdin_fd: int = 0, stdout_fd: int = 1, stderr_fd: int = 2
+) -> int:
+    """Feed stdin and copy output until the command ends: its exit status. One thread: Process.read holds the
+    process's lock while it waits, so reads are short and stdin is looked at in between."""
+    proc = vm.spawn(command, stdin=True, pty=_terminal_size(stdout_fd) if use_pty else None)
+    out, err = _writer(stdout_fd), _writer(stderr_fd)
     resized = False
 
     def on_winch(_signum: int, _frame: object) -> None:
         nonlocal resized
         resized = True
 
-    old_winch = signal.signal(signal.SIGWINCH, on_winch) if use_pty else None
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_winch = signal.signal(signal.SIGWINCH, on_winch) if use_pty and main_thread else None
     try:
-        with proc, _raw_terminal(0) if use_pty else contextlib.nullcontext():
+        with proc, _raw_terminal(stdin_fd) if use_pty else contextlib.nullcontext():
             stdin_open = True
             while True:
-                if stdin_open and select.select([0], [], [], 0)[0]:
-                    data = os.read(0, 4096)
+                if stdin_open and select.select([stdin_fd], [], [], 0)[0]:
+                    data = os.read(stdin_fd, 4096)
                     if data:
                         proc.write(data)
                     else:
@@ -94,8 +105,7 @@ def _interactive(vm: VM, command: list[str], use_pty: bool) -> int:
                         stdin_open = False
                 if resized:
                     resized = False
-                    size = shutil.get_terminal_size()
-                    proc.resize(size.lines, size.columns)
+                    proc.resize(*_terminal_size(stdout_fd))
                 try:
                     item = proc.read(timeout=POLL_INTERVAL)
                 except CommandTimeout:

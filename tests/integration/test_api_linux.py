@@ -5,6 +5,7 @@ are the command's alone and whose exit status is the command's."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 from popek import image
 from popek.agent import CommandStartError, CommandTimeout, RemoteFileError
 from popek.api import VM
+from popek.cli_agent import _interactive
 
 BOOT_TIMEOUT = 1200  # as test_linux_boot: ring-0 code may be emulated by the host at ~1.4 M instructions/s
 
@@ -130,6 +132,35 @@ def test_a_spawned_process_takes_stdin_and_can_be_killed(vm: VM) -> None:
     r = sleeper.wait(timeout=60)
     assert (r.exit_code, r.signal) == (None, 9)
     assert vm.running
+
+
+def run_interactive(vm: VM, command: list[str], use_pty: bool, stdin: bytes) -> tuple[int, bytes, bytes]:
+    """popek run -i / -t's loop on pipes: (exit status, stdout, stderr)."""
+    fds = [*os.pipe(), *os.pipe(), *os.pipe()]
+    in_r, in_w, out_r, out_w, err_r, err_w = fds
+    try:
+        os.write(in_w, stdin)
+        os.close(in_w)
+        status = _interactive(vm, command, use_pty, in_r, out_w, err_w)
+        os.close(out_w)
+        os.close(err_w)
+        with os.fdopen(out_r, "rb", closefd=False) as out, os.fdopen(err_r, "rb", closefd=False) as err:
+            return status, out.read(), err.read()
+    finally:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def test_popek_run_i_feeds_stdin_to_the_command(vm: VM) -> None:
+    status, out, err = run_interactive(vm, ["sh", "-c", "cat; echo e >&2; exit 3"], False, b"via stdin\n")
+    assert (status, out, err) == (3, b"via stdin\n", b"e\n")
+
+
+def test_popek_run_t_runs_the_command_on_a_pty_of_the_terminals_size(vm: VM) -> None:
+    status, out, _ = run_interactive(vm, ["/bin/sh"], True, b"tty; stty size; exit 4\n")
+    assert status == 4, out
+    assert b"/dev/pts/" in out and b"24 80" in out, out  # pipes are no terminal: the 24x80 a terminal starts as
 
 
 def test_popek_run_prints_only_the_commands_output_and_returns_its_status(guest: image.GuestImage) -> None:
