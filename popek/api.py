@@ -412,6 +412,7 @@ class VM:
     def wait_ready(self, timeout: float | None = None) -> float:
         """Wait for the guest agent (timeout: the boot_timeout by default): the seconds it took. BootTimeout if
         it does not answer in time, VMStopped if the VM stops first."""
+        _positive("timeout", timeout, optional=True)
         runtime = self._started()
         assert self._probe is not None
         limit = self.boot_timeout if timeout is None else timeout
