@@ -135,6 +135,24 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="KVM: virtio notifications and interrupts through vCPU exits instead of ioeventfd/irqfd",
     )
+    run.add_argument(
+        "--no-agent",
+        action="store_true",
+        help="run the guest command through the serial console (popek.cmd=) instead of the guest agent",
+    )
+    run.add_argument(
+        "--console", action="store_true", help="with the agent: copy the guest's console (kernel log) to stderr"
+    )
+    run.add_argument(
+        "--boot-timeout",
+        type=float,
+        default=None,
+        help="with the agent: how long to wait for it while the guest boots (default 600 s)",
+    )
+    run.add_argument("-i", "--interactive", action="store_true", help="with the agent: feed stdin to the command")
+    run.add_argument(
+        "-t", "--tty", action="store_true", help="with the agent: run the command (default: sh) on a pseudo-terminal"
+    )
     run.add_argument("guest_command", nargs=argparse.REMAINDER, help="-- COMMAND...: run it in the default guest")
     image = sub.add_parser("image", help="the default guest image")
     image_sub = image.add_subparsers(dest="image_command", required=True)
@@ -179,6 +197,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     vsock = VsockSpec.parse(args.vsock) if args.vsock is not None else None
     net = _net_spec(args.net, args.port)
     default_guest = args.kernel is None
+    # the default guest's own initramfs starts the agent; a custom one may not: it keeps the serial protocol
+    agent = default_guest and args.initrd is None and not args.no_agent
+    if (args.tty or args.interactive) and not agent:
+        raise ConfigError("-t and -i need the guest agent: the default guest without --initrd or --no-agent")
+    if agent and (command or args.tty or args.interactive):
+        from popek import cli_agent
+
+        return cli_agent.run(args, command, disks, vsock)
     if default_guest:
         from popek import image
 

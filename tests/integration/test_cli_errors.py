@@ -95,6 +95,12 @@ def test_a_command_with_an_explicit_kernel_is_refused(sector: Path) -> None:
     assert_one_line_error(popek("--kernel", str(sector), "--", "uname"), "needs the default guest")
 
 
+@pytest.mark.parametrize("option", ["-t", "-i"])
+def test_a_terminal_or_stdin_without_the_agent_is_refused(sector: Path, option: str) -> None:
+    assert_one_line_error(popek("--kernel", str(sector), option), "need the guest agent")
+    assert_one_line_error(popek("--no-agent", option, "--", "sh"), "need the guest agent")
+
+
 def test_a_kernel_shorter_than_its_setup_header(tmp_path: Path) -> None:
     path = tmp_path / "hdrs.bin"
     path.write_bytes(bytes(0x202) + b"HdrS")  # 0x206 bytes: the header claims more than the file has

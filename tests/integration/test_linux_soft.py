@@ -18,8 +18,8 @@ pytestmark = [pytest.mark.linux, pytest.mark.slow, pytest.mark.timeout(BOOT_TIME
 
 def test_default_guest_boots_to_userspace_on_the_software_cpu(guest: image.GuestImage) -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "popek", "run", "--accel", "soft", "--timeout", str(BOOT_TIMEOUT), "--stats", "--",
-         "sh", "-c", "echo popek-soft-marker; uname -sm; exit 9"],
+        [sys.executable, "-m", "popek", "run", "--accel", "soft", "--timeout", str(BOOT_TIMEOUT), "--stats",
+         "--no-agent", "--", "sh", "-c", "echo popek-soft-marker; uname -sm; exit 9"],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,

@@ -117,7 +117,7 @@ def first_boot(guest: image.GuestImage, tmp_path_factory: pytest.TempPathFactory
             "--disk", str(tmp / "ext4.img"),
             "--rng",
             "--console2", str(tmp / "console.sock"),
-            "--", "sh", "-c", FIRST_BOOT,
+            "--no-agent", "--", "sh", "-c", FIRST_BOOT,
         )  # fmt: skip
     finally:
         listener.close()
@@ -197,7 +197,8 @@ def test_the_fast_path_kept_notifications_off_the_vcpus(first_boot: Boot) -> Non
 
 
 def test_a_second_boot_through_vcpu_exits_reads_the_data_back(first_boot: Boot) -> None:
-    r = popek("--no-eventfds", "--disk", str(first_boot.tmp / "raw.img"), "--", "sh", "-c", SECOND_BOOT)
+    raw = str(first_boot.tmp / "raw.img")
+    r = popek("--no-eventfds", "--disk", raw, "--no-agent", "--", "sh", "-c", SECOND_BOOT)
     boot = Boot(r, first_boot.tmp)
     assert boot.value("read-back") == GUEST_PATTERN
     assert "ioeventfd=off irqfd=off" in r.stderr and r.returncode == 0, boot.log

@@ -27,7 +27,7 @@ def test_a_disk_is_read_and_written_on_the_software_cpu(guest: image.GuestImage,
     disk.write_bytes(b"HOST-DATA".ljust(256 * 512, b"\0"))
     r = subprocess.run(
         [sys.executable, "-m", "popek", "run", "--accel", "soft", "--timeout", str(BOOT_TIMEOUT), "--stats",
-         "--disk", str(disk), "--", "sh", "-c", SCRIPT],
+         "--disk", str(disk), "--no-agent", "--", "sh", "-c", SCRIPT],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,

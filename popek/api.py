@@ -1,0 +1,590 @@
+"""popek as a Python library: ``popek.VM`` boots a guest and runs commands and moves files in it via its agent.
+
+::
+
+    with popek.VM(cpus=1, mem="512M") as vm:
+        r = vm.exec(["uname", "-a"])          # r.stdout, r.stderr, r.exit_code, r.signal, r.duration
+        vm.files.write("/tmp/x.py", b"print(42)")
+        proc = vm.spawn(["sleep", "100"]); proc.kill()
+
+A VM is a `popek.vm.Vm` whose ``run()`` goes on in a background thread, with a virtio-vsock device (its host
+side a Unix socket in a private temporary directory, Firecracker's convention: virtio 1.2 §5.10 in the guest,
+``CONNECT <port>`` on the host) through which `popek.agent.AgentClient` reaches the guest agent (docs/
+agent-protocol.md). The default guest's init starts the agent on vsock port 1024 (popek/image/init).
+
+Everything that goes wrong is an exception named for its cause: `BootTimeout` (the agent did not answer while the
+guest booted), `VMStopped` (the VM ended, whoever ended it, before or while the agent answered; its ``stop`` says
+why), and the agent's own errors (popek.agent: CommandStartError, CommandTimeout, RemoteFileError, ...). The VM
+errors carry the tail of the guest's console, where a dying kernel says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, ParamSpec, TypeVar
+
+from popek.accel.exits import Stop, StopReason
+from popek.agent import AgentClient, ExecResult, Process, protocol, vsock_unix_connector
+from popek.agent.client import Command, OutputCallback, PathLike
+from popek.agent.errors import AgentDisconnected, AgentUnavailable
+from popek.devices.virtio.blk import DiskSpec
+from popek.devices.virtio.vsock import VsockSpec
+from popek.errors import ConfigError, PopekError
+from popek.vm import ACCELS, VIRTIO_IRQS, Vm, VmSpec
+
+AGENT_PORT = 1024  # where the default guest's init starts the agent (popek/image/init)
+GUEST_CID = 3  # the first CID a guest may have (virtio 1.2 §5.10.4: 0-2 are reserved); each VM has its own socket
+DEFAULT_BOOT_TIMEOUT = 600.0  # the default guest takes ~2 min to boot on nested KVM, more on --accel soft
+DEFAULT_AGENT_TIMEOUT = 10.0
+READY_PING_TIMEOUT = 2.0  # one readiness probe while the guest boots: short, so a stop is noticed at once
+STOP_GRACE = 2.0  # how long a dropped connection waits for the VM thread to say the VM stopped
+JOIN_TIMEOUT = 30.0  # close(): how long the VM thread may take to stop its vCPUs
+DEFAULT_CONSOLE_TAIL = 16 << 10  # console bytes an error carries
+MAX_CONSOLE_TAIL = 1 << 20  # the serial log keeps this much (popek.vm.SERIAL_TAIL)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DiskArg = str | os.PathLike[str] | DiskSpec
+
+
+class VMError(PopekError):
+    """Base of the errors of a popek.VM; ``console_tail`` is the end of the guest's console output."""
+
+    def __init__(self, message: str, console_tail: bytes = b"") -> None:
+        super().__init__(message)
+        self.console_tail = console_tail
+
+
+class VMStopped(VMError):
+    """The VM stopped before or while the agent answered; ``stop`` (popek.accel.exits.Stop) says why: the guest
+    powered off or reset, a VMM error, a timeout, or close()."""
+
+    def __init__(self, message: str, stop: Stop | None, console_tail: bytes = b"") -> None:
+        super().__init__(message, console_tail)
+        self.stop = stop
+
+
+class BootTimeout(VMError, AgentUnavailable):
+    """The guest agent did not answer within the boot timeout: the guest is still booting, hangs, or has no agent
+    (a custom kernel or initrd without popek's init)."""
+
+
+def _describe(stop: Stop | None) -> str:
+    if stop is None:
+        return "the VM stopped"
+    return f"the VM stopped: {stop.reason.value}" + (f": {stop.detail.splitlines()[0]}" if stop.detail else "")
+
+
+def _positive(name: str, value: float | None, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
+
+
+def _disk(disk: DiskArg) -> DiskSpec:
+    if isinstance(disk, DiskSpec):
+        disk.validate()
+        return disk
+    if isinstance(disk, str):
+        return DiskSpec.parse(disk)  # "path[,ro][,serial=ID]", as --disk
+    if isinstance(disk, os.PathLike):
+        return DiskSpec(Path(disk))
+    raise ConfigError(f"a disk is a path, a 'path,ro' string or a DiskSpec, not {type(disk).__name__}")
+
+
+def _mem(mem: int | str) -> int:
+    from popek.cli import parse_size
+
+    if isinstance(mem, bool) or not isinstance(mem, int | str):
+        raise ConfigError(f"mem is a number of bytes or a size like '512M', not {type(mem).__name__}")
+    return parse_size(mem) if isinstance(mem, str) else mem
+
+
+class _Runtime:
+    """What a started VM owns, apart from the VM object (so weakref.finalize can stop a forgotten one): the Vm,
+    the thread running it, the agent connections open on its vsock socket, and the temporary directory."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.vm: Vm | None = None
+        self.thread: threading.Thread | None = None
+        self.stop: Stop | None = None
+        self.stats = ""
+        self.done = threading.Event()
+        self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def connector(self, inner: Callable[[], socket.socket]) -> Callable[[], socket.socket]:
+        """Connections that are cut (shutdown) when the VM stops, so no caller waits for a guest that is gone."""
+
+        def connect() -> socket.socket:
+            if self.done.is_set():
+                raise AgentUnavailable(_describe(self.stop))
+            sock = inner()
+            with self._lock:
+                self._sockets.add(sock)
+            if self.done.is_set():  # the VM stopped while this connected: cut() may have missed it
+                self._cut(sock)
+            return sock
+
+        return connect
+
+    @staticmethod
+    def _cut(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def cut_all(self) -> None:
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            self._cut(sock)
+
+    def run(self) -> None:
+        vm = self.vm
+        assert vm is not None
+        try:
+            self.stop = vm.run()
+        except BaseException as exc:  # a VMM bug still ends in a Stop the caller can read
+            self.stop = Stop(StopReason.ERROR, f"{type(exc).__name__}: {exc}")
+        finally:
+            with contextlib.suppress(Exception):
+                self.stats = vm.stats()  # for VM.stats() after the VM is gone
+            self.done.set()
+            self.cut_all()
+
+    def shutdown(self) -> None:
+        """Stop the VM, wait (bounded) for its thread, close it and remove the directory. Runs once (finalize)."""
+        vm = self.vm
+        thread = self.thread
+        if vm is not None:
+            if thread is not None and thread.is_alive():
+                vm.request_stop(Stop(StopReason.USER_QUIT, "the popek.VM was closed"))
+                thread.join(JOIN_TIMEOUT)
+            if thread is None or not thread.is_alive():
+                vm.close()
+            # else: vCPU threads still run in it; closing its memory under them would crash the process
+        self.done.set()
+        self.cut_all()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class _ConsoleSink:
+    """The serial log's sink (called on a vCPU thread): the user's console callback. One that raises is dropped
+    (kept in ``error``) rather than stopping the VM. Apart from the VM object, so the Vm does not keep it alive."""
+
+    def __init__(self, callback: Callable[[bytes], object] | None) -> None:
+        self.callback = callback
+        self.error: Exception | None = None
+
+    def __call__(self, data: bytes) -> None:
+        if self.callback is None:
+            return
+        try:
+            self.callback(data)
+        except Exception as exc:
+            self.error = exc
+            self.callback = None
+
+
+class GuestFiles:
+    """VM.files: popek.agent.Files (read, read_to, write, list, stat, remove, mkdir) whose failures caused by the
+    VM stopping are VMStopped."""
+
+    def __init__(self, vm: VM, client: AgentClient) -> None:
+        files = client.files
+        self.read = vm._guarded(files.read)
+        self.read_to = vm._guarded(files.read_to)
+        self.write = vm._guarded(files.write)
+        self.list = vm._guarded(files.list)
+        self.stat = vm._guarded(files.stat)
+        self.remove = vm._guarded(files.remove)
+        self.mkdir = vm._guarded(files.mkdir)
+
+
+class GuestProcess:
+    """A command VM.spawn started: popek.agent.Process (read, write, close_stdin, kill, resize, poll, wait,
+    close), whose failures caused by the VM stopping are VMStopped."""
+
+    def __init__(self, vm: VM, process: Process) -> None:
+        self.process = process
+        self.pid = process.pid
+        self.read = vm._guarded(process.read)
+        self.write = vm._guarded(process.write)
+        self.close_stdin = vm._guarded(process.close_stdin)
+        self.kill = vm._guarded(process.kill)
+        self.resize = vm._guarded(process.resize)
+        self.poll = vm._guarded(process.poll)
+        self.wait = vm._guarded(process.wait)
+
+    def close(self) -> None:
+        """Close the connection: the agent kills the command if it still runs."""
+        self.process.close()
+
+    def __enter__(self) -> GuestProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class VM:
+    """A guest VM driven from Python. The arguments mirror ``popek run``'s options; kernel=None boots popek's
+    default guest (built into the cache first if needed), whose command line ``append`` extends. The VM boots on
+    ``with`` (or start()) and is stopped by close(); a VM never closed is stopped when it is garbage-collected or
+    at interpreter exit (weakref.finalize)."""
+
+    def __init__(
+        self,
+        *,
+        kernel: str | os.PathLike[str] | None = None,
+        initrd: str | os.PathLike[str] | None = None,
+        append: str | None = None,
+        mem: int | str = "512M",
+        cpus: int = 1,
+        accel: str = "kvm",
+        cpu_template: str = "portable",
+        disks: Sequence[DiskArg] = (),
+        rng: bool = False,
+        console2: str | os.PathLike[str] | None = None,
+        acpi: bool = True,
+        eventfds: bool = True,
+        kvm_device: str = "/dev/kvm",
+        vsock: VsockSpec | None = None,
+        timeout: float | None = None,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
+        agent_port: int = AGENT_PORT,
+        console: Callable[[bytes], object] | None = None,
+        console_tail: int = DEFAULT_CONSOLE_TAIL,
+    ) -> None:
+        if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
+            raise ConfigError(f"cpus must be a whole number of at least 1, not {cpus!r}")
+        if accel not in ACCELS or accel == "lockstep":
+            raise ConfigError(f"accel must be 'kvm' or 'soft' (a VM's agent needs a virtio device), not {accel!r}")
+        if isinstance(disks, str | bytes | os.PathLike):
+            raise ConfigError("disks is a list of disks: disks=[path]")
+        _positive("timeout", timeout, optional=True)
+        _positive("boot_timeout", boot_timeout)
+        _positive("agent_timeout", agent_timeout)
+        if isinstance(agent_port, bool) or not isinstance(agent_port, int) or not 0 <= agent_port < 1 << 32:
+            raise ConfigError(f"agent_port must be a vsock port (0 to 2**32-1), not {agent_port!r}")
+        if isinstance(console_tail, bool) or not isinstance(console_tail, int) or console_tail < 0:
+            raise ConfigError(f"console_tail must be a number of bytes, not {console_tail!r}")
+        if console is not None and not callable(console):
+            raise ConfigError("console must be a callable taking bytes")
+        if append is not None and not isinstance(append, str):
+            raise ConfigError(f"append must be a string, not {type(append).__name__}")
+        self.kernel = None if kernel is None else Path(kernel)
+        self.initrd = None if initrd is None else Path(initrd)
+        self.append = append
+        self.mem = _mem(mem)
+        self.cpus = cpus
+        self.accel = accel
+        self.cpu_template = cpu_template
+        self.disks = [_disk(disk) for disk in disks]
+        self.rng = bool(rng)
+        self.console2 = None if console2 is None else Path(console2)
+        self.acpi = bool(acpi)
+        self.eventfds = bool(eventfds)
+        self.kvm_device = kvm_device
+        if vsock is not None and not isinstance(vsock, VsockSpec):
+            raise ConfigError(f"vsock is a VsockSpec(cid, uds_path), not {type(vsock).__name__}")
+        if vsock is not None:
+            vsock.validate()
+        self.vsock = vsock
+        self.timeout = timeout
+        self.boot_timeout = float(boot_timeout)
+        self.agent_timeout = float(agent_timeout)
+        self.agent_port = agent_port
+        self.console_tail_size = min(console_tail, MAX_CONSOLE_TAIL)
+        self._console = _ConsoleSink(console)
+        self._runtime: _Runtime | None = None
+        self._client: AgentClient | None = None
+        self._files: GuestFiles | None = None
+        self._probe: AgentClient | None = None
+        self._finalizer: weakref.finalize[[], VM] | None = None
+        self._start_lock = threading.Lock()
+        self._check_spec()
+
+    # --- the VM's description
+
+    def _guest(self) -> tuple[Path, Path | None, str]:
+        """Kernel, initrd and command line: the default guest's (with append) unless a kernel was given."""
+        if self.kernel is not None:
+            return self.kernel, self.initrd, self.append or ""
+        from popek import image
+
+        guest = image.ensure_default_guest(progress=False)
+        cmdline = " ".join(part for part in (guest.cmdline, self.append) if part)
+        return guest.kernel, self.initrd or guest.initrd, cmdline
+
+    def _spec(self, kernel: Path, initrd: Path | None, cmdline: str, vsock: VsockSpec) -> VmSpec:
+        """The VmSpec, with the vsock device the agent is reached through."""
+        return VmSpec(
+            kernel=kernel,
+            initrd=initrd,
+            cmdline=cmdline,
+            mem=self.mem,
+            cpus=self.cpus,
+            accel=self.accel,
+            cpu_template=self.cpu_template,
+            timeout=self.timeout,
+            kvm_device=self.kvm_device,
+            acpi=self.acpi,
+            disks=list(self.disks),
+            rng=self.rng,
+            console2=self.console2,
+            kvm_eventfds=self.eventfds,
+            vsock=vsock,
+        )
+
+    def _check_spec(self) -> None:
+        """What VmSpec.validate refuses, refused here, before anything is built or booted."""
+        spec = VmSpec(
+            kernel="unused",
+            mem=self.mem,
+            cpus=self.cpus,
+            accel=self.accel,
+            cpu_template=self.cpu_template,
+            timeout=self.timeout,
+            disks=list(self.disks),
+            rng=self.rng,
+            console2=self.console2,
+        )
+        spec.validate()
+        if spec.virtio_devices + 1 > len(VIRTIO_IRQS):  # the vsock device is one more
+            raise ConfigError(
+                f"at most {len(VIRTIO_IRQS) - 1} virtio devices besides the agent's vsock device (one free ISA "
+                f"IRQ each), not {spec.virtio_devices}"
+            )
+
+    # --- life cycle
+
+    def start(self, wait: bool = True) -> VM:
+        """Boot the VM and (with wait) wait for its agent, at most boot_timeout s: BootTimeout, VMStopped.
+        Without wait, the guest boots on while this returns; wait_ready() waits for the agent later."""
+        with self._start_lock:
+            if self._runtime is not None:
+                raise VMError("this popek.VM was already started (a VM boots once; make a new one)")
+            kernel, initrd, cmdline = self._guest()
+            workdir = Path(tempfile.mkdtemp(prefix="popek-vm-"))
+            runtime = _Runtime(workdir)
+            self._runtime = runtime
+            self._finalizer = weakref.finalize(self, runtime.shutdown)
+            try:
+                vsock = self.vsock or VsockSpec(GUEST_CID, workdir / "vsock.sock")
+                uds = vsock.uds_path
+                runtime.vm = Vm(self._spec(kernel, initrd, cmdline, vsock), console=self._console)
+                runtime.thread = threading.Thread(target=runtime.run, name="popek-vm", daemon=True)
+                runtime.thread.start()
+                connect = runtime.connector(vsock_unix_connector(uds, self.agent_port, self.agent_timeout))
+                self._client = AgentClient(connect, timeout=self.agent_timeout)
+                self._files = GuestFiles(self, self._client)
+                self._probe = AgentClient(
+                    runtime.connector(vsock_unix_connector(uds, self.agent_port, READY_PING_TIMEOUT)),
+                    timeout=READY_PING_TIMEOUT,
+                )
+            except BaseException:
+                self.close()
+                raise
+        if wait:
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.close()
+                raise
+        return self
+
+    def wait_ready(self, timeout: float | None = None) -> float:
+        """Wait for the guest agent (timeout: the boot_timeout by default): the seconds it took. BootTimeout if
+        it does not answer in time, VMStopped if the VM stops first."""
+        _positive("timeout", timeout, optional=True)
+        runtime = self._started()
+        assert self._probe is not None
+        limit = self.boot_timeout if timeout is None else timeout
+        started = time.monotonic()
+        deadline = started + limit
+        while True:
+            if runtime.done.is_set():
+                raise VMStopped(f"{_describe(runtime.stop)} before its agent answered", runtime.stop, self.console_tail)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BootTimeout(
+                    f"the guest agent did not answer within {limit:g} s of the boot (is the guest still booting? "
+                    "does its initrd start popek's agent?)",
+                    self.console_tail,
+                )
+            try:
+                self._probe.wait_ready(timeout=min(1.0, remaining), interval=0.1)
+                return time.monotonic() - started
+            except (AgentUnavailable, AgentDisconnected):
+                continue
+
+    def __enter__(self) -> VM:
+        """Start the VM (unless start() already did) and wait for its agent."""
+        if self._runtime is None:
+            return self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the VM (bounded wait for its vCPUs), close its devices and memory, remove its socket. Idempotent."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def wait(self, timeout: float | None = None) -> Stop | None:
+        """Wait for the VM to stop by itself (the guest powers off or resets): its Stop, or None after timeout."""
+        runtime = self._started()
+        return runtime.stop if runtime.done.wait(timeout) else None
+
+    # --- state
+
+    @property
+    def running(self) -> bool:
+        return self._runtime is not None and not self._runtime.done.is_set()
+
+    @property
+    def stop_reason(self) -> Stop | None:
+        """Why the VM stopped, once it has."""
+        return None if self._runtime is None else self._runtime.stop
+
+    @property
+    def console_tail(self) -> bytes:
+        """The last console_tail bytes the guest wrote to its serial console."""
+        vm = None if self._runtime is None else self._runtime.vm
+        if vm is None or not self.console_tail_size:
+            return b""
+        return bytes(vm.serial_log.tail[-self.console_tail_size :])
+
+    def stats(self) -> str:
+        """Exit, device and assist counts (as ``popek run --stats`` prints them), also after the VM stopped."""
+        runtime = self._started()
+        if runtime.done.is_set():
+            return runtime.stats
+        assert runtime.vm is not None
+        return runtime.vm.stats()
+
+    @property
+    def client(self) -> AgentClient:
+        """The AgentClient this VM's calls go through (its errors are not turned into VMStopped)."""
+        self._started()
+        assert self._client is not None
+        return self._client
+
+    def _started(self) -> _Runtime:
+        if self._runtime is None:
+            raise VMError("the popek.VM is not started: use it in a with block, or call start()")
+        return self._runtime
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[_Runtime]:
+        """Turn the agent's 'no answer' / 'connection dropped' into VMStopped when the VM is why."""
+        runtime = self._started()
+        if runtime.done.is_set():
+            raise VMStopped(_describe(runtime.stop), runtime.stop, self.console_tail)
+        if self._client is None:
+            raise VMError("the popek.VM did not finish starting")
+        try:
+            yield runtime
+        except (AgentUnavailable, AgentDisconnected) as exc:
+            if runtime.done.wait(STOP_GRACE):
+                raise VMStopped(
+                    f"{_describe(runtime.stop)} while the agent answered", runtime.stop, self.console_tail
+                ) from exc
+            raise
+
+    def _guarded(self, call: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(call)
+        def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+            with self._guard():
+                return call(*args, **kwargs)
+
+        return guarded
+
+    # --- the agent
+
+    @property
+    def files(self) -> GuestFiles:
+        """File operations in the guest (popek.agent.Files)."""
+        self._started()
+        if self._files is None:
+            raise VMError("the popek.VM did not finish starting")
+        return self._files
+
+    def exec(
+        self,
+        command: Command,
+        *,
+        env: Mapping[str | bytes, str | bytes | None] | None = None,
+        clear_env: bool = False,
+        cwd: PathLike | None = None,
+        stdin: bytes | IO[bytes] | None = None,
+        timeout: float | None = None,
+        kill_grace: float = protocol.DEFAULT_KILL_GRACE_MS / 1000,
+        pty: tuple[int, int] | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        check: bool = False,
+    ) -> ExecResult:
+        """Run a command to its end (AgentClient.exec): an argv list (looked up in the guest's PATH) or a shell
+        string (/bin/sh -c). timeout: the agent kills it after that many seconds (result.timed_out; with
+        check=True, CommandTimeout). Callbacks take the output as it comes (it is then not in the result).
+        Any number of threads may call this at once: each call has a connection of its own."""
+        with self._guard():
+            assert self._client is not None
+            return self._client.exec(
+                command,
+                env=env,
+                clear_env=clear_env,
+                cwd=cwd,
+                stdin=stdin,
+                timeout=timeout,
+                kill_grace=kill_grace,
+                pty=pty,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+                check=check,
+            )
+
+    def spawn(
+        self,
+        command: Command,
+        *,
+        env: Mapping[str | bytes, str | bytes | None] | None = None,
+        clear_env: bool = False,
+        cwd: PathLike | None = None,
+        stdin: bool = True,
+        timeout: float | None = None,
+        kill_grace: float = protocol.DEFAULT_KILL_GRACE_MS / 1000,
+        pty: tuple[int, int] | None = None,
+    ) -> GuestProcess:
+        """Start a command and return at once (AgentClient.spawn); the GuestProcess reads, writes, kills it."""
+        with self._guard():
+            assert self._client is not None
+            process = self._client.spawn(
+                command,
+                env=env,
+                clear_env=clear_env,
+                cwd=cwd,
+                stdin=stdin,
+                timeout=timeout,
+                kill_grace=kill_grace,
+                pty=pty,
+            )
+        return GuestProcess(self, process)

@@ -1,0 +1,174 @@
+"""``popek run -- CMD`` through the guest agent: the command's stdout and stderr are popek's, and nothing else is.
+
+The default guest boots with a vsock device (popek.VM); the command runs through its agent (docs/agent-protocol.md)
+instead of the serial console's ``popek.cmd=`` protocol, so the kernel log stays out of the output (``--console``
+copies it to stderr) and the exit status is the command's own (a signal N is 128+N, as a shell reports it).
+``-i`` feeds popek's stdin to the command (else it reads /dev/null); ``-t`` gives it a pseudo-terminal the size of
+popek's (the agent's pty, resized on SIGWINCH), with popek's terminal in raw mode meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import select
+import signal
+import sys
+import termios
+import threading
+import tty
+from collections.abc import Callable, Iterator
+
+from popek.accel.exits import StopReason
+from popek.agent import CommandTimeout
+from popek.api import DEFAULT_BOOT_TIMEOUT, VM, BootTimeout, VMError, VMStopped
+from popek.devices.virtio.blk import DiskSpec
+from popek.devices.virtio.vsock import VsockSpec
+
+EXIT_NO_STATUS = 125
+EXIT_TIMEOUT = 124
+EXIT_VMM_FAILURE = 4
+CONSOLE_LINES = 20  # of the guest's console shown with an error
+POLL_INTERVAL = 0.05  # -i/-t: how often the loop looks at stdin between reads of the command's output
+DEFAULT_SHELL = ["/bin/sh", "-l"]
+
+
+def _writer(fd: int) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    return write
+
+
+def _status(exit_code: int | None, signum: int | None) -> int:
+    if exit_code is not None:
+        return exit_code & 0xFF
+    return 128 + (signum or 0)
+
+
+def _console_tail(tail: bytes) -> str:
+    lines = tail.decode(errors="replace").replace("\r", "").splitlines()[-CONSOLE_LINES:]
+    return "".join(f"  | {line}\n" for line in lines)
+
+
+@contextlib.contextmanager
+def _raw_terminal(fd: int) -> Iterator[None]:
+    """popek's terminal passes every key to the guest's pty (whose line discipline does the editing and ^C)."""
+    if not os.isatty(fd):
+        yield
+        return
+    saved = termios.tcgetattr(fd)
+    tty.setraw(fd)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _terminal_size(fd: int) -> tuple[int, int]:
+    """(rows, cols) of the terminal on fd; 24x80 (what a terminal starts as) when fd is not one."""
+    try:
+        size = os.get_terminal_size(fd)
+    except OSError:
+        return 24, 80
+    return size.lines or 24, size.columns or 80
+
+
+def _interactive(
+    vm: VM, command: list[str], use_pty: bool, stdin_fd: int = 0, stdout_fd: int = 1, stderr_fd: int = 2
+) -> int:
+    """Feed stdin and copy output until the command ends: its exit status. One thread: Process.read holds the
+    process's lock while it waits, so reads are short and stdin is looked at in between."""
+    proc = vm.spawn(command, stdin=True, pty=_terminal_size(stdout_fd) if use_pty else None)
+    out, err = _writer(stdout_fd), _writer(stderr_fd)
+    resized = False
+
+    def on_winch(_signum: int, _frame: object) -> None:
+        nonlocal resized
+        resized = True
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_winch = signal.signal(signal.SIGWINCH, on_winch) if use_pty and main_thread else None
+    try:
+        with proc, _raw_terminal(stdin_fd) if use_pty else contextlib.nullcontext():
+            stdin_open = True
+            while True:
+                if stdin_open and select.select([stdin_fd], [], [], 0)[0]:
+                    data = os.read(stdin_fd, 4096)
+                    if data:
+                        proc.write(data)
+                    else:
+                        proc.close_stdin()
+                        stdin_open = False
+                if resized:
+                    resized = False
+                    proc.resize(*_terminal_size(stdout_fd))
+                try:
+                    item = proc.read(timeout=POLL_INTERVAL)
+                except CommandTimeout:
+                    continue
+                if item is None:
+                    break
+                stream, data = item
+                (out if stream == "stdout" else err)(data)
+            result = proc.wait()
+    finally:
+        if old_winch is not None:
+            signal.signal(signal.SIGWINCH, old_winch)
+    return _status(result.exit_code, result.signal)
+
+
+def run(args: argparse.Namespace, command: list[str], disks: list[DiskSpec], vsock: VsockSpec | None) -> int:
+    """Boot the default guest, run the command through its agent, stop the VM: the command's exit status. With
+    --vsock the agent is reached through that device (so other host programs can use it too)."""
+    console_out = _writer(2) if args.console else None
+    vm = VM(
+        append=args.append,
+        mem=args.mem,
+        cpus=args.cpus,
+        accel=args.accel,
+        cpu_template=args.cpu_template,
+        disks=disks,
+        rng=args.rng,
+        console2=args.console2,
+        acpi=not args.no_acpi,
+        eventfds=not args.no_eventfds,
+        kvm_device=args.kvm_device,
+        vsock=vsock,
+        timeout=args.timeout,
+        boot_timeout=args.boot_timeout if args.boot_timeout is not None else DEFAULT_BOOT_TIMEOUT,
+        console=console_out,
+        console_tail=64 << 10,
+    )
+    try:
+        with vm:
+            if args.tty or args.interactive:
+                status = _interactive(vm, command or DEFAULT_SHELL, args.tty)
+            else:
+                result = vm.exec(command, on_stdout=_writer(1), on_stderr=_writer(2))
+                status = _status(result.exit_code, result.signal)
+            if args.stats:
+                print(vm.stats(), file=sys.stderr)
+            return status
+    except VMStopped as e:
+        print(f"popek: error: {e}", file=sys.stderr)
+        if not args.console:
+            print(_console_tail(e.console_tail), end="", file=sys.stderr)
+        stop = e.stop
+        if stop is None or stop.reason in (StopReason.RESET, StopReason.POWEROFF, StopReason.USER_QUIT):
+            return EXIT_NO_STATUS  # the guest went down without the command's end: no success
+        if stop.reason is StopReason.TIMEOUT:
+            return EXIT_TIMEOUT
+        if stop.reason is StopReason.SIGNAL:
+            return 128 + (stop.signum or signal.SIGINT)
+        from popek.cli import exit_status
+
+        return exit_status(stop, None)
+    except (BootTimeout, VMError) as e:
+        print(f"popek: error: {e}", file=sys.stderr)
+        if not args.console:
+            print(_console_tail(e.console_tail), end="", file=sys.stderr)
+        return EXIT_TIMEOUT if isinstance(e, BootTimeout) else EXIT_VMM_FAILURE
