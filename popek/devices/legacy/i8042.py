@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from typing import Any
+
+from popek.devices import state as st
 
 DATA = 0x0  # port 0x60
 STATUS_COMMAND = 0x4  # port 0x64
@@ -26,6 +29,17 @@ CMD_ENABLE_KBD = 0xAE
 CMD_READ_OUTPORT = 0xD0
 CMD_WRITE_OUTPORT = 0xD1
 CMD_PULSE_RESET = 0xFE
+
+
+OUTPUT_LIMIT = 4096  # the bytes a snapshot may hold queued (a guest that never reads makes more: see `write`)
+
+STATE_FIELDS: dict[str, st.Check] = {
+    "ctr": st.uint(8),
+    "outport": st.uint(8),
+    "status": st.masked(STATUS_SYS | STATUS_CMD),
+    "pending_cmd": st.optional(st.one_of(CMD_WRITE_CTR, CMD_WRITE_OUTPORT)),
+    "out": st.deque_of(st.uint(8), OUTPUT_LIMIT),
+}
 
 
 class I8042:
@@ -89,3 +103,11 @@ class I8042:
     def _reset(self) -> None:
         self.resets += 1
         self.on_reset()
+
+    # --- snapshots ---
+
+    def state(self) -> dict[str, Any]:
+        return st.save(self, STATE_FIELDS)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        st.apply(self, state, STATE_FIELDS, "i8042")

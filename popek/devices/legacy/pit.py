@@ -18,8 +18,11 @@ the whole period rather than the current half-period, and the odd-count half-per
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+from popek.devices import state as st
 from popek.devices.clock import Timer, VirtualClock, ns_of_tick, ticks_at
+from popek.snapshot import SnapshotError
 
 PIT_HZ = 1_193_182
 REFRESH_PERIOD_NS = 15_085  # port 0x61 bit 4 toggles with DRAM refresh, every 15.085 µs on a PC
@@ -30,6 +33,40 @@ PORT61_SPEAKER = 0x02
 PORT61_WRITABLE = 0x0F
 PORT61_REFRESH = 0x10
 PORT61_OUT2 = 0x20
+
+
+MAX_TICKS = 1 << 60  # a relative input edge further away than ~30,000 years is not one a channel keeps
+_tick = st.integer(-MAX_TICKS, MAX_TICKS)
+_period = st.integer(1, 0x10000)
+
+# a channel's fields; those that are input edges (`start`, `_next_boundary`, `_null_until`) are saved relative to
+# the edge at the time of the snapshot (see `Channel.state`)
+CHANNEL_FIELDS: dict[str, st.Check] = {
+    "gate": st.boolean,
+    "mode": st.integer(0, 5),
+    "rw": st.integer(RW_LSB, RW_WORD),
+    "bcd": st.boolean,
+    "count_register": st.uint(16),
+    "_low_byte": st.optional(st.uint(8)),
+    "_read_high": st.boolean,
+    "_latch": st.list_of(st.uint(8), max_length=2),
+    "_status": st.optional(st.uint(8)),
+    "_has_count": st.boolean,
+    "running": st.boolean,
+    "start": _tick,
+    "start_count": st.uint(16),
+    "period": _period,
+    "held_count": st.uint(16),
+    "held_out": st.boolean,
+    "done": st.boolean,
+    "_next_period": st.optional(_period),
+    "_next_boundary": _tick,
+    "_gate_count": st.optional(st.uint(16)),
+    "_null": st.boolean,
+    "_null_until": st.optional(_tick),
+    "_reported_out": st.boolean,
+}
+_EDGES = ("start", "_next_boundary", "_null_until")
 
 
 def _from_bcd(value: int) -> int:
@@ -271,6 +308,41 @@ class Channel:
             self._start(tick + 1, self.count_register, load=True)
         self._reschedule()
 
+    # --- snapshots ---
+
+    def state(self) -> dict[str, Any]:
+        """The channel's registers and phase, its input edges relative to the edge of now (PIT_HZ input clock on
+        the device's clock): restored on a clock that reads another time, the count goes on from the same
+        value and the next OUT edge is as far away as it was."""
+        tick = self._tick()
+        saved = st.save(self, CHANNEL_FIELDS)
+        for name in _EDGES:
+            if saved[name] is not None:
+                saved[name] -= tick
+        return saved
+
+    def load_state(self, state: object) -> dict[str, Any]:
+        """The checked fields of a saved channel, not applied."""
+        values = st.load(state, CHANNEL_FIELDS, f"pit channel {self.index}")
+        if values["bcd"] and (values["count_register"] > 9999 or values["start_count"] > 9999):
+            raise SnapshotError(f"pit channel {self.index}: a BCD count above 9999")
+        return values
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.apply_state(self.load_state(state))
+
+    def apply_state(self, values: dict[str, Any]) -> None:
+        values = dict(values)
+        tick = self._tick()
+        for name in _EDGES:
+            if values[name] is not None:
+                values[name] += tick
+        self.pit.clock.cancel(self._timer)
+        self._timer = None
+        for name, value in values.items():
+            setattr(self, name, value)
+        self._reschedule()  # arms the next OUT edge; reports OUT if it is not what the listener was told
+
     # --- reading ---
 
     def latch_count(self) -> None:
@@ -327,6 +399,18 @@ class Pit:
         self.channels = [Channel(self, i) for i in range(3)]
         self.channels[0].on_out = on_out0
 
+    def state(self) -> dict[str, Any]:
+        return {"channels": [channel.state() for channel in self.channels]}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """All three channels, each validated before any changes (a bad channel 2 leaves channel 0 as it was)."""
+        saved = st.sub(state, "channels", "pit")
+        if not isinstance(saved, list) or len(saved) != len(self.channels) or set(state) != {"channels"}:
+            raise SnapshotError("pit: the state is a list of three channels")
+        loaded = [channel.load_state(channel_state) for channel, channel_state in zip(self.channels, saved)]
+        for channel, values in zip(self.channels, loaded, strict=True):
+            channel.apply_state(values)
+
     def read(self, offset: int, size: int) -> bytes:
         value = self.channels[offset].read() if offset < 3 else 0xFF  # the control port is write-only
         return bytes([value]) * size
@@ -375,3 +459,10 @@ class SystemControlPort:
         if data:
             self.value = data[0] & PORT61_WRITABLE
             self.pit.channels[2].set_gate(bool(self.value & PORT61_GATE2))
+
+    def state(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Port B's writable bits; channel 2's gate, which they drive, is in the PIT's own state."""
+        st.apply(self, state, {"value": st.masked(PORT61_WRITABLE)}, "system control port")
