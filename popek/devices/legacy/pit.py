@@ -35,12 +35,12 @@ PORT61_REFRESH = 0x10
 PORT61_OUT2 = 0x20
 
 
-MAX_TICKS = 1 << 60  # a relative input edge further away than ~30,000 years is not one a channel keeps
+MAX_TICKS = 1 << 60  # an input edge ~30,000 years away is not one a channel keeps
 _tick = st.integer(-MAX_TICKS, MAX_TICKS)
 _period = st.integer(1, 0x10000)
 
-# a channel's fields; those that are input edges (`start`, `_next_boundary`, `_null_until`) are saved relative to
-# the edge at the time of the snapshot (see `Channel.state`)
+# a channel's fields; those that are input edges (`start`, `_next_boundary`, `_null_until`) count on the PIT's own
+# time (`Pit.elapsed_ns`), which a restore carries over
 CHANNEL_FIELDS: dict[str, st.Check] = {
     "gate": st.boolean,
     "mode": st.integer(0, 5),
@@ -55,7 +55,7 @@ CHANNEL_FIELDS: dict[str, st.Check] = {
     "running": st.boolean,
     "start": _tick,
     "start_count": st.uint(16),
-    "period": _period,
+    "period": st.integer(0, 0x10000),  # 0 until the first count starts: a running channel's is 1 or more
     "held_count": st.uint(16),
     "held_out": st.boolean,
     "done": st.boolean,
@@ -66,7 +66,6 @@ CHANNEL_FIELDS: dict[str, st.Check] = {
     "_null_until": st.optional(_tick),
     "_reported_out": st.boolean,
 }
-_EDGES = ("start", "_next_boundary", "_null_until")
 
 
 def _from_bcd(value: int) -> int:
@@ -177,7 +176,7 @@ class Channel:
     # --- time ---
 
     def _tick(self) -> int:
-        return ticks_at(self.pit.clock.now_ns(), PIT_HZ)
+        return ticks_at(self.pit.elapsed_ns(), PIT_HZ)
 
     def out(self) -> bool:
         return self._state(self._tick())[1]
@@ -220,7 +219,7 @@ class Channel:
             self.on_out(out)
         following = self._next_transition(tick)
         if following is not None:
-            self._timer = clock.add_timer(ns_of_tick(following, PIT_HZ), self._reschedule)
+            self._timer = clock.add_timer(ns_of_tick(following, PIT_HZ) + self.pit.origin_ns, self._reschedule)
 
     # --- programming ---
 
@@ -311,32 +310,22 @@ class Channel:
     # --- snapshots ---
 
     def state(self) -> dict[str, Any]:
-        """The channel's registers and phase, its input edges relative to the edge of now (PIT_HZ input clock on
-        the device's clock): restored on a clock that reads another time, the count goes on from the same
-        value and the next OUT edge is as far away as it was."""
-        tick = self._tick()
-        saved = st.save(self, CHANNEL_FIELDS)
-        for name in _EDGES:
-            if saved[name] is not None:
-                saved[name] -= tick
-        return saved
+        """The channel's registers and phase; its input edges are on the PIT's own time (`Pit.state`)."""
+        return st.save(self, CHANNEL_FIELDS)
 
     def load_state(self, state: object) -> dict[str, Any]:
         """The checked fields of a saved channel, not applied."""
         values = st.load(state, CHANNEL_FIELDS, f"pit channel {self.index}")
         if values["bcd"] and (values["count_register"] > 9999 or values["start_count"] > 9999):
             raise SnapshotError(f"pit channel {self.index}: a BCD count above 9999")
+        if values["running"] and not values["period"]:
+            raise SnapshotError(f"pit channel {self.index}.period: a running channel has a period of 1 or more")
         return values
 
     def restore(self, state: dict[str, Any]) -> None:
         self.apply_state(self.load_state(state))
 
     def apply_state(self, values: dict[str, Any]) -> None:
-        values = dict(values)
-        tick = self._tick()
-        for name in _EDGES:
-            if values[name] is not None:
-                values[name] += tick
         self.pit.clock.cancel(self._timer)
         self._timer = None
         for name, value in values.items():
@@ -396,18 +385,32 @@ class Pit:
 
     def __init__(self, clock: VirtualClock, on_out0: Callable[[bool], None] | None = None) -> None:
         self.clock = clock
+        self.origin_ns = 0  # the clock's time at the PIT's input edge 0 (a restore moves it: see `restore`)
         self.channels = [Channel(self, i) for i in range(3)]
         self.channels[0].on_out = on_out0
 
+    def elapsed_ns(self) -> int:
+        """The PIT's own time: nanoseconds since its input edge 0, from which every count and OUT level follows."""
+        return self.clock.now_ns() - self.origin_ns
+
     def state(self) -> dict[str, Any]:
-        return {"channels": [channel.state() for channel in self.channels]}
+        """The three channels and the PIT's own time (`elapsed_ns`), which its input edges count on. A restore
+        on a clock that reads another time sets `origin_ns` so that the PIT's time goes on from the saved one:
+        every count, the phase within the 1.193182 MHz input clock included, and every OUT edge are then where
+        they would have been had the VM not paused."""
+        return {"elapsed_ns": self.elapsed_ns(), "channels": [channel.state() for channel in self.channels]}
 
     def restore(self, state: dict[str, Any]) -> None:
         """All three channels, each validated before any changes (a bad channel 2 leaves channel 0 as it was)."""
         saved = st.sub(state, "channels", "pit")
-        if not isinstance(saved, list) or len(saved) != len(self.channels) or set(state) != {"channels"}:
-            raise SnapshotError("pit: the state is a list of three channels")
+        if not isinstance(saved, list) or len(saved) != len(self.channels) or set(state) != {"channels", "elapsed_ns"}:
+            raise SnapshotError("pit: the state is the PIT's time and a list of three channels")
+        try:
+            elapsed = st.integer(0, st.MAX_TIME_NS)(state["elapsed_ns"])
+        except ValueError as e:
+            raise SnapshotError(f"pit.elapsed_ns: {e}") from None
         loaded = [channel.load_state(channel_state) for channel, channel_state in zip(self.channels, saved)]
+        self.origin_ns = self.clock.now_ns() - elapsed
         for channel, values in zip(self.channels, loaded, strict=True):
             channel.apply_state(values)
 
@@ -449,7 +452,7 @@ class SystemControlPort:
 
     def read(self, offset: int, size: int) -> bytes:
         v = self.value & PORT61_WRITABLE
-        if (self.pit.clock.now_ns() // REFRESH_PERIOD_NS) & 1:
+        if (self.pit.elapsed_ns() // REFRESH_PERIOD_NS) & 1:
             v |= PORT61_REFRESH
         if self.pit.channels[2].out():
             v |= PORT61_OUT2
