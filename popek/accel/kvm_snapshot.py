@@ -56,7 +56,7 @@ T = TypeVar("T", bound=ctypes.Structure)
 
 
 def _pack(value: ctypes.Structure) -> dict[str, Any]:
-    return {"struct": type(value).__name__, "size": ctypes.sizeof(value), "data": bytes(value)}  # type: ignore[call-overload]
+    return {"struct": type(value).__name__, "size": ctypes.sizeof(value), "data": bytes(value)}
 
 
 def _raw(saved: object, kind: type[T], what: str) -> T:
@@ -121,8 +121,9 @@ def _msrs(saved: object, what: str) -> dict[int, int]:
     return out
 
 
-def restore_vcpu(vcpu: VcpuFd, state: object, *, xsave_size: int | None) -> None:
-    """Put a `capture_vcpu` state into a vCPU that has not run (the module docstring gives the order and why)."""
+def restore_vcpu(vcpu: VcpuFd, state: object, *, xsave_size: int | None, apply: bool = True) -> None:
+    """Put a `capture_vcpu` state into a vCPU that has not run (the module docstring gives the order and why).
+    Everything is checked before the first ioctl; `apply=False` only checks."""
     what = f"vCPU {vcpu.id}"
     if not isinstance(state, dict):
         raise SnapshotError(f"{what}: the saved state is not an object")
@@ -159,6 +160,8 @@ def restore_vcpu(vcpu: VcpuFd, state: object, *, xsave_size: int | None) -> None
     else:
         xsave_raw = None
         xsave = _raw(state["xsave"], s.kvm_xsave, f"{what}.xsave")
+    if not apply:
+        return
 
     vcpu.set_mp_state(mp_state)
     vcpu.set_regs(regs)
@@ -187,7 +190,8 @@ def capture_vm(vm: VmFd) -> dict[str, Any]:
     }
 
 
-def restore_vm(vm: VmFd, state: object) -> None:
+def restore_vm(vm: VmFd, state: object, *, apply: bool = True) -> None:
+    """Set the kvm-clock, the three irqchips and the PIT, all checked first (`apply=False` only checks)."""
     if not isinstance(state, dict) or set(state) != {"irqchip", "pit2", "clock_ns"}:
         raise SnapshotError("KVM VM state: it has irqchip, pit2 and clock_ns")
     chips = state["irqchip"]
@@ -201,6 +205,8 @@ def restore_vm(vm: VmFd, state: object) -> None:
     clock_ns = state["clock_ns"]
     if type(clock_ns) is not int or not 0 <= clock_ns < 1 << 63:
         raise SnapshotError(f"KVM VM state: clock_ns {clock_ns!r} is not a kvm-clock time")
+    if not apply:
+        return
     vm.set_clock(clock_ns)
     for chip in loaded.values():
         vm.set_irqchip(chip)
@@ -230,15 +236,24 @@ class VmSnapshotter:
         }
 
     def restore(self, vcpus: list[VcpuFd], state: object) -> None:
-        """VM state first (clock, irqchip, PIT), then each vCPU; SnapshotError for a state of another VM shape."""
+        """VM state first (clock, irqchip, PIT), then each vCPU; all of it checked before the first ioctl, so a
+        SnapshotError (a state of another VM shape, a damaged one) leaves the VM as it was."""
         if not isinstance(state, dict) or set(state) != {"vm", "vcpus"}:
             raise SnapshotError("KVM state: it has vm and vcpus")
         saved = state["vcpus"]
         if not isinstance(saved, list) or len(saved) != len(vcpus):
             raise SnapshotError(f"KVM state: {len(vcpus)} vCPUs here, the snapshot has another number")
+        restore_vm(self.vm, state["vm"], apply=False)
+        for vcpu, vcpu_state in zip(vcpus, saved, strict=True):
+            restore_vcpu(vcpu, vcpu_state, xsave_size=self.xsave_size, apply=False)
         restore_vm(self.vm, state["vm"])
         for vcpu, vcpu_state in zip(vcpus, saved, strict=True):
             restore_vcpu(vcpu, vcpu_state, xsave_size=self.xsave_size)
+
+
+def _round_trip_irqchips(vm: VmFd) -> None:
+    for chip in IRQCHIPS.values():
+        vm.set_irqchip(vm.get_irqchip(chip))
 
 
 def probe(kvm_path: str = "/dev/kvm") -> dict[str, str]:
@@ -268,7 +283,7 @@ def probe(kvm_path: str = "/dev/kvm") -> dict[str, str]:
                     "KVM_GET/SET_VCPU_EVENTS": lambda: vcpu.set_vcpu_events(vcpu.get_vcpu_events()),
                     "KVM_GET/SET_MP_STATE": lambda: vcpu.set_mp_state(vcpu.get_mp_state()),
                     "KVM_GET/SET_MSRS": lambda: vcpu.set_msrs(readable_msrs(vcpu, kvm.msr_index_list())),
-                    "KVM_GET/SET_IRQCHIP": lambda: [vm.set_irqchip(vm.get_irqchip(i)) for i in IRQCHIPS.values()],
+                    "KVM_GET/SET_IRQCHIP": lambda: _round_trip_irqchips(vm),
                     "KVM_GET/SET_PIT2": lambda: vm.set_pit2(vm.get_pit2()),
                     "KVM_GET/SET_CLOCK": lambda: vm.set_clock(vm.get_clock().clock),
                 }
