@@ -66,6 +66,16 @@ def vm_devices(vm: Any) -> dict[str, Stateful]:
     return devices(vm.pio, vm.mmio, platform)
 
 
+def capture_vm(vm: Any) -> dict[str, Any]:
+    """The one call for a `popek.vm.Vm` whose vCPUs are stopped: `capture(vm_devices(vm))`."""
+    return capture(vm_devices(vm))
+
+
+def restore_vm(vm: Any, state: object) -> None:
+    """The one call for a freshly built `popek.vm.Vm`: `restore(vm_devices(vm), state)`."""
+    restore(vm_devices(vm), state)
+
+
 def capture(machine: dict[str, Stateful]) -> dict[str, Any]:
     """Every device's state, keyed as `devices` keys them (call with the vCPUs stopped)."""
     return {key: device.state() for key, device in machine.items()}

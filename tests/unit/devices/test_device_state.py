@@ -8,6 +8,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,6 +35,7 @@ from popek.devices.legacy.reset_control import ResetControl
 from popek.devices.legacy.serial import Serial
 from popek.devices.platform import SoftPlatform
 from popek.snapshot import SnapshotError
+from popek.vm import Vm, VmSpec
 
 LATER = 7 * NS_PER_SECOND + 123_457  # the restored machine's clock: some seconds later, not on a tick boundary
 
@@ -732,3 +734,35 @@ def test_the_field_checks_refuse_lookalikes() -> None:
     with pytest.raises(SnapshotError, match="missing a; unexpected b"):
         st.load({"b": 1}, {"a": st.uint(1)}, "thing")
     assert st.deque_of(st.uint(8), 2)([1, 2]) == st.deque_of(st.uint(8), 3)([1, 2])
+
+
+def _multiboot_probe(tmp: Path) -> Path:
+    """A Multiboot kernel that is never run: the builder only needs something to load."""
+    load = 0x100000
+    flags = 0x00010000
+    header = struct.pack("<8I", 0x1BADB002, flags, -(0x1BADB002 + flags) & 0xFFFFFFFF, load, load, 0, 0, load + 32)
+    path = tmp / "probe.elf"
+    path.write_bytes(header + b"\xf4")
+    return path
+
+
+def test_the_devices_the_builder_places_round_trip_into_a_second_vm(tmp_path: Path) -> None:
+    spec = VmSpec(_multiboot_probe(tmp_path), accel="soft", pc_testdev=True, rng=True)
+    with Vm(spec) as a, Vm(spec) as b:
+        a.serial.enqueue_input(b"snap")
+        a.pio.find(0x80).device.write(0, b"\x77")  # type: ignore[union-attr]
+        assert a.accel is not None
+        a.accel.platform.pit.write(3, b"\x34")  # type: ignore[union-attr]
+        a.accel.platform.pit.write(0, b"\x10")  # type: ignore[union-attr]
+        a.accel.platform.pit.write(0, b"\x20")  # type: ignore[union-attr]
+        a.accel.clock.advance_by(1_000_000)  # type: ignore[union-attr]
+        saved = through_json(machine_state.capture_vm(a))
+        keys = set(saved)
+        assert {"platform", "port 0x3f8 serial COM1", "port 0x80 post code", "port 0x510 fw_cfg"} <= keys
+        assert any(key.startswith("mmio 0xd0000000 ") for key in keys)  # the virtio transport
+        assert any("pc-testdev ioram" in key for key in keys) and any("acpi pm1a event" in key for key in keys)
+        machine_state.restore_vm(b, saved)
+        assert b.serial.read(0, 1) == b"s" and b.pio.find(0x80).device.read(0, 1) == b"\x77"  # type: ignore[union-attr]
+        pits = [vm.accel.platform.pit for vm in (a, b)]  # type: ignore[union-attr]
+        counts = [[p.read(0, 1), p.read(0, 1)] for p in pits]
+        assert counts[0] == counts[1] and counts[0] != [b"\x00", b"\x00"]
