@@ -7,15 +7,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hs
 
 from popek import snapshot
 from popek.accel.kvm import KvmAccel
 from popek.accel.kvm_snapshot import VmSnapshotter, probe
 from popek.boot import load_kernel
-from popek.kvm import ExitReason
+from popek.kvm import ExitReason, KvmError
 from popek.kvm import consts as c
 from popek.memory import GuestMemory
 from popek.snapshot import SnapshotError
+from tests.unit.devices.test_device_state import mutated
 
 from .guests import KVM_MARKS, boot_sector
 
@@ -143,3 +146,21 @@ def test_the_probe_names_each_state_ioctl_and_the_basic_ones_work() -> None:
     for name in ("KVM_GET/SET_REGS", "KVM_GET/SET_SREGS", "KVM_GET/SET_LAPIC", "KVM_GET/SET_MSRS"):
         assert results[name] == "ok", (name, results[name])
     assert "KVM_GET/SET_IRQCHIP" in results and "KVM_GET/SET_CLOCK" in results
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=hs.data())
+def test_a_fuzzed_kvm_state_is_refused_with_a_snapshot_or_kvm_error(tmp_path: Path, data: hs.DataObject) -> None:
+    """A damaged snapshot fails as a SnapshotError before any ioctl, or (a well-formed struct whose values the
+    kernel refuses) as a KvmError naming the ioctl: never another exception."""
+    mem, accel = booted(tmp_path)
+    try:
+        snap = VmSnapshotter(accel.vm)
+        state = data.draw(mutated(snap.capture(accel.vcpus)))
+        try:
+            snap.restore(accel.vcpus, state)
+        except (SnapshotError, KvmError):
+            pass
+    finally:
+        accel.close()
+        mem.close()

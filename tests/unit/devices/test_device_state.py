@@ -672,6 +672,12 @@ def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     return out
 
 
+def _at(value: Any, path: tuple[Any, ...]) -> Any:
+    for key in path:
+        value = value[key]
+    return value
+
+
 @hs.composite
 def mutated(draw: hs.DrawFn, state: dict[str, Any]) -> Any:
     """A valid state with one to three places replaced, removed or added to."""
@@ -679,7 +685,17 @@ def mutated(draw: hs.DrawFn, state: dict[str, Any]) -> Any:
     for _ in range(draw(hs.integers(1, 3))):
         paths = _paths(state)
         path = draw(hs.sampled_from(paths))
-        action = draw(hs.sampled_from(["replace", "delete", "add"]))
+        action = draw(hs.sampled_from(["replace", "delete", "add", "flip"]))
+        if action == "flip":  # a byte of a raw field changed, its length kept: a register file the device must check
+            raws = [p for p in paths if _at(state, p).__class__ is bytes and _at(state, p)]
+            if not raws:
+                continue
+            path = draw(hs.sampled_from(raws))
+            blob = bytearray(_at(state, path))
+            blob[draw(hs.integers(0, len(blob) - 1))] = draw(hs.integers(0, 255))
+            parent = _at(state, path[:-1])
+            parent[path[-1]] = bytes(blob)
+            continue
         if not path:
             if action == "replace":
                 return draw(json_value)
