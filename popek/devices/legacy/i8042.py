@@ -31,7 +31,7 @@ CMD_WRITE_OUTPORT = 0xD1
 CMD_PULSE_RESET = 0xFE
 
 
-OUTPUT_LIMIT = 4096  # the bytes a snapshot may hold queued (a guest that never reads makes more: see `write`)
+OUTPUT_LIMIT = 4096  # bytes queued for the guest to read (the controller's one-byte buffer, generously)
 
 STATE_FIELDS: dict[str, st.Check] = {
     "ctr": st.uint(8),
@@ -49,7 +49,8 @@ class I8042:
         self.outport = 0x01
         self.status = STATUS_SYS
         self.pending_cmd: int | None = None
-        self.out: deque[int] = deque()
+        # a guest that writes and never reads would queue bytes without end; past OUTPUT_LIMIT the oldest go
+        self.out: deque[int] = deque(maxlen=OUTPUT_LIMIT)
         self.resets = 0
 
     def read(self, offset: int, size: int) -> bytes:
@@ -110,4 +111,5 @@ class I8042:
         return st.save(self, STATE_FIELDS)
 
     def restore(self, state: dict[str, Any]) -> None:
-        st.apply(self, state, STATE_FIELDS, "i8042")
+        values = st.apply(self, state, STATE_FIELDS, "i8042")
+        self.out = deque(values["out"], maxlen=OUTPUT_LIMIT)
