@@ -29,6 +29,9 @@ could otherwise clear). On the VM, the clock is set before the vCPUs run (api.rs
 current timestamp of kvmclock"); the guest's kvm-clock goes on from the saved value, so the paused time does not
 pass for the guest (a CMOS read gives the host's time: see `popek.devices.legacy.cmos`).
 
+The vCPUs' CPUID (KVM_GET_CPUID2) is saved too, and a restore into vCPUs with another CPUID (another host, another
+`--cpu-template`) is refused: register, XSAVE and MSR values are only meaningful for the CPU they were saved on.
+
 Every ioctl that fails raises KvmError naming it; `probe` tries each capture step once on a scratch VM and says
 which this host supports, without a list of hosts.
 """
@@ -213,6 +216,11 @@ def restore_vm(vm: VmFd, state: object, *, apply: bool = True) -> None:
     vm.set_pit2(pit)
 
 
+def _cpuid(vcpu: VcpuFd) -> list[list[int]]:
+    """The vCPU's CPUID as KVM holds it (KVM_GET_CPUID2), sorted, as JSON lists."""
+    return sorted([e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] for e in vcpu.get_cpuid2())
+
+
 def xsave2_size(kvm: Kvm | VmFd) -> int | None:
     """The XSAVE buffer KVM_GET_XSAVE2 wants, or None where the host has only KVM_GET_XSAVE."""
     size = kvm.check_extension(Cap.XSAVE2)
@@ -233,16 +241,20 @@ class VmSnapshotter:
         return {
             "vm": capture_vm(self.vm),
             "vcpus": [capture_vcpu(v, self.msr_indices, sregs2=self.sregs2, xsave_size=self.xsave_size) for v in vcpus],
+            "cpuid": [_cpuid(v) for v in vcpus],
         }
 
     def restore(self, vcpus: list[VcpuFd], state: object) -> None:
         """VM state first (clock, irqchip, PIT), then each vCPU; all of it checked before the first ioctl, so a
         SnapshotError (a state of another VM shape, a damaged one) leaves the VM as it was."""
-        if not isinstance(state, dict) or set(state) != {"vm", "vcpus"}:
-            raise SnapshotError("KVM state: it has vm and vcpus")
+        if not isinstance(state, dict) or set(state) != {"vm", "vcpus", "cpuid"}:
+            raise SnapshotError("KVM state: it has vm, vcpus and cpuid")
         saved = state["vcpus"]
         if not isinstance(saved, list) or len(saved) != len(vcpus):
             raise SnapshotError(f"KVM state: {len(vcpus)} vCPUs here, the snapshot has another number")
+        if state["cpuid"] != [_cpuid(v) for v in vcpus]:
+            # the registers, XSAVE image and MSRs are only meaningful for the CPU model they were saved on
+            raise SnapshotError("KVM state: the snapshot's vCPUs had another CPUID (another host or CPU template)")
         restore_vm(self.vm, state["vm"], apply=False)
         for vcpu, vcpu_state in zip(vcpus, saved, strict=True):
             restore_vcpu(vcpu, vcpu_state, xsave_size=self.xsave_size, apply=False)

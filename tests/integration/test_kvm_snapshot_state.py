@@ -135,6 +135,9 @@ def test_a_vcpu_state_of_another_shape_is_refused_before_any_ioctl(tmp_path: Pat
             snap.restore(accel.vcpus, bad)
         with pytest.raises(SnapshotError, match="vCPUs"):
             snap.restore(accel.vcpus, {**state, "vcpus": []})
+        other_cpu = [[*state["cpuid"][0][0][:3], 0, 0, 0, 0], *state["cpuid"][0][1:]]
+        with pytest.raises(SnapshotError, match="CPUID"):
+            snap.restore(accel.vcpus, {**state, "cpuid": [other_cpu]})
         assert bytes(accel.vcpus[0].get_regs()) == regs_before
     finally:
         accel.close()
