@@ -34,7 +34,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from enum import Enum
+from typing import Any
 
+from popek.devices import state as st
 from popek.devices.clock import ticks_at
 from popek.devices.irq import IrqLine
 
@@ -116,13 +118,19 @@ class AcpiPm:
         self.cnt = SCI_EN
         self._lock = threading.Lock()
         self._last_ticks = 0
+        self._time_offset = 0  # added to the time base: a restored timer goes on from its saved time
         self._msb_epoch = self._ticks() >> (timer_bits - 1)
 
     def _ticks(self) -> int:
         """Timer ticks since time 0, never fewer than at the last look (lock held): the counter is one for the
         whole machine, while vCPUs of the software backend each see the time of their own quantum."""
-        self._last_ticks = max(self._last_ticks, ticks_at(max(0, self.time_ns()), PM_TIMER_HZ))
+        now = ticks_at(max(0, self._time()), PM_TIMER_HZ)
+        self._last_ticks = max(self._last_ticks, now)
         return self._last_ticks
+
+    def _time(self) -> int:
+        """The PM timer's time: the VM's time base, moved by a restore to go on from the snapshot's."""
+        return self.time_ns() + self._time_offset
 
     def timer(self) -> int:
         """The PM_TMR value now."""
@@ -185,3 +193,42 @@ class AcpiPm:
             self.sci.set_level(self._sci_level())
         if sleep is not None:
             self.on_sleep(sleep)
+
+    # --- snapshots ---
+
+    def state(self) -> dict[str, Any]:
+        """PM1 status, enable and control, the SCI level, and the PM timer's time and count: the time base of a
+        restored VM (host time since it was created, on KVM) starts elsewhere, and the timer must go on from
+        where it was, not back (ACPI §4.8.3.3: it runs monotonically while the system is in S0)."""
+        with self._lock:
+            self._sample_timer()
+            return {
+                "sts": self.sts,
+                "en": self.en,
+                "cnt": self.cnt,
+                "time_ns": max(0, self._time()),
+                "ticks": self._last_ticks,
+                "msb_epoch": self._msb_epoch,
+                "timer_bits": self.timer_bits,
+                "sci_level": self.sci.level,
+            }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        fields: dict[str, st.Check] = {
+            "sts": st.uint(16),
+            "en": st.masked(EN_BITS),
+            "cnt": st.masked(CNT_KEPT),
+            "time_ns": st.integer(0, st.MAX_TIME_NS),
+            "ticks": st.integer(0, 1 << 62),
+            "msb_epoch": st.integer(0, 1 << 62),
+            "timer_bits": st.one_of(self.timer_bits),
+            "sci_level": st.boolean,
+        }
+        values = st.load(state, fields, "acpi pm")
+        with self._lock:
+            self.sts, self.en, self.cnt = values["sts"], values["en"], values["cnt"]
+            self._time_offset = values["time_ns"] - self.time_ns()
+            self._last_ticks = values["ticks"]
+            self._msb_epoch = values["msb_epoch"]
+            self.sci.restore_level(values["sci_level"])
+            self.sci.set_level(self._sci_level())

@@ -19,6 +19,9 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable
+from typing import Any
+
+from popek.devices import state as st
 
 NS_PER_SECOND = 1_000_000_000
 
@@ -98,6 +101,23 @@ class VirtualClock:
 
     def pending_timers(self) -> int:
         return sum(1 for _, _, t in self._heap if t.pending)
+
+    # --- snapshots ---
+
+    def state(self) -> dict[str, Any]:
+        """Virtual time is all a snapshot needs of the clock: its timers belong to the devices that armed them,
+        and each device saves its own deadline (relative to `now`) and re-arms it when it is restored."""
+        return {"now_ns": self._now}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Set virtual time, forward or back, and drop every pending timer: restore the clock first, then the
+        devices, which re-arm theirs (a timer left from before would fire at a time that no longer means what
+        it meant)."""
+        values = st.load(state, {"now_ns": st.integer(0, st.MAX_TIME_NS)}, "virtual clock")
+        for _, _, timer in self._heap:
+            timer.pending = False
+        self._heap.clear()
+        self._now = values["now_ns"]
 
 
 def ticks_at(ns: int, hz: int) -> int:

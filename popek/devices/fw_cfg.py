@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import struct
 import threading
+from typing import Any
 
+from popek.devices import state as st
 from popek.errors import ConfigError
 
 SELECTOR = 0  # port 0x510
@@ -97,3 +99,16 @@ class FwCfg:
     def write(self, offset: int, data: bytes) -> None:
         if len(data) == 2:
             self.select(int.from_bytes(data, "little"))
+
+    # --- snapshots ---
+
+    def state(self) -> dict[str, Any]:
+        """The selector and the read offset into its item; the items are the VM's configuration (memory size,
+        CPUs, files), rebuilt from its spec, not state."""
+        with self._lock:
+            return {"selector": self.selector, "offset": self.offset}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        values = st.load(state, {"selector": st.uint(16), "offset": st.integer(0, 1 << 32)}, "fw_cfg")
+        with self._lock:
+            self.selector, self.offset = values["selector"], values["offset"]

@@ -15,6 +15,9 @@ synchronously through an `ApicBus`, so Delivery Status always reads idle.
 
 from __future__ import annotations
 
+from typing import Any
+
+from popek.devices import state as st
 from popek.devices.apic_bus import ApicBus, ApicMessage, DeliveryMode
 
 IOAPIC_BASE = 0xFEC00000
@@ -157,3 +160,23 @@ class IoApic:
             self._write_register(self.select, value & 0xFFFFFFFF)
         else:
             self.eoi(value & 0xFF)
+
+    # --- snapshots ---
+
+    def state(self) -> dict[str, Any]:
+        """ID, IOREGSEL, the redirection table (Remote IRR included: a level interrupt waiting for its EOI) and
+        the input levels, which are the IRR of an I/O APIC whose Delivery Status never reads pending."""
+        return st.save(self, self._fields())
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Taken as saved, nothing delivered: an asserted level input with Remote IRR clear is delivered on its
+        next change or EOI, as the guest left it."""
+        st.apply(self, state, self._fields(), "ioapic")
+
+    def _fields(self) -> dict[str, st.Check]:
+        return {
+            "id": st.uint(4),
+            "select": st.uint(8),
+            "redirection": st.list_of(st.masked(0xFF << RTE_DEST_SHIFT | 0x1FFFF), length=self.pins),
+            "levels": st.list_of(st.boolean, length=self.pins),
+        }

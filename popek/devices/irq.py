@@ -29,6 +29,11 @@ class IrqLine:
                 self.raised += 1
             self._deliver(self.number, level)
 
+    def restore_level(self, level: bool) -> None:
+        """Take the level a snapshot recorded without delivering it: the interrupt controller's state, restored
+        beside the device, already holds it, and a delivery would count a second edge."""
+        self.level = level
+
     def pulse(self) -> None:
         """One edge: raise the line and lower it again (an edge-triggered input latches the rising edge)."""
         self.set_level(True)

@@ -26,9 +26,12 @@ busy). Lowest-priority messages go to the first software-enabled target in APIC 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
+from popek.devices import state as st
 from popek.devices.apic_bus import BROADCAST, X2APIC_BROADCAST, ApicMessage, DeliveryMode, ExtIntSource, Shorthand
 from popek.devices.clock import NS_PER_SECOND, Timer, VirtualClock
+from popek.snapshot import SnapshotError
 
 LAPIC_BASE = 0xFEE00000
 LAPIC_SIZE = 0x1000
@@ -621,6 +624,47 @@ class LocalApic:
         # cluster model: cluster in bits 7:4, members in bits 3:0; cluster 0xF is a broadcast to all clusters
         return (mda >> 4 == 0xF or mda >> 4 == logical_id >> 4) and bool(mda & logical_id & 0xF)
 
+    # --- snapshots ---
+
+    def state(self) -> dict[str, Any]:
+        """Every register, the LVT in `LVT_REGS` order, the LINT levels and the timer: its count start and its
+        pending expiry relative to the clock's now, and the TSC (the TSC-deadline register is a TSC value), so
+        that on a clock reading another time the count goes on from where it was and the timer fires as far
+        ahead as it would have. `timer_hz` and `tsc_hz` are recorded to refuse a restore at another rate."""
+        now = self.clock.now_ns()
+        saved = st.save(self, LAPIC_FIELDS)
+        saved["lvt"] = [self.lvt[reg] for reg in LVT_REGS]
+        saved["tstart_ago_ns"] = now - self._tstart
+        pending = self._timer is not None and self._timer.pending
+        saved["timer_in_ns"] = self._timer.deadline_ns - now if self._timer is not None and pending else None
+        saved["tsc"] = self.tsc()
+        saved["timer_hz"], saved["tsc_hz"] = self.timer_hz, self.tsc_hz
+        return saved
+
+    def restore(self, state: dict[str, Any]) -> None:
+        what = f"lapic {self.index}"
+        values = st.load(state, {**LAPIC_FIELDS, **LAPIC_TIME_FIELDS}, what)
+        for name, rate in (("timer_hz", self.timer_hz), ("tsc_hz", self.tsc_hz)):
+            if values[name] != rate:
+                raise SnapshotError(f"{what}.{name}: the snapshot's {values[name]} Hz, this APIC runs at {rate} Hz")
+        for reg, value in zip(LVT_REGS, values["lvt"], strict=True):
+            allowed = LVT_WRITABLE[reg] | LVT_MASKED | LVT_REMOTE_IRR
+            if value & ~allowed:
+                raise SnapshotError(f"{what}.lvt: {value:#x} at {reg:#x} sets bits outside {allowed:#x}")
+        if values["timer_in_ns"] is not None and values["timer_in_ns"] < 0:
+            raise SnapshotError(f"{what}.timer_in_ns: a pending timer is not in the past")
+        now = self.clock.now_ns()
+        self.clock.cancel(self._timer)
+        self._timer = None
+        for name in LAPIC_FIELDS:
+            setattr(self, name, values[name])
+        self.lvt = dict(zip(LVT_REGS, values["lvt"], strict=True))
+        self._tstart = now - values["tstart_ago_ns"]
+        self.tsc_offset = values["tsc"] - now * self.tsc_hz // NS_PER_SECOND
+        if values["timer_in_ns"] is not None:
+            self._timer = self.clock.add_timer(now + values["timer_in_ns"], self._timer_expired)
+        self._notify()
+
 
 class ApicSystem:
     """All the local APICs of a VM and the bus between them and the I/O APIC: resolves destinations, shorthands
@@ -690,3 +734,35 @@ class ApicSystem:
         them (the MP table's local interrupt entries, destination 0xFF)."""
         for lapic in self.lapics:
             lapic.set_lint(pin, level)
+
+
+# what `LocalApic.state` saves as it is; the LVT and the times are converted (see there)
+LAPIC_FIELDS: dict[str, st.Check] = {
+    "apic_id": st.uint(32),
+    "tpr": st.uint(8),
+    "ldr": st.masked(0xFF000000),
+    "dfr": st.uint(32),
+    "svr": st.masked(0x3FF),
+    "esr": st.uint(8),
+    "_esr_pending": st.uint(8),
+    "icr": st.uint(64),
+    "irr": st.uint(256),
+    "isr": st.uint(256),
+    "tmr": st.uint(256),
+    "lint_levels": st.list_of(st.boolean, length=2),
+    "initial_count": st.uint(32),
+    "divide_config": st.masked(0b1011),
+    "_tcount": st.uint(32),
+    "tsc_deadline": st.uint(64),
+    "_extint_requested": st.boolean,
+    "_enabled": st.boolean,
+    "x2apic": st.boolean,
+}
+LAPIC_TIME_FIELDS: dict[str, st.Check] = {
+    "lvt": st.list_of(st.uint(32), length=len(LVT_REGS)),
+    "tstart_ago_ns": st.relative_ns,
+    "timer_in_ns": st.optional(st.relative_ns),
+    "tsc": st.integer(-(1 << 64), 1 << 64),
+    "timer_hz": st.integer(1, 1 << 40),
+    "tsc_hz": st.integer(1, 1 << 40),
+}

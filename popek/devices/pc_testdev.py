@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
+from popek.devices import state as st
 from popek.devices.irq import IrqLine
 
 IOPORT_BASE = 0xE0  # ioport at +0, flush-page at +4, ioport-byte at +8
@@ -66,6 +68,15 @@ class PcTestdevPorts:
             kept = data[: PORT_BLOCK_LEN - lane]
             self.latch[lane : lane + len(kept)] = kept
 
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            return {"latch": bytes(self.latch)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        values = st.load(state, {"latch": st.raw(4)}, "pc-testdev ioport")
+        with self._lock:
+            self.latch = bytearray(values["latch"])
+
 
 class PcTestdevIrqLines:
     """Ports 0x2000-0x2017: one byte write per interrupt line level."""
@@ -82,6 +93,17 @@ class PcTestdevIrqLines:
             return
         with self._lock:  # one line's writes reach the controller in the order the guest made them
             self.lines[offset].drive(data[0] != 0)
+
+    def state(self) -> dict[str, Any]:
+        """The level each line was last driven to (the interrupt controllers' own state has it too)."""
+        with self._lock:
+            return {"levels": [line.level for line in self.lines]}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        values = st.load(state, {"levels": st.list_of(st.boolean, length=len(self.lines))}, "pc-testdev irq-line")
+        with self._lock:
+            for line, level in zip(self.lines, values["levels"], strict=True):
+                line.restore_level(level)
 
 
 class Ioram:
@@ -101,3 +123,12 @@ class Ioram:
         with self._lock:
             kept = data[: len(self.data) - offset]
             self.data[offset : offset + len(kept)] = kept
+
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            return {"data": bytes(self.data)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        values = st.load(state, {"data": st.raw(len(self.data))}, "pc-testdev ioram")
+        with self._lock:
+            self.data[:] = values["data"]

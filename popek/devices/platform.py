@@ -18,6 +18,7 @@ is not among them: every vCPU sees its own APIC at the same address, so the CPU'
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from popek.boot import mptable
 from popek.bus import Device
@@ -27,6 +28,7 @@ from popek.devices.irq import IrqLine
 from popek.devices.lapic import LAPIC_BASE, ApicSystem, LocalApic
 from popek.devices.legacy.pic import CASCADE_IRQ, Pic
 from popek.devices.legacy.pit import Pit, SystemControlPort
+from popek.snapshot import SnapshotError
 
 PIC_MASTER_PORT = 0x20
 PIC_SLAVE_PORT = 0xA0
@@ -123,3 +125,32 @@ class SoftPlatform:
 
     def lapic_for(self, cpu_index: int) -> LocalApic:
         return self.lapics[cpu_index]
+
+    # --- snapshots ---
+
+    def state(self) -> dict[str, Any]:
+        """The clock, then every device on it; `restore` takes them in this order (the clock first, so that the
+        PIT and the local APICs arm their timers on the restored time)."""
+        return {
+            "clock": self.clock.state(),
+            "pic": self.pic.state(),
+            "pit": self.pit.state(),
+            "port61": self.port61.state(),
+            "ioapic": self.ioapic.state(),
+            "lapics": [lapic.state() for lapic in self.lapics],
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        keys = {"clock", "pic", "pit", "port61", "ioapic", "lapics"}
+        if not isinstance(state, dict) or set(state) != keys:
+            raise SnapshotError(f"platform: the state has {', '.join(sorted(keys))}, nothing else")
+        lapics = state["lapics"]
+        if not isinstance(lapics, list) or len(lapics) != len(self.lapics):
+            raise SnapshotError(f"platform: {len(self.lapics)} local APICs here, the snapshot has another number")
+        self.clock.restore(state["clock"])
+        self.pic.restore(state["pic"])
+        self.pit.restore(state["pit"])
+        self.port61.restore(state["port61"])
+        self.ioapic.restore(state["ioapic"])
+        for lapic, saved in zip(self.lapics, lapics, strict=True):
+            lapic.restore(saved)

@@ -242,8 +242,25 @@ class VmFd(_FdOwner):
         _ioctl(self.fd, c.KVM_GET_CLOCK, data)
         return data
 
-    def set_clock(self, clock_ns: int) -> None:
-        _ioctl(self.fd, c.KVM_SET_CLOCK, s.kvm_clock_data(clock=clock_ns))
+    def set_clock(self, clock_ns: int, flags: int = 0, realtime: int = 0) -> None:
+        _ioctl(self.fd, c.KVM_SET_CLOCK, s.kvm_clock_data(clock=clock_ns, flags=flags, realtime=realtime))
+
+    def get_irqchip(self, chip_id: int) -> s.kvm_irqchip:
+        """One chip of the in-kernel irqchip: KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE or _IOAPIC."""
+        chip = s.kvm_irqchip(chip_id=chip_id)
+        _ioctl(self.fd, c.KVM_GET_IRQCHIP, chip)
+        return chip
+
+    def set_irqchip(self, chip: s.kvm_irqchip) -> None:
+        _ioctl(self.fd, c.KVM_SET_IRQCHIP, chip)
+
+    def get_pit2(self) -> s.kvm_pit_state2:
+        state = s.kvm_pit_state2()
+        _ioctl(self.fd, c.KVM_GET_PIT2, state)
+        return state
+
+    def set_pit2(self, state: s.kvm_pit_state2) -> None:
+        _ioctl(self.fd, c.KVM_SET_PIT2, state)
 
     def create_vcpu(self, vcpu_id: int) -> VcpuFd:
         return VcpuFd(self, vcpu_id, _ioctl(self.fd, c.KVM_CREATE_VCPU, vcpu_id))
@@ -330,6 +347,35 @@ class VcpuFd(_FdOwner):
 
     def set_sregs(self, sregs: s.kvm_sregs) -> None:
         _ioctl(self.fd, c.KVM_SET_SREGS, sregs)
+
+    def get_sregs2(self) -> s.kvm_sregs2:
+        sregs = s.kvm_sregs2()
+        _ioctl(self.fd, c.KVM_GET_SREGS2, sregs)
+        return sregs
+
+    def set_sregs2(self, sregs: s.kvm_sregs2) -> None:
+        _ioctl(self.fd, c.KVM_SET_SREGS2, sregs)
+
+    def get_xsave2(self, size: int) -> bytes:
+        """The XSAVE image at the size KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) gave (more than kvm_xsave's 4 KiB
+        where the host has AMX); KVM_SET_XSAVE takes the same size back (api.rst 4.42, 4.43)."""
+        if size < ctypes.sizeof(s.kvm_xsave):
+            raise KvmError("KVM_GET_XSAVE2", errno_mod.EINVAL, f"a buffer of {size} bytes")
+        buf = bytearray(size)
+        _ioctl(self.fd, c.KVM_GET_XSAVE2, buf)
+        return bytes(buf)
+
+    def set_xsave_raw(self, image: bytes) -> None:
+        buf = bytearray(image)
+        _ioctl(self.fd, c.KVM_SET_XSAVE, buf)
+
+    def get_debugregs(self) -> s.kvm_debugregs:
+        regs = s.kvm_debugregs()
+        _ioctl(self.fd, c.KVM_GET_DEBUGREGS, regs)
+        return regs
+
+    def set_debugregs(self, regs: s.kvm_debugregs) -> None:
+        _ioctl(self.fd, c.KVM_SET_DEBUGREGS, regs)
 
     def get_fpu(self) -> s.kvm_fpu:
         fpu = s.kvm_fpu()

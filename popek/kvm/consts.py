@@ -68,6 +68,13 @@ KVM_GET_XSAVE = IOR(KVMIO, 0xA4, s.kvm_xsave)
 KVM_SET_XSAVE = IOW(KVMIO, 0xA5, s.kvm_xsave)
 KVM_GET_XCRS = IOR(KVMIO, 0xA6, s.kvm_xcrs)
 KVM_SET_XCRS = IOW(KVMIO, 0xA7, s.kvm_xcrs)
+KVM_GET_IRQCHIP = IOWR(KVMIO, 0x62, s.kvm_irqchip)
+KVM_SET_IRQCHIP = IOR(KVMIO, 0x63, s.kvm_irqchip)  # _IOR in <linux/kvm.h>, as it has always been
+KVM_GET_PIT2 = IOR(KVMIO, 0x9F, s.kvm_pit_state2)
+KVM_SET_PIT2 = IOW(KVMIO, 0xA0, s.kvm_pit_state2)
+KVM_GET_SREGS2 = IOR(KVMIO, 0xCC, s.kvm_sregs2)
+KVM_SET_SREGS2 = IOW(KVMIO, 0xCD, s.kvm_sregs2)
+KVM_GET_XSAVE2 = IOR(KVMIO, 0xCF, s.kvm_xsave)  # the buffer is KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) bytes
 
 IOCTL_NAMES: dict[int, str] = {
     v: k for k, v in dict(globals()).items() if k.startswith("KVM_") and isinstance(v, int) and k != "KVM_API_VERSION"
@@ -149,6 +156,8 @@ class Cap(IntEnum):
     SYNC_REGS = 74
     EXIT_ON_EMULATION_FAILURE = 204
     X86_TRIPLE_FAULT_EVENT = 218
+    SREGS2 = 200
+    XSAVE2 = 208
 
 
 class MpState(IntEnum):
@@ -191,6 +200,12 @@ class MemFlag(IntFlag):
 
 
 KVM_PIT_SPEAKER_DUMMY = 1
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2
+KVM_CLOCK_TSC_STABLE = 2
+KVM_CLOCK_REALTIME = 1 << 2
+KVM_CLOCK_HOST_TSC = 1 << 3
 KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
 KVM_IOEVENTFD_FLAG_PIO = 1 << 1
 KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2

@@ -256,6 +256,81 @@ class kvm_debugregs(ctypes.Structure):
     _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64), ("reserved", u64 * 9)]
 
 
+class kvm_sregs2(ctypes.Structure):
+    """KVM_GET_SREGS2 (KVM_CAP_SREGS2): kvm_sregs without the interrupt bitmap, with the PAE PDPTRs."""
+
+    _fields_ = [
+        *kvm_sregs._fields_[:-1],
+        ("flags", u64),
+        ("pdptrs", u64 * 4),
+    ]
+
+
+class kvm_pic_state(ctypes.Structure):
+    _fields_ = [
+        (name, u8)
+        for name in (
+            "last_irr",
+            "irr",
+            "imr",
+            "isr",
+            "priority_add",
+            "irq_base",
+            "read_reg_select",
+            "poll",
+            "special_mask",
+            "init_state",
+            "auto_eoi",
+            "rotate_on_auto_eoi",
+            "special_fully_nested_mode",
+            "init4",
+            "elcr",
+            "elcr_mask",
+        )
+    ]
+
+
+class kvm_ioapic_state(ctypes.Structure):
+    _fields_ = [
+        ("base_address", u64),
+        ("ioregsel", u32),
+        ("id", u32),
+        ("irr", u32),
+        ("pad", u32),
+        ("redirtbl", u64 * 24),
+    ]
+
+
+class _irqchip_union(ctypes.Union):
+    _fields_ = [("dummy", ctypes.c_char * 512), ("pic", kvm_pic_state), ("ioapic", kvm_ioapic_state)]
+
+
+class kvm_irqchip(ctypes.Structure):
+    _fields_ = [("chip_id", u32), ("pad", u32), ("chip", _irqchip_union)]
+
+
+class kvm_pit_channel_state(ctypes.Structure):
+    _fields_ = [
+        ("count", u32),
+        ("latched_count", u16),
+        ("count_latched", u8),
+        ("status_latched", u8),
+        ("status", u8),
+        ("read_state", u8),
+        ("write_state", u8),
+        ("write_latch", u8),
+        ("rw_mode", u8),
+        ("mode", u8),
+        ("bcd", u8),
+        ("gate", u8),
+        ("count_load_time", ctypes.c_int64),
+    ]
+
+
+class kvm_pit_state2(ctypes.Structure):
+    _fields_ = [("channels", kvm_pit_channel_state * 3), ("flags", u32), ("reserved", u32 * 9)]
+
+
 # --- struct kvm_run (the page shared with the kernel, mmap'd from the vCPU fd) ---
 
 
@@ -369,6 +444,12 @@ _SIZES: dict[type[ctypes.Structure], int] = {
     kvm_translation: 24,
     kvm_debugregs: 128,
     kvm_run: 2352,
+    kvm_sregs2: 320,
+    kvm_pic_state: 16,
+    kvm_ioapic_state: 216,
+    kvm_irqchip: 520,
+    kvm_pit_channel_state: 24,
+    kvm_pit_state2: 112,
 }
 for _struct, _size in _SIZES.items():
     assert ctypes.sizeof(_struct) == _size, f"{_struct.__name__} is {ctypes.sizeof(_struct)} bytes, not {_size}"

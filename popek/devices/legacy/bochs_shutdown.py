@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
+
+from popek.devices import state as st
 
 SHUTDOWN = b"Shutdown"
 
@@ -37,3 +40,13 @@ class BochsShutdown:
                 self.matched = 0
         if done:
             self.on_poweroff()
+
+    def state(self) -> dict[str, Any]:
+        """How far into "Shutdown" the guest is: a snapshot between two OUTBs resumes the sequence."""
+        with self._lock:
+            return {"matched": self.matched}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        values = st.load(state, {"matched": st.integer(0, len(SHUTDOWN) - 1)}, "bochs shutdown")
+        with self._lock:
+            self.matched = values["matched"]

@@ -3,12 +3,21 @@
 The clock reads the host's time (UTC, as Linux expects of a VM's RTC) at the moment of each read, in BCD or
 binary and 12- or 24-hour form as register B asks. Update-in-progress is never set: there is no update cycle to
 race. Bit 7 of the index write is the NMI mask, kept but unused.
+
+A snapshot saves the index, the NMI mask and the 128 bytes of registers and NVRAM, not the time: the time
+registers are computed from the host clock at each read, so a restored guest reads the host's time of the
+restore, as a laptop's RTC reads the wall time after a suspend. The guest's clock jumps forward by the time the
+VM spent saved; Linux reads the RTC only at boot and on resume, so its system time steps when its kvm-clock or
+TSC says it should (KVM_SET_CLOCK, `popek.accel.kvm_snapshot`), or NTP corrects it.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
+
+from popek.devices import state as st
 
 INDEX = 0
 DATA = 1
@@ -20,6 +29,9 @@ REG_CENTURY = 0x32
 
 B_24H = 0x02
 B_BINARY = 0x04
+
+
+STATE_FIELDS: dict[str, st.Check] = {"index": st.uint(7), "nmi_disabled": st.boolean, "ram": st.raw(128)}
 
 
 def _bcd(value: int) -> int:
@@ -88,3 +100,10 @@ class Cmos:
             self.ram[REG_A] = value & 0x7F  # UIP is read-only
         else:
             self.ram[self.index] = value
+
+    def state(self) -> dict[str, Any]:
+        return st.save(self, STATE_FIELDS)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        values = st.load(state, STATE_FIELDS, "cmos")
+        self.index, self.nmi_disabled, self.ram = values["index"], values["nmi_disabled"], bytearray(values["ram"])

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from typing import Any
+
+from popek.devices import state as st
 
 DATA = 0x0  # port 0x60
 STATUS_COMMAND = 0x4  # port 0x64
@@ -28,6 +31,17 @@ CMD_WRITE_OUTPORT = 0xD1
 CMD_PULSE_RESET = 0xFE
 
 
+OUTPUT_LIMIT = 4096  # bytes queued for the guest to read (the controller's one-byte buffer, generously)
+
+STATE_FIELDS: dict[str, st.Check] = {
+    "ctr": st.uint(8),
+    "outport": st.uint(8),
+    "status": st.masked(STATUS_SYS | STATUS_CMD),
+    "pending_cmd": st.optional(st.one_of(CMD_WRITE_CTR, CMD_WRITE_OUTPORT)),
+    "out": st.deque_of(st.uint(8), OUTPUT_LIMIT),
+}
+
+
 class I8042:
     def __init__(self, on_reset: Callable[[], None]) -> None:
         self.on_reset = on_reset
@@ -35,7 +49,8 @@ class I8042:
         self.outport = 0x01
         self.status = STATUS_SYS
         self.pending_cmd: int | None = None
-        self.out: deque[int] = deque()
+        # a guest that writes and never reads would queue bytes without end; past OUTPUT_LIMIT the oldest go
+        self.out: deque[int] = deque(maxlen=OUTPUT_LIMIT)
         self.resets = 0
 
     def read(self, offset: int, size: int) -> bytes:
@@ -89,3 +104,12 @@ class I8042:
     def _reset(self) -> None:
         self.resets += 1
         self.on_reset()
+
+    # --- snapshots ---
+
+    def state(self) -> dict[str, Any]:
+        return st.save(self, STATE_FIELDS)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        values = st.apply(self, state, STATE_FIELDS, "i8042")
+        self.out = deque(values["out"], maxlen=OUTPUT_LIMIT)

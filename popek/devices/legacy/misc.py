@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
+
+from popek.devices import state as st
 
 # QEMU's `-device isa-debug-exit,iobase=0xf4,iosize=0x4`, as kvm-unit-tests runs it: ports 0xF4-0xF7
 DEBUG_EXIT_SIZE = 4
@@ -20,6 +23,12 @@ class PostCode:
     def write(self, offset: int, data: bytes) -> None:
         if data:
             self.last = data[0]
+
+    def state(self) -> dict[str, Any]:
+        return {"last": self.last}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        st.apply(self, state, {"last": st.uint(8)}, "post code")
 
 
 class DebugExit:

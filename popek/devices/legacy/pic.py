@@ -23,6 +23,10 @@ master must see it again after the EOIs, which an edge detector would miss.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
+
+from popek.devices import state as st
+from popek.snapshot import SnapshotError
 
 CASCADE_IRQ = 2
 ELCR_MASKS = (0xF8, 0xDE)  # IRQ0-2, 8 and 13 are edge-triggered by design (PIIX4 §12.2.6)
@@ -39,6 +43,29 @@ OCW3_RR = 0x02
 OCW3_POLL = 0x04
 OCW3_SMM = 0x20
 OCW3_ESMM = 0x40
+
+
+CHIP_FIELDS: dict[str, st.Check] = {
+    "elcr": st.uint(8),
+    "lines": st.uint(8),
+    "irr": st.uint(8),
+    "isr": st.uint(8),
+    "imr": st.uint(8),
+    "vector_base": st.masked(0xF8),
+    "lowest": st.uint(3),
+    "init_step": st.one_of(0, 2, 3, 4),
+    "icw4_expected": st.boolean,
+    "single": st.boolean,
+    "ltim": st.boolean,
+    "icw3": st.uint(8),
+    "icw4": st.uint(8),
+    "auto_eoi": st.boolean,
+    "rotate_on_aeoi": st.boolean,
+    "sfnm": st.boolean,
+    "special_mask": st.boolean,
+    "read_isr": st.boolean,
+    "poll": st.boolean,
+}
 
 
 class Pic8259:
@@ -223,6 +250,18 @@ class Pic8259:
                 self.lowest = level
         # 0b010 is a no-op
 
+    def state(self) -> dict[str, Any]:
+        """IRR, ISR, IMR, the input levels, ELCR and where the ICW sequence and the OCW modes are."""
+        return st.save(self, CHIP_FIELDS)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        name = "pic master" if self.master else "pic slave"
+        values = st.load(state, CHIP_FIELDS, name)
+        if values["elcr"] & ~self.elcr_mask:
+            raise SnapshotError(f"{name}.elcr: {values['elcr']:#x} sets bits outside {self.elcr_mask:#x}")
+        for key, value in values.items():
+            setattr(self, key, value)
+
     def _ocw3(self, value: int) -> None:
         if value & OCW3_ESMM:
             self.special_mask = bool(value & OCW3_SMM)
@@ -306,6 +345,27 @@ class Pic:
 
     def interrupt_pending(self) -> bool:
         return self.intr
+
+    def state(self) -> dict[str, Any]:
+        """Both chips and the INTR level last reported (the LAPIC's LINT0 or the CPU holds it too)."""
+        return {"master": self.master.state(), "slave": self.slave.state(), "intr": self.intr}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Both chips, validated before either changes, then INTR re-derived from them: a snapshot whose INTR
+        disagrees with its chips reports the chips' level to `on_intr_change`."""
+        intr = st.sub(state, "intr", "pic")
+        if type(intr) is not bool:
+            raise SnapshotError("pic.intr: true or false is expected")
+        if not isinstance(state, dict) or set(state) != {"master", "slave", "intr"}:
+            raise SnapshotError("pic: the state has master, slave and intr, nothing else")
+        scratch = (Pic8259(master=True), Pic8259(master=False))
+        for chip, key in zip(scratch, ("master", "slave"), strict=True):
+            chip.restore(state[key])
+        for chip, saved in zip(self.chips, scratch, strict=True):
+            for key in CHIP_FIELDS:
+                setattr(chip, key, getattr(saved, key))
+        self.intr = intr
+        self._update()
 
     def acknowledge(self) -> int:
         """The two INTA cycles: the master names an IR (or its default IR7); on IR2 the slave supplies the

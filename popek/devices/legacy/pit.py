@@ -18,8 +18,11 @@ the whole period rather than the current half-period, and the odd-count half-per
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+from popek.devices import state as st
 from popek.devices.clock import Timer, VirtualClock, ns_of_tick, ticks_at
+from popek.snapshot import SnapshotError
 
 PIT_HZ = 1_193_182
 REFRESH_PERIOD_NS = 15_085  # port 0x61 bit 4 toggles with DRAM refresh, every 15.085 µs on a PC
@@ -30,6 +33,39 @@ PORT61_SPEAKER = 0x02
 PORT61_WRITABLE = 0x0F
 PORT61_REFRESH = 0x10
 PORT61_OUT2 = 0x20
+
+
+MAX_TICKS = 1 << 60  # an input edge ~30,000 years away is not one a channel keeps
+_tick = st.integer(-MAX_TICKS, MAX_TICKS)
+_period = st.integer(1, 0x10000)
+
+# a channel's fields; those that are input edges (`start`, `_next_boundary`, `_null_until`) count on the PIT's own
+# time (`Pit.elapsed_ns`), which a restore carries over
+CHANNEL_FIELDS: dict[str, st.Check] = {
+    "gate": st.boolean,
+    "mode": st.integer(0, 5),
+    "rw": st.integer(RW_LSB, RW_WORD),
+    "bcd": st.boolean,
+    "count_register": st.uint(16),
+    "_low_byte": st.optional(st.uint(8)),
+    "_read_high": st.boolean,
+    "_latch": st.list_of(st.uint(8), max_length=2),
+    "_status": st.optional(st.uint(8)),
+    "_has_count": st.boolean,
+    "running": st.boolean,
+    "start": _tick,
+    "start_count": st.uint(16),
+    "period": st.integer(0, 0x10000),  # 0 until the first count starts: a running channel's is 1 or more
+    "held_count": st.uint(16),
+    "held_out": st.boolean,
+    "done": st.boolean,
+    "_next_period": st.optional(_period),
+    "_next_boundary": _tick,
+    "_gate_count": st.optional(st.uint(16)),
+    "_null": st.boolean,
+    "_null_until": st.optional(_tick),
+    "_reported_out": st.boolean,
+}
 
 
 def _from_bcd(value: int) -> int:
@@ -140,7 +176,7 @@ class Channel:
     # --- time ---
 
     def _tick(self) -> int:
-        return ticks_at(self.pit.clock.now_ns(), PIT_HZ)
+        return ticks_at(self.pit.elapsed_ns(), PIT_HZ)
 
     def out(self) -> bool:
         return self._state(self._tick())[1]
@@ -183,7 +219,7 @@ class Channel:
             self.on_out(out)
         following = self._next_transition(tick)
         if following is not None:
-            self._timer = clock.add_timer(ns_of_tick(following, PIT_HZ), self._reschedule)
+            self._timer = clock.add_timer(ns_of_tick(following, PIT_HZ) + self.pit.origin_ns, self._reschedule)
 
     # --- programming ---
 
@@ -271,6 +307,31 @@ class Channel:
             self._start(tick + 1, self.count_register, load=True)
         self._reschedule()
 
+    # --- snapshots ---
+
+    def state(self) -> dict[str, Any]:
+        """The channel's registers and phase; its input edges are on the PIT's own time (`Pit.state`)."""
+        return st.save(self, CHANNEL_FIELDS)
+
+    def load_state(self, state: object) -> dict[str, Any]:
+        """The checked fields of a saved channel, not applied."""
+        values = st.load(state, CHANNEL_FIELDS, f"pit channel {self.index}")
+        if values["bcd"] and (values["count_register"] > 9999 or values["start_count"] > 9999):
+            raise SnapshotError(f"pit channel {self.index}: a BCD count above 9999")
+        if values["running"] and not values["period"]:
+            raise SnapshotError(f"pit channel {self.index}.period: a running channel has a period of 1 or more")
+        return values
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.apply_state(self.load_state(state))
+
+    def apply_state(self, values: dict[str, Any]) -> None:
+        self.pit.clock.cancel(self._timer)
+        self._timer = None
+        for name, value in values.items():
+            setattr(self, name, value)
+        self._reschedule()  # arms the next OUT edge; reports OUT if it is not what the listener was told
+
     # --- reading ---
 
     def latch_count(self) -> None:
@@ -324,8 +385,34 @@ class Pit:
 
     def __init__(self, clock: VirtualClock, on_out0: Callable[[bool], None] | None = None) -> None:
         self.clock = clock
+        self.origin_ns = 0  # the clock's time at the PIT's input edge 0 (a restore moves it: see `restore`)
         self.channels = [Channel(self, i) for i in range(3)]
         self.channels[0].on_out = on_out0
+
+    def elapsed_ns(self) -> int:
+        """The PIT's own time: nanoseconds since its input edge 0, from which every count and OUT level follows."""
+        return self.clock.now_ns() - self.origin_ns
+
+    def state(self) -> dict[str, Any]:
+        """The three channels and the PIT's own time (`elapsed_ns`), which its input edges count on. A restore
+        on a clock that reads another time sets `origin_ns` so that the PIT's time goes on from the saved one:
+        every count, the phase within the 1.193182 MHz input clock included, and every OUT edge are then where
+        they would have been had the VM not paused."""
+        return {"elapsed_ns": self.elapsed_ns(), "channels": [channel.state() for channel in self.channels]}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """All three channels, each validated before any changes (a bad channel 2 leaves channel 0 as it was)."""
+        saved = st.sub(state, "channels", "pit")
+        if not isinstance(saved, list) or len(saved) != len(self.channels) or set(state) != {"channels", "elapsed_ns"}:
+            raise SnapshotError("pit: the state is the PIT's time and a list of three channels")
+        try:
+            elapsed = st.integer(0, st.MAX_TIME_NS)(state["elapsed_ns"])
+        except ValueError as e:
+            raise SnapshotError(f"pit.elapsed_ns: {e}") from None
+        loaded = [channel.load_state(channel_state) for channel, channel_state in zip(self.channels, saved)]
+        self.origin_ns = self.clock.now_ns() - elapsed
+        for channel, values in zip(self.channels, loaded, strict=True):
+            channel.apply_state(values)
 
     def read(self, offset: int, size: int) -> bytes:
         value = self.channels[offset].read() if offset < 3 else 0xFF  # the control port is write-only
@@ -365,7 +452,7 @@ class SystemControlPort:
 
     def read(self, offset: int, size: int) -> bytes:
         v = self.value & PORT61_WRITABLE
-        if (self.pit.clock.now_ns() // REFRESH_PERIOD_NS) & 1:
+        if (self.pit.elapsed_ns() // REFRESH_PERIOD_NS) & 1:
             v |= PORT61_REFRESH
         if self.pit.channels[2].out():
             v |= PORT61_OUT2
@@ -375,3 +462,10 @@ class SystemControlPort:
         if data:
             self.value = data[0] & PORT61_WRITABLE
             self.pit.channels[2].set_gate(bool(self.value & PORT61_GATE2))
+
+    def state(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Port B's writable bits; channel 2's gate, which they drive, is in the PIT's own state."""
+        st.apply(self, state, {"value": st.masked(PORT61_WRITABLE)}, "system control port")

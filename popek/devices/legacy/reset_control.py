@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
+
+from popek.devices import state as st
 
 SYS_RST = 1 << 1
 RST_CPU = 1 << 2
@@ -37,3 +40,12 @@ class ResetControl:
                 reset = False
         if reset:
             self.on_reset()
+
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            return {"value": self.value}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        values = st.load(state, {"value": st.masked(SYS_RST)}, "reset control")
+        with self._lock:
+            self.value = values["value"]

@@ -10,7 +10,9 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
+from popek.devices import state as st
 from popek.devices.irq import IrqLine
 
 # register offsets
@@ -47,6 +49,19 @@ MSR_DSR = 0x20
 MSR_DCD = 0x80
 
 RX_FIFO_SIZE = 64
+
+STATE_FIELDS: dict[str, st.Check] = {
+    "ier": st.masked(0x0F),
+    "lcr": st.uint(8),
+    "mcr": st.masked(0x1F),
+    "scr": st.uint(8),
+    "fcr": st.masked(0xC9),
+    "dll": st.uint(8),
+    "dlm": st.uint(8),
+    "lsr": st.uint(8),
+    "thre_pending": st.boolean,
+    "rx": st.deque_of(st.uint(8), RX_FIFO_SIZE),
+}
 
 
 class Serial:
@@ -167,3 +182,20 @@ class Serial:
             self.mcr = value & 0x1F
         elif offset == SCR:
             self.scr = value
+
+    # --- snapshots ---
+
+    def state(self) -> dict[str, Any]:
+        """The registers, the receive FIFO's bytes and the IRQ line's level. Transmission is instantaneous, so
+        there is no transmit FIFO to save."""
+        with self._lock:
+            return {**st.save(self, STATE_FIELDS), "irq_level": self.irq.level}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        values = st.load(state, {**STATE_FIELDS, "irq_level": st.boolean}, "serial")
+        level = values.pop("irq_level")
+        with self._lock:
+            for name, value in values.items():
+                setattr(self, name, value)
+            self.irq.restore_level(level)
+            self._update_irq()  # a snapshot whose line disagrees with its registers: the registers win

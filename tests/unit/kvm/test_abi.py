@@ -40,6 +40,12 @@ STRUCTS = [
     "kvm_translation",
     "kvm_debugregs",
     "kvm_run",
+    "kvm_sregs2",
+    "kvm_pic_state",
+    "kvm_ioapic_state",
+    "kvm_irqchip",
+    "kvm_pit_channel_state",
+    "kvm_pit_state2",
 ]
 OFFSETS = [
     ("kvm_run", "exit_reason"),
@@ -52,6 +58,12 @@ OFFSETS = [
     ("kvm_sregs", "interrupt_bitmap"),
     ("kvm_fpu", "xmm"),
     ("kvm_fpu", "mxcsr"),
+    ("kvm_sregs2", "flags"),
+    ("kvm_sregs2", "pdptrs"),
+    ("kvm_irqchip", "chip"),
+    ("kvm_pit_channel_state", "count_load_time"),
+    ("kvm_pit_state2", "flags"),
+    ("kvm_ioapic_state", "redirtbl"),
 ]
 RUN_MEMBERS = [
     ("io", "data_offset"),
