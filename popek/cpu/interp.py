@@ -2415,6 +2415,9 @@ class Interpreter:
         n = ins.op1_register - CR0_REG
         s = self.s
         value = {0: s.cr0, 2: s.cr2, 3: s.cr3, 4: s.cr4, 8: s.cr8}.get(n)
+        if n == 8 and self.cpu.apic is not None:
+            tpr = self.cpu.apic.read_cr8()
+            value = s.cr8 if tpr is None else tpr
         if value is None:
             raise _ud()
         self._wreg(ins.op0_register, value)
@@ -2437,6 +2440,8 @@ class Interpreter:
             if value & ~0xF:
                 raise _gp0()
             s.cr8 = value
+            if self.cpu.apic is not None:
+                self.cpu.apic.write_cr8(value)
         else:
             raise _ud()
 
@@ -2563,6 +2568,9 @@ class Interpreter:
     def read_msr(self, index: int) -> int:
         """RDMSR semantics; unknown MSRs raise #GP(0). Also used by the backend to read MSRs."""
         s = self.s
+        apic = self.cpu.apic
+        if apic is not None and apic.handles_msr(index):
+            return apic.msr_read(index)
         if index == MSR_EFER:
             return s.efer
         if index == MSR_FS_BASE:
@@ -2578,6 +2586,12 @@ class Interpreter:
     def write_msr(self, index: int, value: int) -> None:
         """WRMSR semantics (vol. 4; EFER per vol. 3A §2.2.1 and §9.8.5)."""
         s = self.s
+        apic = self.cpu.apic
+        if apic is not None and apic.handles_msr(index):
+            if index == MSR_IA32_APIC_BASE and value >> self.mmu.phys_bits:
+                raise _gp0()  # an address beyond MAXPHYADDR (§11.4.4)
+            apic.msr_write(index, value)
+            return
         if index in CANONICAL_MSRS and not canonical(value):
             raise _gp0()
         if index == MSR_EFER:
