@@ -138,6 +138,7 @@ from popek.cpu.state import (
     Segment,
     Vector,
 )
+from popek.features import Features
 
 if TYPE_CHECKING:
     from popek.cpu.core import Cpu
@@ -466,6 +467,10 @@ class Interpreter:
         """A new CPUID: the vendor it names decides the vendor-specific behaviours (`intel`)."""
         self._cpuid_fn = fn
         self.intel = vendor_of(fn(0, 0)) != AMD_VENDOR
+        # the control bits a guest may set: what this CPU implements and its CPUID offers (popek.features)
+        self.features = Features.from_cpuid(fn)
+        self._cr4_allowed = CR4_SUPPORTED & self.features.cr4_allowed()
+        self._efer_allowed = EFER_SUPPORTED & self.features.efer_allowed()
 
     # ------------------------------------------------------------------ the loop
 
@@ -2501,7 +2506,7 @@ class Interpreter:
         """MOV CR4: unsupported bits → #GP(0); PAE cannot be cleared in IA-32e mode; paging-related changes
         flush the TLB (§4.10.4.1)."""
         s = self.s
-        if value & ~CR4_SUPPORTED:
+        if value & ~self._cr4_allowed:
             raise _gp0()
         if s.efer & EFER_LMA and not value & CR4_PAE:
             raise _gp0()
@@ -2595,7 +2600,7 @@ class Interpreter:
         if index in CANONICAL_MSRS and not canonical(value):
             raise _gp0()
         if index == MSR_EFER:
-            if value & ~EFER_SUPPORTED:
+            if value & ~self._efer_allowed:
                 raise _gp0()
             if (value ^ s.efer) & EFER_LME and s.cr0 & CR0_PG:
                 raise _gp0()

@@ -787,3 +787,27 @@ def test_the_decode_cache_stays_bounded_however_much_code_runs(monkeypatch: pyte
     assert m.interp.cpu.instructions == 5001
     assert 0 < len(m.interp._cache) <= 64
     assert sum(len(keys) for keys in m.interp._page_keys.values()) <= 64 * 2
+
+
+def test_mov_to_cr4_of_a_feature_cpuid_hides_is_a_gp() -> None:
+    """SDM vol. 3A §2.5: OSXSAVE is reserved without CPUID.1:ECX.XSAVE (kvm-unit-tests' xsave entry)."""
+    from popek.cpu.state import CR4_OSXSAVE, CpuException
+
+    m = Machine(64)
+    base = m.interp.cpuid
+
+    def without_xsave(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+        eax, ebx, ecx, edx = base(leaf, subleaf)
+        return (eax, ebx, ecx & ~(1 << 26), edx) if leaf == 1 else (eax, ebx, ecx, edx)
+
+    def with_xsave(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+        eax, ebx, ecx, edx = base(leaf, subleaf)
+        return (eax, ebx, ecx | 1 << 26, edx) if leaf == 1 else (eax, ebx, ecx, edx)
+
+    m.interp.cpuid = without_xsave
+    with pytest.raises(CpuException) as e:
+        m.interp._write_cr4(m.cpu.state.cr4 | CR4_OSXSAVE)
+    assert e.value.vector == 13
+    m.interp.cpuid = with_xsave
+    m.interp._write_cr4(m.cpu.state.cr4 | CR4_OSXSAVE)
+    assert m.cpu.state.cr4 & CR4_OSXSAVE
