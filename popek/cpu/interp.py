@@ -265,6 +265,7 @@ EFER_SUPPORTED = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE
 
 # MSRs kept as plain storage in `CpuState.msrs` (vol. 4): PAT, MTRRs, MISC_ENABLE, the syscall MSRs, TSC_AUX...
 MSR_PAT = 0x277
+MSR_TSC_ADJUST = 0x3B  # IA32_TSC_ADJUST, offered by CPUID.7.0:EBX[1]
 MSR_MTRRCAP, MSR_MTRR_DEF_TYPE, MSR_MISC_ENABLE = 0xFE, 0x2FF, 0x1A0
 STORAGE_MSRS = frozenset(
     {MSR_STAR, MSR_CSTAR, MSR_SFMASK, MSR_TSC_AUX, MSR_PAT, MSR_MTRR_DEF_TYPE, MSR_MISC_ENABLE, MSR_KERNEL_GS_BASE}
@@ -390,8 +391,8 @@ def default_cpuid(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
         )  # fmt: skip  FPU DE PSE TSC MSR PAE MCE CX8 APIC SEP MTRR PGE MCA CMOV PAT CLFSH FXSR SSE SSE2
         return eax, ebx, ecx, edx
     if leaf == 7 and subleaf == 0:
-        # FSGSBASE, BMI1, SMEP, BMI2, ERMS, RDSEED, ADX, SMAP; ECX: UMIP, RDPID
-        ebx = 1 << 0 | 1 << 3 | 1 << 7 | 1 << 8 | 1 << 9 | 1 << 18 | 1 << 19 | 1 << 20
+        # FSGSBASE, TSC_ADJUST, BMI1, SMEP, BMI2, ERMS, RDSEED, ADX, SMAP; ECX: UMIP, RDPID
+        ebx = 1 << 0 | 1 << 1 | 1 << 3 | 1 << 7 | 1 << 8 | 1 << 9 | 1 << 18 | 1 << 19 | 1 << 20
         return 0, ebx, 1 << 2 | 1 << 22, 0
     if leaf == 0x15:
         return 1, 1, CRYSTAL_HZ, 0  # TSC = crystal * EBX / EAX: Linux takes the TSC frequency from here
@@ -2584,6 +2585,8 @@ class Interpreter:
             return s.seg[GS].base
         if index == MSR_IA32_TSC:
             return (self.tsc() + s.tsc_offset) & MASK64
+        if index == MSR_TSC_ADJUST:
+            return s.msrs.get(MSR_TSC_ADJUST, 0)
         if index in STORAGE_MSRS or index in MSR_DEFAULTS or index == MSR_MCG_STATUS or index in MCE_BANK_MSRS:
             return s.msrs.get(index, MSR_DEFAULTS.get(index, 0))
         raise _gp0()
@@ -2614,7 +2617,14 @@ class Interpreter:
         elif index == MSR_GS_BASE:
             s.seg[GS].base = value
         elif index == MSR_IA32_TSC:
+            # a write to the TSC moves IA32_TSC_ADJUST by the same amount (SDM vol. 3B §18.17.3)
+            old = (self.tsc() + s.tsc_offset) & MASK64
+            s.msrs[MSR_TSC_ADJUST] = (s.msrs.get(MSR_TSC_ADJUST, 0) + value - old) & MASK64
             s.tsc_offset = (value - self.tsc()) & MASK64
+        elif index == MSR_TSC_ADJUST:
+            # the TSC moves by what the adjustment moves by (SDM vol. 3B §18.17.3)
+            s.tsc_offset = (s.tsc_offset + value - s.msrs.get(MSR_TSC_ADJUST, 0)) & MASK64
+            s.msrs[MSR_TSC_ADJUST] = value
         elif index in (MSR_MTRRCAP, MSR_MCG_CAP):
             raise _gp0()  # read-only
         elif index == MSR_MISC_ENABLE:

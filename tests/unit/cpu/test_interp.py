@@ -811,3 +811,21 @@ def test_mov_to_cr4_of_a_feature_cpuid_hides_is_a_gp() -> None:
     m.interp.cpuid = with_xsave
     m.interp._write_cr4(m.cpu.state.cr4 | CR4_OSXSAVE)
     assert m.cpu.state.cr4 & CR4_OSXSAVE
+
+
+def test_tsc_adjust_and_the_tsc_move_together() -> None:
+    """SDM vol. 3B "Time-Stamp Counter Adjustment": writing IA32_TSC_ADJUST moves the TSC by the same amount, and
+    writing the TSC moves IA32_TSC_ADJUST (kvm-unit-tests' tsc_adjust entry)."""
+    m = Machine(64)
+    interp = m.interp
+    clock = [1000]
+    interp.tsc = lambda: clock[0]
+    assert interp.read_msr(0x3B) == 0
+    interp.write_msr(0x3B, 10**11)
+    assert interp.read_msr(0x10) == 1000 + 10**11
+    interp.write_msr(0x3B, 0)
+    assert interp.read_msr(0x10) == 1000
+    interp.write_msr(0x10, 5000)
+    assert interp.read_msr(0x3B) == 4000
+    clock[0] = 1500
+    assert interp.read_msr(0x10) == 5500
