@@ -81,3 +81,6 @@ class Cpu:
         self.mmu: Mmu = Mmu(self)
         self.instructions = 0  # retired instructions: drives the virtual clock, reported by --stats
         self.nmi_pending = False
+        # debug events of the instruction in progress (DR6 B0-B3 of data breakpoints hit, and the interpreter's
+        # markers for ICEBP and MOV SS blocking): turned into a #DB trap when the instruction completes
+        self.db_pending = 0

@@ -339,6 +339,13 @@ def _cc(prefix: str) -> tuple[int, ...]:
 
 CPUID7_EBX_SMAP = 1 << 20
 
+# debug registers (SDM vol. 3B §18.2)
+DR6_BD, DR6_BS = 1 << 13, 1 << 14
+DR7_GD = 1 << 13
+# `Cpu.db_pending` markers beside DR6's B0-B3: ICEBP executed, MOV SS/POP SS executed, events held by it
+_DB_ICEBP, _DB_MOVSS, _DB_HELD, _DB_HELD_STEP = 1 << 32, 1 << 33, 1 << 34, 1 << 35
+_DB_CLEAR_RF = 1 << 36  # the instruction ran with RF set (past an execution breakpoint): clear RF when it completes
+
 # --- the default CPUID: only what this interpreter executes ---
 # The processor presents itself as an Intel one, family 6, as QEMU's named CPU models name a vendor and model kernels
 # know: Linux and the conformance suite take vendor-specific paths (Linux's "unknown vendor, using generic init"
@@ -458,6 +465,7 @@ class Interpreter:
         self._fetch_ppage = 0
         self._fetch_gen = -1
         self._fetch_user = False
+        self._exec_bps: dict[int, int] = {}  # linear address -> DR6 B bits of the execution breakpoints there
 
     @property
     def cpuid(self) -> Callable[[int, int], tuple[int, int, int, int]]:
@@ -538,6 +546,8 @@ class Interpreter:
             else:
                 bits = 32 if cs.db else 16
                 lin = (cs.base + rip) & M32
+            if (self._exec_bps or s.rflags & RF) and self._instruction_breakpoint(lin, rip):
+                return
             if s.cr0 & CR0_PG:
                 user = s.seg[SS].dpl == 3 or bool(s.rflags & VM)
                 if lin >> 12 == self._fetch_lpage and self._fetch_gen == self.mmu.flushes and user == self._fetch_user:
@@ -556,12 +566,80 @@ class Interpreter:
             entry[0](entry[1])
         except CpuException as exc:
             s.rip = rip
+            cpu.db_pending = 0  # a faulting instruction reports no trap-class debug event
             exceptions.handle(cpu, exc, rip)
             return
         cpu.instructions += 1
-        if trap:
-            s.dr[6] |= 0x4000  # BS: single step
-            exceptions.deliver(cpu, Vector.DB, return_rip=s.rip)
+        if trap or cpu.db_pending:
+            self._debug_trap(bool(trap))
+
+    # ------------------------------------------------------------------ debug exceptions (SDM vol. 3B ch. 18)
+
+    def _arm_breakpoints(self) -> None:
+        """DR0-DR3 as DR7 enables them (L or G bit; R/W and LEN per §18.2.4): execution breakpoints are checked
+        before each instruction, data breakpoints (R/W 01 writes, 11 reads or writes) by the MMU on every access.
+        I/O breakpoints (R/W 10) are not implemented."""
+        dr = self.s.dr
+        execs: dict[int, int] = {}
+        watch = []
+        for n in range(4):
+            if not dr[7] >> (2 * n) & 3:
+                continue
+            rw, length = dr[7] >> (16 + 4 * n) & 3, dr[7] >> (18 + 4 * n) & 3
+            size = (1, 2, 8, 4)[length]
+            if rw == 0:
+                execs[dr[n]] = execs.get(dr[n], 0) | 1 << n
+            elif rw in (1, 3):
+                first = dr[n] & ~(size - 1)
+                watch.append((first, first + size - 1, n, rw == 1))
+        self._exec_bps = execs
+        self.mmu.watch = tuple(watch)
+
+    def _deliver_db(self, bits: int, return_rip: int) -> None:
+        """A #DB: DR6's B0-B3 say which breakpoints matched (set or cleared each time), the other status bits are
+        sticky; DR7.GD is cleared on entry (§18.2.3, §18.2.4)."""
+        s = self.s
+        s.dr[6] = (s.dr[6] & ~0xF) | bits
+        s.dr[7] &= ~DR7_GD
+        try:
+            exceptions.deliver(self.cpu, Vector.DB, return_rip=return_rip)
+        except CpuException as exc:
+            exceptions.handle(self.cpu, exc, return_rip)
+
+    def _instruction_breakpoint(self, lin: int, rip: int) -> bool:
+        """An execution breakpoint at `lin` is a fault (RIP at the instruction) unless RFLAGS.RF says the
+        instruction is being restarted after one (§18.3.1.1); RF is cleared when an instruction completes."""
+        s = self.s
+        if s.rflags & RF:
+            self.cpu.db_pending |= _DB_CLEAR_RF
+            return False
+        bits = self._exec_bps.get(lin, 0)
+        if not bits:
+            return False
+        self._deliver_db(bits, rip)
+        return True
+
+    def _debug_trap(self, single_step: bool) -> None:
+        """The trap-class debug events of the instruction that just completed (§18.3.1): data breakpoints and
+        single-step (DR6.BS) become one #DB with RIP at the next instruction. After MOV SS or POP SS they are held
+        until the next instruction completes (§6.8.3: such blocking delays debug traps by one instruction). ICEBP
+        (INT1) is its own #DB, without BS: its single-step trap is not reported."""
+        cpu, s = self.cpu, self.s
+        pending = cpu.db_pending
+        cpu.db_pending = 0
+        if pending & _DB_CLEAR_RF:
+            s.rflags &= ~RF
+        bits = pending & 0xF
+        single_step = single_step or bool(pending & _DB_HELD_STEP)
+        if pending & _DB_MOVSS and not pending & _DB_HELD:
+            cpu.db_pending = _DB_HELD | bits | (_DB_HELD_STEP if single_step else 0)
+            return
+        if pending & _DB_ICEBP:
+            self._deliver_db(bits, s.rip)
+        elif bits or single_step:
+            if single_step:
+                s.dr[6] |= DR6_BS
+            self._deliver_db(bits, s.rip)
 
     def execute_one(self) -> Instruction:
         """Execute the instruction at RIP and nothing else: no pending event is taken first, no single-step trap
@@ -1765,6 +1843,7 @@ class Interpreter:
                     segments.load_segment(self.cpu, SREG[r], value & 0xFFFF)
                     if r == R.SS:
                         s.interrupt_shadow = True
+                        self.cpu.db_pending |= _DB_MOVSS
                 else:
                     self._wreg(r, value)
             else:
@@ -2167,7 +2246,7 @@ class Interpreter:
         elif mn == M.INT3:
             vector = Vector.BP
         elif mn == M.INT1:
-            exceptions.deliver(self.cpu, Vector.DB, return_rip=s.rip)
+            self.cpu.db_pending |= _DB_ICEBP  # a trap-like #DB when the instruction completes
             return
         else:
             vector = ins.immediate(0) & 0xFF
@@ -2196,6 +2275,7 @@ class Interpreter:
         segments.load_segment(self.cpu, sreg, selector)
         if sreg == SS:
             self.s.interrupt_shadow = True
+            self.cpu.db_pending |= _DB_MOVSS
 
     @handles_code(C.MOV_RM16_SREG, C.MOV_R32M16_SREG, C.MOV_R64M16_SREG)
     def _mov_from_sreg(self, ins: Instruction) -> None:
@@ -2539,6 +2619,11 @@ class Interpreter:
             n += 2
         if n > 7:
             raise _ud()
+        if s.dr[7] & DR7_GD:
+            # general detect (§18.2.4): a fault before the access, BD set, GD cleared for the handler
+            s.dr[6] |= DR6_BD
+            s.dr[7] &= ~DR7_GD
+            raise CpuException(Vector.DB)
         if to_dr:
             value = self._rreg(ins.op1_register)
             if n >= 6 and value >> 32:
@@ -2548,6 +2633,8 @@ class Interpreter:
             elif n == 7:
                 value = (value & 0xFFFF2BFF) | 0x400
             s.dr[n] = value
+            if n != 6:
+                self._arm_breakpoints()
         else:
             self._wreg(ins.op0_register, s.dr[n])
 

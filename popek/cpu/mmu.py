@@ -99,6 +99,9 @@ class Mmu:
         self.walks = 0
         self.flushes = 0
         self.phys_bits = 46  # MAXPHYADDR: the address bits above it are reserved in paging entries
+        # armed data breakpoints (DR7 R/W = 01 or 11, SDM vol. 3B §18.2.4): (first byte, last byte, DR number,
+        # writes only); an access that overlaps one sets its B bit in `cpu.db_pending` (delivered as a trap)
+        self.watch: tuple[tuple[int, int, int, bool], ...] = ()
         regions = list(self.mem.regions)
         # the fast path: guest-physical 0 up to the first region's end is one mmap (the layout always starts at 0)
         if regions and regions[0].gpa == 0:
@@ -405,6 +408,8 @@ class Mmu:
             user = st.cpl == 3 and not implicit
         if not st.efer & EFER_LMA:
             linear &= MASK32
+        if self.watch and access != _EXECUTE:
+            self._watched(linear, size, False)
         off = linear & 0xFFF
         if off + size > PAGE_SIZE:
             return int.from_bytes(self._read_split(linear, size, access, user, implicit), "little")
@@ -430,6 +435,8 @@ class Mmu:
             user = st.cpl == 3 and not implicit
         if not st.efer & EFER_LMA:
             linear &= MASK32
+        if self.watch:
+            self._watched(linear, size, True)
         off = linear & 0xFFF
         if off + size > PAGE_SIZE:
             self._write_split(linear, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"), user, implicit)
@@ -461,6 +468,8 @@ class Mmu:
             user = st.cpl == 3 and not implicit
         if not st.efer & EFER_LMA:
             linear &= MASK32
+        if self.watch and access != _EXECUTE:
+            self._watched(linear, n, False)
         if (linear & 0xFFF) + n > PAGE_SIZE:
             return self._read_split(linear, n, access, user, implicit)
         phys = self.translate(linear, access, user, implicit=implicit)
@@ -477,11 +486,19 @@ class Mmu:
             user = st.cpl == 3 and not implicit
         if not st.efer & EFER_LMA:
             linear &= MASK32
+        if self.watch:
+            self._watched(linear, len(data), True)
         if (linear & 0xFFF) + len(data) > PAGE_SIZE:
             self._write_split(linear, bytes(data), user, implicit)
             return
         phys = self.translate(linear, Access.WRITE, user, implicit=implicit)
         self._phys_write(phys, len(data), int.from_bytes(data, "little"))
+
+    def _watched(self, linear: int, size: int, write: bool) -> None:
+        last = linear + size - 1
+        for first, end, n, writes_only in self.watch:
+            if first <= last and linear <= end and (write or not writes_only):
+                self.cpu.db_pending |= 1 << n
 
     def _chunks(self, linear: int, n: int, access: Access, user: bool, implicit: bool) -> list[tuple[int, int]]:
         """(physical address, length) of each page-sized piece of an access, all translated first."""
