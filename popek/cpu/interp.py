@@ -616,6 +616,8 @@ class Interpreter:
         bits = self._exec_bps.get(lin, 0)
         if not bits:
             return False
+        if self.cpu.db_pending & _DB_HELD and self.intel:
+            return False  # Intel: no code breakpoint on the instruction after MOV SS/POP SS (AMD reports it)
         self._deliver_db(bits, rip)
         return True
 
@@ -2825,6 +2827,57 @@ class Interpreter:
     def _sysexit(self, ins: Instruction) -> None:
         self._vendor_mode_check(False)
         segments.sysexit(self.cpu, 64 if ins.code == C.SYSEXITQ else 32)
+
+    # ------------------------------------------------------------------ MMX data moves (SDM vol. 1 ch. 9)
+
+    def _mmx_enter(self) -> None:
+        """What every MMX instruction does first (vol. 1 §9.5, §9.6; vol. 3A §13.1 table): #UD with CR0.EM,
+        #NM with CR0.TS, #MF for a pending unmasked x87 exception (CR0.NE); then the x87 stack is in MMX use: TOP
+        = 0 and every register tagged valid."""
+        s = self.s
+        if s.cr0 & CR0_EM:
+            raise _ud()
+        if s.cr0 & CR0_TS:
+            raise _fault(Vector.NM)
+        self._fwait_check()
+        s.fsw &= ~(7 << 11)
+        s.ftw = 0xFF
+
+    def _mm_read(self, ins: Instruction, i: int, bits: int) -> int:
+        """Operand `i` of an MMX move: MMn is the significand of physical x87 register Rn (vol. 1 §9.5)."""
+        if ins.op_kind(i) == REGISTER and R.MM0 <= ins.op_register(i) <= R.MM7:
+            value: int = self.s.st[ins.op_register(i) - R.MM0] & MASK64
+            return value
+        return self._read(ins, i, bits)
+
+    def _mm_write0(self, ins: Instruction, value: int, bits: int) -> None:
+        """Write operand 0: an MMX register takes the 64 bits with the exponent and sign field all ones."""
+        if ins.op0_kind == REGISTER and R.MM0 <= ins.op0_register <= R.MM7:
+            self.s.st[ins.op0_register - R.MM0] = 0xFFFF << 64 | (value & MASK64)
+        else:
+            self._write0(ins, value, bits)
+
+    @handles_code(C.MOVQ_MM_MMM64, C.MOVQ_MMM64_MM, C.MOVQ_MM_RM64, C.MOVQ_RM64_MM)
+    def _mmx_movq(self, ins: Instruction) -> None:
+        self._mmx_enter()
+        self._mm_write0(ins, self._mm_read(ins, 1, 64), 64)
+
+    @handles_code(C.MOVD_MM_RM32, C.MOVD_RM32_MM)
+    def _mmx_movd(self, ins: Instruction) -> None:
+        """MOVD zero-extends into an MMX register and stores the low doubleword from one."""
+        self._mmx_enter()
+        self._mm_write0(ins, self._mm_read(ins, 1, 32) & M32, 32)
+
+    @handles(M.EMMS)
+    def _emms(self, ins: Instruction) -> None:
+        """EMMS: the x87 registers are all empty again (vol. 1 §9.6.3)."""
+        s = self.s
+        if s.cr0 & CR0_EM:
+            raise _ud()
+        if s.cr0 & CR0_TS:
+            raise _fault(Vector.NM)
+        self._fwait_check()
+        s.ftw = 0
 
     # ------------------------------------------------------------------ x87 control, FXSAVE, MXCSR
 

@@ -119,3 +119,17 @@ def test_general_detect_faults_the_mov_dr_and_clears_gd() -> None:
     assert m.gpr[3] == CODE + 5 + 3  # mov eax, imm32 (nasm shortens it) + mov dr7
     assert m.gpr[1] & 1 << 13
     assert not m.gpr[2] & 1 << 13
+
+
+def test_no_code_breakpoint_on_the_instruction_after_mov_ss_on_intel() -> None:
+    m, dbs = run_db("""
+        lea rax, [rel target]
+        mov dr0, rax
+        mov eax, 0x401
+        mov dr7, rax
+        mov ax, ss
+        mov ss, ax
+    target:
+        xor ecx, ecx
+    """)
+    assert m.interp.intel and dbs == []

@@ -829,3 +829,27 @@ def test_tsc_adjust_and_the_tsc_move_together() -> None:
     assert interp.read_msr(0x3B) == 4000
     clock[0] = 1500
     assert interp.read_msr(0x10) == 5500
+
+
+def test_mmx_moves_alias_the_x87_registers_and_emms_frees_them() -> None:
+    """SDM vol. 1 §9.5-9.6: MMn is the significand of Rn, whose exponent reads all ones; an MMX instruction sets
+    TOP to 0 and tags every register valid, EMMS empties them (kvm-unit-tests' emulator movq tests)."""
+    m = Machine(64)
+    m.load("""
+        fninit
+        mov rax, 0x0102030405060708
+        movq mm3, rax
+        movq [0x20000], mm3
+        movq mm1, [0x20000]
+        movd ecx, mm1
+        emms
+        hlt
+    """)
+    s = m.cpu.state
+    m.interp.step()
+    m.interp.step()
+    m.interp.step()
+    assert s.st[3] == 0xFFFF << 64 | 0x0102030405060708 and s.ftw == 0xFF and not s.fsw & 7 << 11
+    m.run()
+    assert m.mem.read_u64(0x20000) == 0x0102030405060708
+    assert m.gpr[1] == 0x05060708 and s.ftw == 0
