@@ -79,6 +79,8 @@ from popek.cpu.state import (
     CR4_PAE,
     CR4_PCE,
     CR4_PGE,
+    CR4_PKE,
+    CR4_PKS,
     CR4_PSE,
     CR4_PVI,
     CR4_SMAP,
@@ -106,6 +108,7 @@ from popek.cpu.state import (
     MSR_FS_BASE,
     MSR_GS_BASE,
     MSR_IA32_APIC_BASE,
+    MSR_IA32_PKRS,
     MSR_IA32_SYSENTER_CS,
     MSR_IA32_SYSENTER_EIP,
     MSR_IA32_SYSENTER_ESP,
@@ -259,7 +262,7 @@ _FLAG_BIT = {"cf": CF, "pf": PF, "af": AF, "zf": ZF, "sf": SF, "of": OF}
 # CR4 bits this CPU implements (writing others is #GP(0)); SMEP/SMAP are enforced by the MMU
 CR4_SUPPORTED = (
     CR4_VME | CR4_PVI | CR4_TSD | CR4_DE | CR4_PSE | CR4_PAE | CR4_MCE | CR4_PGE | CR4_PCE | CR4_OSFXSR
-    | CR4_OSXMMEXCPT | CR4_UMIP | CR4_FSGSBASE | CR4_OSXSAVE | CR4_SMEP | CR4_SMAP
+    | CR4_OSXMMEXCPT | CR4_UMIP | CR4_FSGSBASE | CR4_OSXSAVE | CR4_SMEP | CR4_SMAP | CR4_PKE | CR4_PKS
 )  # fmt: skip
 EFER_SUPPORTED = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE
 
@@ -338,6 +341,7 @@ def _cc(prefix: str) -> tuple[int, ...]:
 
 
 CPUID7_EBX_SMAP = 1 << 20
+CPUID7_ECX_PKU, CPUID7_ECX_OSPKE = 1 << 3, 1 << 4
 
 # debug registers (SDM vol. 3B §18.2)
 DR6_BD, DR6_BS = 1 << 13, 1 << 14
@@ -400,7 +404,8 @@ def default_cpuid(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
     if leaf == 7 and subleaf == 0:
         # FSGSBASE, TSC_ADJUST, BMI1, SMEP, BMI2, ERMS, RDSEED, ADX, SMAP; ECX: UMIP, RDPID
         ebx = 1 << 0 | 1 << 1 | 1 << 3 | 1 << 7 | 1 << 8 | 1 << 9 | 1 << 18 | 1 << 19 | 1 << 20
-        return 0, ebx, 1 << 2 | 1 << 22, 0
+        # ECX: UMIP, PKU, RDPID, PKS (OSPKE, bit 4, is added from CR4.PKE when CPUID executes)
+        return 0, ebx, 1 << 2 | 1 << 3 | 1 << 22 | 1 << 31, 0
     if leaf == 0x15:
         return 1, 1, CRYSTAL_HZ, 0  # TSC = crystal * EBX / EAX: Linux takes the TSC frequency from here
     if leaf == 0x16:
@@ -2595,7 +2600,7 @@ class Interpreter:
             raise _gp0()
         old = s.cr4
         s.cr4 = value
-        if (old ^ value) & (CR4_PAE | CR4_PSE | CR4_PGE | CR4_SMEP | CR4_SMAP):
+        if (old ^ value) & (CR4_PAE | CR4_PSE | CR4_PGE | CR4_SMEP | CR4_SMAP | CR4_PKE | CR4_PKS):
             if (
                 s.cr0 & CR0_PG
                 and value & CR4_PAE
@@ -2676,6 +2681,8 @@ class Interpreter:
             return (self.tsc() + s.tsc_offset) & MASK64
         if index == MSR_TSC_ADJUST:
             return s.msrs.get(MSR_TSC_ADJUST, 0)
+        if index == MSR_IA32_PKRS and self.features.has("pks"):
+            return s.msrs.get(MSR_IA32_PKRS, 0)
         if index in STORAGE_MSRS or index in MSR_DEFAULTS or index == MSR_MCG_STATUS or index in MCE_BANK_MSRS:
             return s.msrs.get(index, MSR_DEFAULTS.get(index, 0))
         raise _gp0()
@@ -2710,6 +2717,11 @@ class Interpreter:
             old = (self.tsc() + s.tsc_offset) & MASK64
             s.msrs[MSR_TSC_ADJUST] = (s.msrs.get(MSR_TSC_ADJUST, 0) + value - old) & MASK64
             s.tsc_offset = (value - self.tsc()) & MASK64
+        elif index == MSR_IA32_PKRS and self.features.has("pks"):
+            if value >> 32:
+                raise _gp0()
+            s.msrs[index] = value
+            self.mmu.flush()  # rights are checked when TLB entries are filled
         elif index == MSR_TSC_ADJUST:
             # the TSC moves by what the adjustment moves by (SDM vol. 3B §18.17.3)
             s.tsc_offset = (s.tsc_offset + value - s.msrs.get(MSR_TSC_ADJUST, 0)) & MASK64
@@ -2767,8 +2779,27 @@ class Interpreter:
     @handles(M.CPUID)
     def _cpuid(self, ins: Instruction) -> None:
         gpr = self.s.gpr
-        eax, ebx, ecx, edx = self.cpuid(gpr[RAX] & M32, gpr[RCX] & M32)
+        leaf = gpr[RAX] & M32
+        eax, ebx, ecx, edx = self.cpuid(leaf, gpr[RCX] & M32)
+        if leaf == 7 and not gpr[RCX] & M32 and ecx & CPUID7_ECX_PKU and self.s.cr4 & CR4_PKE:
+            ecx |= CPUID7_ECX_OSPKE  # OSPKE reflects CR4.PKE (vol. 2A CPUID)
         gpr[RAX], gpr[RBX], gpr[RCX], gpr[RDX] = eax & M32, ebx & M32, ecx & M32, edx & M32
+
+    @handles(M.RDPKRU, M.WRPKRU)
+    def _pkru(self, ins: Instruction) -> None:
+        """RDPKRU/WRPKRU (vol. 2B): #UD without CR4.PKE, #GP(0) unless ECX (and for WRPKRU EDX) is 0. PKRU's
+        rights are checked when TLB entries are filled (popek.cpu.mmu), so WRPKRU flushes the TLB."""
+        s = self.s
+        if not s.cr4 & CR4_PKE:
+            raise _ud()
+        gpr = s.gpr
+        if gpr[RCX] & M32 or (ins.mnemonic == M.WRPKRU and gpr[RDX] & M32):
+            raise _gp0()
+        if ins.mnemonic == M.RDPKRU:
+            gpr[RAX], gpr[RDX] = s.pkru, 0
+        else:
+            s.pkru = gpr[RAX] & M32
+            self.mmu.flush()
 
     @handles(M.XGETBV)
     def _xgetbv(self, ins: Instruction) -> None:

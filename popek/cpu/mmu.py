@@ -31,13 +31,17 @@ from popek.cpu.state import (
     CR4_LA57,
     CR4_PAE,
     CR4_PGE,
+    CR4_PKE,
+    CR4_PKS,
     CR4_PSE,
     CR4_SMAP,
     CR4_SMEP,
     EFER_LMA,
     EFER_NXE,
+    MSR_IA32_PKRS,
     PF_I,
     PF_P,
+    PF_PK,
     PF_RSVD,
     PF_U,
     PF_W,
@@ -216,10 +220,12 @@ class Mmu:
             self._large.setdefault(((linear >> shift) << 6) | shift, []).append(key)
         return page
 
-    def _fault(self, linear: int, access: int, user: bool, present: bool, rsvd: bool = False) -> CpuException:
+    def _fault(
+        self, linear: int, access: int, user: bool, present: bool, rsvd: bool = False, pk: bool = False
+    ) -> CpuException:
         """The #PF for an access to `linear`, with its error code (SDM §4.7)."""
         st = self.cpu.state
-        code = (PF_P if present else 0) | (PF_RSVD if rsvd else 0)
+        code = (PF_P if present else 0) | (PF_RSVD if rsvd else 0) | (PF_PK if pk else 0)
         if access == _WRITE:
             code |= PF_W
         if user:
@@ -335,6 +341,8 @@ class Mmu:
                 raise self._fault(linear, access, user, True)
             if access == _WRITE and not rw and st.cr0 & CR0_WP:
                 raise self._fault(linear, access, user, True)
+        if efer & EFER_LMA and access != _EXECUTE and cr4 & (CR4_PKE | CR4_PKS):
+            self._check_key(linear, access, user, e, bool(us))
         # accessed and dirty flags (SDM §4.8)
         last = len(used) - 1
         for i, (addr, e, _size) in enumerate(used):
@@ -344,6 +352,26 @@ class Mmu:
             if new != e:
                 self._phys_write(addr, 1, new & 0xFF)
         return frame, bool(e & _G and cr4 & CR4_PGE), shift
+
+    def _check_key(self, linear: int, access: int, user: bool, leaf: int, user_page: bool) -> None:
+        """Protection keys (SDM §4.6.2), IA-32e paging only: the leaf entry's bits 62:59 pick a key whose
+        access-disable bit forbids every data access and whose write-disable bit forbids writes (from
+        supervisor mode only with CR0.WP) — PKRU's for user pages (CR4.PKE), IA32_PKRS's for supervisor pages
+        (CR4.PKS). Instruction fetches are not checked. The rights are read when the TLB entry is filled, so
+        WRPKRU and writes of IA32_PKRS flush the TLB."""
+        st = self.cpu.state
+        if user_page:
+            if not st.cr4 & CR4_PKE:
+                return
+            rights = st.pkru
+        else:
+            if not st.cr4 & CR4_PKS:
+                return
+            rights = st.msrs.get(MSR_IA32_PKRS, 0)
+        shift = 2 * ((leaf >> 59) & 0xF)
+        ad, wd = rights >> shift & 1, rights >> (shift + 1) & 1
+        if ad or (access == _WRITE and wd and (user or st.cr0 & CR0_WP)):
+            raise self._fault(linear, access, user, True, pk=True)
 
     # --- physical access ---
 
