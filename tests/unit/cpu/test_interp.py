@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import iced_x86
 import pytest
 
 from popek.cpu import exceptions
@@ -853,3 +854,19 @@ def test_mmx_moves_alias_the_x87_registers_and_emms_frees_them() -> None:
     m.run()
     assert m.mem.read_u64(0x20000) == 0x0102030405060708
     assert m.gpr[1] == 0x05060708 and s.ftw == 0
+
+
+def test_wrpkru_and_rdpkru_need_cr4_pke_and_cpuid_reports_ospke() -> None:
+    from popek.cpu.state import CR4_PKE, CpuException
+
+    m = Machine(64)
+    m.cpu.state.gpr[0] = 0x30
+    with pytest.raises(CpuException) as e:
+        m.interp._pkru(iced_x86.Decoder(64, b"\x0f\x01\xef").decode())  # WRPKRU without CR4.PKE
+    assert e.value.vector == 6
+    m.cpu.state.cr4 |= CR4_PKE
+    m.load("mov eax, 0x30\nxor ecx, ecx\nxor edx, edx\nwrpkru\nxor eax, eax\nrdpkru\nmov esi, eax\n"
+           "mov eax, 7\nxor ecx, ecx\ncpuid\nhlt")  # fmt: skip
+    m.run()
+    assert m.cpu.state.pkru == 0x30 and m.gpr[6] == 0x30
+    assert m.gpr[1] & 1 << 4  # CPUID.7:ECX.OSPKE follows CR4.PKE
