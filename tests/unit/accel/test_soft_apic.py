@@ -67,7 +67,8 @@ def test_apic_base_writes_follow_the_sdm_mode_transitions(
 def test_cpuid_apic_flag_follows_the_global_enable_and_offers_x2apic(accel: SoftAccel) -> None:
     interp = accel.interps[0]
     _, _, ecx, edx = interp.cpuid(1, 0)
-    assert edx & EDX_APIC and ecx & ECX_X2APIC and ecx & ECX_TSC_DEADLINE
+    assert edx & EDX_APIC and ecx & ECX_X2APIC
+    assert not ecx & ECX_TSC_DEADLINE  # implemented (below) but not advertised, as on QEMU TCG
     interp.write_msr(lp.MSR_APIC_BASE, lp.LAPIC_BASE)
     assert not interp.cpuid(1, 0)[3] & EDX_APIC
     assert [accel.interps[i].cpuid(0xB, 0)[3] for i in (0, 1)] == [0, 1]  # x2APIC IDs
