@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.skipif(not AVAILABLE, reason=WHY_ABSENT)]
 BOTH = ["smptest", "smptest3", "vmexit_tscdeadline", "smap", "hypercall", "idt_test", "memory", "setjmp",
         "pcid-enabled", "pcid-disabled", "la57", "lam"]  # fmt: skip
 KVM_ONLY = ["vmexit_cpuid", "vmexit_inl_pmtimer", "vmexit_ipi", "vmexit_cr4_pge"]
-SOFT_ONLY = ["msr", "eventinj", "umip", "rdpru", "tsc"]
+SOFT_ONLY = ["msr", "eventinj", "umip", "rdpru", "tsc", "debug", "emulator", "xsave", "tsc_adjust"]
 CASES = [
     *(pytest.param(name, "kvm", marks=KVM_MARKS, id=f"{name}-kvm") for name in BOTH + KVM_ONLY),
     *(pytest.param(name, "soft", id=f"{name}-soft") for name in BOTH + SOFT_ONLY),
