@@ -421,7 +421,8 @@ class KvmAccel:
             try:
                 soft = self.soft_steps[vcpu.id]
                 fallback = functools.partial(soft.execute, pio, mmio)
-                mnemonic = kvm_assist.complete(vcpu, self.mem, insn, self.xsave_layout, fallback, soft.linear_memory)
+                memory = functools.partial(soft.linear_memory, pio, mmio)
+                mnemonic = kvm_assist.complete(vcpu, self.mem, insn, self.xsave_layout, fallback, memory)
             except kvm_assist.AssistError as e:
                 return Stop(StopReason.INTERNAL_ERROR, f"{e}\n" + register_dump(vcpu))
             with self._stats_lock:

@@ -11,6 +11,8 @@ KVM_TRANSLATE) and guest memory, as the architecture (Intel SDM vol. 2) specifie
   present, or not writable, is the guest's #PF with the right error code and CR2, and the walk sets the
   accessed and dirty bits as the processor's would. Linux's signal delivery XSAVEs at ring 0 straight into the
   user's signal frame and relies on that #PF to fault the page in (SDM vol. 1 §13.7; vol. 3A §4.7).
+- MMX data moves (MOVD/MOVQ with an MMX register): on the vCPU's x87 state, `popek.accel.kvm_mmx` (the
+  software CPU has no MMX); the memory operand, which may be MMIO, through the caller's `memory`.
 - CLAC/STAC: Linux brackets every user access with them, so they are the commonest failures by far.
 - Bytes that do not decode: #UD, as the processor raises.
 Every other instruction goes to the caller's `fallback`: the software CPU (`popek.accel.kvm_softcpu`), which has
@@ -31,6 +33,7 @@ import iced_x86
 if TYPE_CHECKING:
     from iced_x86._iced_x86_py import Register as RegisterT
 
+from popek.accel import kvm_mmx
 from popek.cpu import xsave
 from popek.cpu.state import CpuException, Vector
 from popek.errors import GuestMemoryError
@@ -292,6 +295,45 @@ def _xsave_family(vcpu: VcpuFd, mem: LinearMemory, d: Decoded, layout: dict[int,
     _advance(vcpu, regs, d.instruction.len)
 
 
+def _mmx_move(vcpu: VcpuFd, mem: LinearMemory, d: Decoded) -> None:
+    """MOVD/MOVQ between an MMX register and a general register, memory or another MMX register (SDM vol. 2B
+    MOVD/MOVQ); the x87 state changes only once every operand has been read and written without a fault."""
+    ins = d.instruction
+    size, to_mm = kvm_mmx.MOVES[ins.code]
+    fpu, regs = vcpu.get_fpu(), vcpu.get_regs()
+    kvm_mmx.check_usable(vcpu.get_sregs().cr0, fpu.fsw)
+    mask = (1 << (8 * size)) - 1
+    # the operand that is not the MMX register named by the opcode: the source of a load, the destination of a store
+    other = ins.op1_kind if to_mm else ins.op0_kind
+    other_reg = ins.op1_register if to_mm else ins.op0_register
+    is_mm = other == iced_x86.OpKind.REGISTER and iced_x86.Register.MM0 <= other_reg <= iced_x86.Register.MM7
+    if to_mm:
+        if is_mm:
+            value = kvm_mmx.read_mm(fpu, kvm_mmx.mm_index(other_reg))
+        elif other == iced_x86.OpKind.REGISTER:
+            value = _register_value(regs, other_reg, d)
+        else:
+            value = int.from_bytes(mem.read(_effective_address(vcpu, regs, d), size), "little")
+        kvm_mmx.enter_mmx(fpu)
+        kvm_mmx.write_mm(fpu, kvm_mmx.mm_index(ins.op0_register), value & mask)
+    else:
+        value = kvm_mmx.read_mm(fpu, kvm_mmx.mm_index(ins.op1_register)) & mask
+        if is_mm:
+            kvm_mmx.enter_mmx(fpu)
+            kvm_mmx.write_mm(fpu, kvm_mmx.mm_index(other_reg), value)
+        elif other == iced_x86.OpKind.REGISTER:
+            name = _REGISTER_NAMES.get(iced_x86.RegisterExt.full_register(other_reg))
+            if name is None:
+                raise AssistError(f"unsupported operand in {d.describe()}")
+            setattr(regs, name, value)  # a 32-bit destination is zero-extended to 64 bits
+            kvm_mmx.enter_mmx(fpu)
+        else:
+            mem.write(_effective_address(vcpu, regs, d), value.to_bytes(size, "little"))
+            kvm_mmx.enter_mmx(fpu)
+    vcpu.set_fpu(fpu)
+    _advance(vcpu, regs, ins.len)
+
+
 def complete(
     vcpu: VcpuFd,
     mem: GuestMemory,
@@ -318,6 +360,14 @@ def complete(
             return d.mnemonic
         try:
             _xsave_family(vcpu, memory() if memory is not None else _TranslatedMemory(vcpu, mem), d, xsave_layout)
+        except CpuException as exc:
+            inject_cpu_exception(vcpu, exc)
+        except GuestMemoryError as e:
+            raise AssistError(f"{d.describe()}: {e}") from None
+        return d.mnemonic
+    if d.instruction.code in kvm_mmx.MOVES:
+        try:
+            _mmx_move(vcpu, memory() if memory is not None else _TranslatedMemory(vcpu, mem), d)
         except CpuException as exc:
             inject_cpu_exception(vcpu, exc)
         except GuestMemoryError as e:

@@ -172,9 +172,12 @@ class SoftStep:
             if e.function == 0x80000008:
                 self.cpu.mmu.phys_bits = e.eax & 0xFF
 
-    def linear_memory(self) -> _LinearMemory:
+    def linear_memory(self, pio: Bus | None = None, mmio: Bus | None = None) -> _LinearMemory:
         """The vCPU's linear memory as its current instruction reaches it (`kvm_assist.LinearMemory`): the
-        software CPU loaded with the vCPU's registers and paging state, its page walker doing the translation."""
+        software CPU loaded with the vCPU's registers and paging state, its page walker doing the translation;
+        with buses, an operand outside RAM reaches popek's devices (kvm-unit-tests' emulator moves MMX registers
+        to and from MMIO), without them it stops the assist."""
+        self.buses.pio, self.buses.mmio = pio, mmio
         load_cpu_from_kvm(self.cpu.state, self.vcpu.get_regs(), self.vcpu.get_sregs())
         self.cpu.mmu.flush()
         return _LinearMemory(self.cpu)

@@ -572,3 +572,43 @@ nl: db 10, 0
     expected = [round(math.pi * 1e6), round(math.sqrt(2) * 2**30), round(math.sin(0.5) * 1e9), 0x04, 0x0500,
                 0x01234567, 0x0707]  # fmt: skip
     assert r.stdout.strip() == "".join(f"{v:08X}" for v in expected), r.stdout + r.stderr
+
+
+# MMX moves at ring 0 right after FNINIT (the x87 state in its initial configuration, which XSAVE records by
+# clearing XSTATE_BV[0]): a host that cannot emulate them leaves them to popek, whose write of MM0 must survive
+# the next entry, and the host's own emulation of the following move must see it (SDM vol. 1 §9.5.1, §13.6).
+MMX_BODY = r"""
+    mov rax, cr0
+    and eax, ~0xc                       ; CR0.EM and CR0.TS clear: MMX usable
+    mov cr0, rax
+    fninit
+    mov rax, 0x0102030405060708
+    movq mm0, rax
+    movq [rel mmx_slot], mm0
+    SAY "store "
+    HEX [rel mmx_slot], 16
+    NL
+    mov qword [rel mmx_slot], 0x1122334455667788
+    movq mm1, [rel mmx_slot]
+    movd eax, mm1
+    movq rbx, mm0
+    SAY "load "
+    HEX rax, 16
+    SAY " mm0 "
+    HEX rbx, 16
+    NL
+    fnstsw ax
+    SAY "fsw "
+    HEX rax, 4
+    NL
+    ret
+align 8
+mmx_slot: dq 0
+"""
+
+
+@pytest.mark.parametrize("backend", [pytest.param("kvm", marks=KVM_MARKS)])
+def test_mmx_moves_at_ring0_after_fninit_keep_their_values(tmp_path: Path, backend: str) -> None:
+    lines, status, err = run64(tmp_path, MMX_BODY, backend)
+    assert status == DONE, "\n".join(lines) + err
+    assert lines == ["store 0102030405060708", "load 0000000055667788 mm0 0102030405060708", "fsw 0000"], err
