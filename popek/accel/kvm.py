@@ -43,7 +43,7 @@ from collections.abc import Callable
 
 from popek.accel import kvm_assist
 from popek.accel.exits import MmioRead, MmioWrite, PioIn, PioOut, Stop, StopReason, handle_exit
-from popek.accel.kvm_probe import VMCALL, VMMCALL, unavailable_families
+from popek.accel.kvm_probe import VMCALL, VMMCALL, observed_cpuid, unavailable_families
 from popek.accel.kvm_softcpu import SoftStep
 from popek.accel.kvm_state import apply_entry, register_dump
 from popek.accel.kvm_syscall import UserSyscallAssist
@@ -55,6 +55,7 @@ from popek.cpuid import apply_template, for_vcpu
 from popek.devices.event_loop import EventLoop, FdWatch, drain_eventfd
 from popek.devices.irq import IrqLine, Pulse
 from popek.errors import ConfigError, GuestMemoryError
+from popek.features import GuestFeatures
 from popek.kvm import (
     Cap,
     ExitReason,
@@ -146,6 +147,8 @@ class KvmAccel:
         self.xsave_layout = xsave.layout_from_cpuid(
             {e.index: (e.eax, e.ebx, e.ecx, e.edx) for e in supported if e.function == 0xD}
         )
+        # what the guest sees when it runs CPUID, which some hosts answer from their own processor for some leaves
+        self.features = GuestFeatures.from_entries(observed_cpuid(self.kvm, for_vcpu(self.cpuid, 0, cpus)))
         self.vcpus: list[VcpuFd] = []
         for i in range(cpus):
             vcpu = self.vm.create_vcpu(i)
@@ -422,7 +425,7 @@ class KvmAccel:
                 soft = self.soft_steps[vcpu.id]
                 fallback = functools.partial(soft.execute, pio, mmio)
                 memory = functools.partial(soft.linear_memory, pio, mmio)
-                mnemonic = kvm_assist.complete(vcpu, self.mem, insn, self.xsave_layout, fallback, memory)
+                mnemonic = kvm_assist.complete(vcpu, self.mem, insn, self.xsave_layout, fallback, memory, self.features)
             except kvm_assist.AssistError as e:
                 return Stop(StopReason.INTERNAL_ERROR, f"{e}\n" + register_dump(vcpu))
             with self._stats_lock:

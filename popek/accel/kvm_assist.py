@@ -14,7 +14,8 @@ KVM_TRANSLATE) and guest memory, as the architecture (Intel SDM vol. 2) specifie
 - MMX data moves (MOVD/MOVQ with an MMX register): on the vCPU's x87 state, `popek.accel.kvm_mmx` (the
   software CPU has no MMX); the memory operand, which may be MMIO, through the caller's `memory`.
 - CLAC/STAC: Linux brackets every user access with them, so they are the commonest failures by far.
-- Bytes that do not decode: #UD, as the processor raises.
+- Bytes that do not decode: #UD, as the processor raises; so does an instruction whose CPUID feature flag the
+  guest does not see set (`popek.features`, from the CPUID the guest observes, `kvm_probe.observed_cpuid`).
 Every other instruction goes to the caller's `fallback`: the software CPU (`popek.accel.kvm_softcpu`), which has
 the semantics, privilege checks and page-fault behaviour of the whole ISA it implements (POPCNT, LZCNT/TZCNT,
 BMI1/2, MOVBE, ADCX/ADOX, RDRAND/RDSEED, CMPXCHG16B, FSGSBASE, RDPID, FWAIT, SSE...). What neither can execute
@@ -37,6 +38,7 @@ from popek.accel import kvm_mmx
 from popek.cpu import xsave
 from popek.cpu.state import CpuException, Vector
 from popek.errors import GuestMemoryError
+from popek.features import GuestFeatures
 from popek.kvm import KvmError, VcpuFd
 from popek.kvm.structs import kvm_regs, kvm_xcrs
 from popek.memory import PAGE_SIZE, GuestMemory
@@ -341,15 +343,21 @@ def complete(
     xsave_layout: dict[int, xsave.Component],
     fallback: Callable[[], None] | None = None,
     memory: Callable[[], LinearMemory] | None = None,
+    features: GuestFeatures | None = None,
 ) -> str:
     """Finish the instruction at RIP; returns its mnemonic for the assist counters. The families below have
     routines of their own; `fallback` (the software CPU, `popek.accel.kvm_softcpu`) takes every other one, and
-    `memory` gives the routines the vCPU's view of linear memory (KVM_TRANSLATE without it)."""
+    `memory` gives the routines the vCPU's view of linear memory (KVM_TRANSLATE without it). With `features`,
+    an instruction whose feature the guest's CPUID does not offer raises #UD (its "Exceptions" section)."""
     d = decode(vcpu, mem, insn_bytes)
     m = d.instruction.mnemonic
     if d.instruction.code == iced_x86.Code.INVALID:
         inject_exception(vcpu, UD_VECTOR)  # what the CPU does with bytes it cannot decode
         return "(invalid)"
+    missing = features.missing_for(d.instruction) if features is not None else None
+    if missing is not None:
+        inject_exception(vcpu, UD_VECTOR)
+        return f"(no {missing})"
     if m == iced_x86.Mnemonic.INT3:
         _advance(vcpu, vcpu.get_regs(), d.instruction.len)
         inject_exception(vcpu, BP_VECTOR)

@@ -9,6 +9,10 @@ cannot hide. AVX (VEX-encoded instructions) is one such family: hosts that emula
 encoding, and popek's software CPU has no AVX to complete them with, so there the guest is told it has no AVX
 (and no AVX2, AVX-512, FMA, F16C, nor their XSAVE state components), and ring 3 never uses it either.
 On hardware that runs guests natively every probe passes and nothing is hidden or completed.
+
+The same hosts may also answer a guest's CPUID from their own processor for some leaves, whatever
+KVM_SET_CPUID2 set (`observed_cpuid`): the features a guest can rely on, and those whose instructions popek
+must refuse with #UD, are then the ones it really sees, which only running CPUID in a guest tells.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections.abc import Iterator
 from popek.accel.kvm_state import apply_entry
 from popek.boot.gdt import long_mode_entry
 from popek.cpuid import apply_template, for_vcpu
-from popek.kvm import ExitReason, Kvm, KvmError, VcpuFd
+from popek.kvm import CpuidEntry, ExitReason, Kvm, KvmError, VcpuFd
 from popek.kvm.structs import kvm_xcrs
 from popek.memory import GuestMemory
 
@@ -79,7 +83,9 @@ def _run_with_deadline(vcpu: VcpuFd, seconds: float) -> ExitReason | int | None:
 
 
 _cache: dict[int, frozenset[str]] = {}
+_observed: dict[tuple[CpuidEntry, ...], list[CpuidEntry]] = {}
 _lock = threading.Lock()
+CPUID_CODE, CPUID_DATA = 0x10000, 0x80000  # clear of the entry's GDT (0x500) and page tables (0x9000-0xEFFF)
 
 
 @contextlib.contextmanager
@@ -155,3 +161,45 @@ def unavailable_families(kvm: Kvm) -> frozenset[str]:
         if key not in _cache:
             _cache[key] = frozenset(f for f in PROBES if not _runs(kvm, f))
         return _cache[key]
+
+
+def _cpuid_program(leaves: list[tuple[int, int]]) -> bytes:
+    """64-bit code that runs CPUID for each (leaf, subleaf) and stores EAX, EBX, ECX, EDX at CPUID_DATA + 16 * i,
+    then halts."""
+    code = b"\xbf" + struct.pack("<I", CPUID_DATA)  # mov edi, CPUID_DATA
+    for leaf, subleaf in leaves:
+        code += b"\xb8" + struct.pack("<I", leaf) + b"\xb9" + struct.pack("<I", subleaf)  # mov eax, ecx
+        code += bytes.fromhex("0fa2 8907 895f04 894f08 89570c 4883c710")  # cpuid; mov [rdi..]; add rdi, 16
+    return code + HLT
+
+
+def observed_cpuid(kvm: Kvm, entries: list[CpuidEntry]) -> list[CpuidEntry]:
+    """`entries` as a guest given them with KVM_SET_CPUID2 sees them when it executes CPUID at ring 0 (cached
+    per process). Where the guest does not come back to HLT, `entries` are taken as they are."""
+    key = tuple(entries)
+    with _lock:
+        if key in _observed:
+            return _observed[key]
+    leaves = [(e.function, e.index) for e in entries]
+    seen = list(entries)
+    try:
+        with _scratch_vcpu(kvm) as (mem, vcpu):
+            vcpu.set_cpuid2(entries)
+            mem.write(CPUID_CODE, _cpuid_program(leaves))
+            apply_entry(vcpu, long_mode_entry(mem, CPUID_CODE, {}))
+            for _ in range(16):
+                reason = vcpu.run()
+                if reason == ExitReason.HLT:
+                    raw = mem.read(CPUID_DATA, 16 * len(leaves))
+                    seen = [
+                        CpuidEntry(e.function, e.index, e.flags, *struct.unpack_from("<4I", raw, 16 * i))
+                        for i, e in enumerate(entries)
+                    ]
+                    break
+                if reason != ExitReason.INTR:
+                    break
+    except KvmError:
+        pass
+    with _lock:
+        _observed[key] = seen
+    return seen
