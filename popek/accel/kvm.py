@@ -55,7 +55,7 @@ from popek.cpuid import apply_template, for_vcpu
 from popek.devices.event_loop import EventLoop, FdWatch, drain_eventfd
 from popek.devices.irq import IrqLine, Pulse
 from popek.errors import ConfigError, GuestMemoryError
-from popek.features import GuestFeatures
+from popek.features import Features, cpuid_function
 from popek.kvm import (
     Cap,
     ExitReason,
@@ -148,7 +148,7 @@ class KvmAccel:
             {e.index: (e.eax, e.ebx, e.ecx, e.edx) for e in supported if e.function == 0xD}
         )
         # what the guest sees when it runs CPUID, which some hosts answer from their own processor for some leaves
-        self.features = GuestFeatures.from_entries(observed_cpuid(self.kvm, for_vcpu(self.cpuid, 0, cpus)))
+        self.features = Features.from_cpuid(cpuid_function(observed_cpuid(self.kvm, for_vcpu(self.cpuid, 0, cpus))))
         self.vcpus: list[VcpuFd] = []
         for i in range(cpus):
             vcpu = self.vm.create_vcpu(i)

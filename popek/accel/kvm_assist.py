@@ -38,7 +38,7 @@ from popek.accel import kvm_mmx
 from popek.cpu import xsave
 from popek.cpu.state import CpuException, Vector
 from popek.errors import GuestMemoryError
-from popek.features import GuestFeatures
+from popek.features import Features
 from popek.kvm import KvmError, VcpuFd
 from popek.kvm.structs import kvm_regs, kvm_xcrs
 from popek.memory import PAGE_SIZE, GuestMemory
@@ -343,7 +343,7 @@ def complete(
     xsave_layout: dict[int, xsave.Component],
     fallback: Callable[[], None] | None = None,
     memory: Callable[[], LinearMemory] | None = None,
-    features: GuestFeatures | None = None,
+    features: Features | None = None,
 ) -> str:
     """Finish the instruction at RIP; returns its mnemonic for the assist counters. The families below have
     routines of their own; `fallback` (the software CPU, `popek.accel.kvm_softcpu`) takes every other one, and

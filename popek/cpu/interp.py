@@ -138,6 +138,7 @@ from popek.cpu.state import (
     Segment,
     Vector,
 )
+from popek.features import Features
 
 if TYPE_CHECKING:
     from popek.cpu.core import Cpu
@@ -264,6 +265,7 @@ EFER_SUPPORTED = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE
 
 # MSRs kept as plain storage in `CpuState.msrs` (vol. 4): PAT, MTRRs, MISC_ENABLE, the syscall MSRs, TSC_AUX...
 MSR_PAT = 0x277
+MSR_TSC_ADJUST = 0x3B  # IA32_TSC_ADJUST, offered by CPUID.7.0:EBX[1]
 MSR_MTRRCAP, MSR_MTRR_DEF_TYPE, MSR_MISC_ENABLE = 0xFE, 0x2FF, 0x1A0
 STORAGE_MSRS = frozenset(
     {MSR_STAR, MSR_CSTAR, MSR_SFMASK, MSR_TSC_AUX, MSR_PAT, MSR_MTRR_DEF_TYPE, MSR_MISC_ENABLE, MSR_KERNEL_GS_BASE}
@@ -389,8 +391,8 @@ def default_cpuid(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
         )  # fmt: skip  FPU DE PSE TSC MSR PAE MCE CX8 APIC SEP MTRR PGE MCA CMOV PAT CLFSH FXSR SSE SSE2
         return eax, ebx, ecx, edx
     if leaf == 7 and subleaf == 0:
-        # FSGSBASE, BMI1, SMEP, BMI2, ERMS, RDSEED, ADX, SMAP; ECX: UMIP, RDPID
-        ebx = 1 << 0 | 1 << 3 | 1 << 7 | 1 << 8 | 1 << 9 | 1 << 18 | 1 << 19 | 1 << 20
+        # FSGSBASE, TSC_ADJUST, BMI1, SMEP, BMI2, ERMS, RDSEED, ADX, SMAP; ECX: UMIP, RDPID
+        ebx = 1 << 0 | 1 << 1 | 1 << 3 | 1 << 7 | 1 << 8 | 1 << 9 | 1 << 18 | 1 << 19 | 1 << 20
         return 0, ebx, 1 << 2 | 1 << 22, 0
     if leaf == 0x15:
         return 1, 1, CRYSTAL_HZ, 0  # TSC = crystal * EBX / EAX: Linux takes the TSC frequency from here
@@ -466,6 +468,10 @@ class Interpreter:
         """A new CPUID: the vendor it names decides the vendor-specific behaviours (`intel`)."""
         self._cpuid_fn = fn
         self.intel = vendor_of(fn(0, 0)) != AMD_VENDOR
+        # the control bits a guest may set: what this CPU implements and its CPUID offers (popek.features)
+        self.features = Features.from_cpuid(fn)
+        self._cr4_allowed = CR4_SUPPORTED & self.features.cr4_allowed()
+        self._efer_allowed = EFER_SUPPORTED & self.features.efer_allowed()
 
     # ------------------------------------------------------------------ the loop
 
@@ -2415,6 +2421,9 @@ class Interpreter:
         n = ins.op1_register - CR0_REG
         s = self.s
         value = {0: s.cr0, 2: s.cr2, 3: s.cr3, 4: s.cr4, 8: s.cr8}.get(n)
+        if n == 8 and self.cpu.apic is not None:
+            tpr = self.cpu.apic.read_cr8()
+            value = s.cr8 if tpr is None else tpr
         if value is None:
             raise _ud()
         self._wreg(ins.op0_register, value)
@@ -2437,6 +2446,8 @@ class Interpreter:
             if value & ~0xF:
                 raise _gp0()
             s.cr8 = value
+            if self.cpu.apic is not None:
+                self.cpu.apic.write_cr8(value)
         else:
             raise _ud()
 
@@ -2496,7 +2507,7 @@ class Interpreter:
         """MOV CR4: unsupported bits → #GP(0); PAE cannot be cleared in IA-32e mode; paging-related changes
         flush the TLB (§4.10.4.1)."""
         s = self.s
-        if value & ~CR4_SUPPORTED:
+        if value & ~self._cr4_allowed:
             raise _gp0()
         if s.efer & EFER_LMA and not value & CR4_PAE:
             raise _gp0()
@@ -2563,6 +2574,9 @@ class Interpreter:
     def read_msr(self, index: int) -> int:
         """RDMSR semantics; unknown MSRs raise #GP(0). Also used by the backend to read MSRs."""
         s = self.s
+        apic = self.cpu.apic
+        if apic is not None and apic.handles_msr(index):
+            return apic.msr_read(index)
         if index == MSR_EFER:
             return s.efer
         if index == MSR_FS_BASE:
@@ -2571,6 +2585,8 @@ class Interpreter:
             return s.seg[GS].base
         if index == MSR_IA32_TSC:
             return (self.tsc() + s.tsc_offset) & MASK64
+        if index == MSR_TSC_ADJUST:
+            return s.msrs.get(MSR_TSC_ADJUST, 0)
         if index in STORAGE_MSRS or index in MSR_DEFAULTS or index == MSR_MCG_STATUS or index in MCE_BANK_MSRS:
             return s.msrs.get(index, MSR_DEFAULTS.get(index, 0))
         raise _gp0()
@@ -2578,10 +2594,16 @@ class Interpreter:
     def write_msr(self, index: int, value: int) -> None:
         """WRMSR semantics (vol. 4; EFER per vol. 3A §2.2.1 and §9.8.5)."""
         s = self.s
+        apic = self.cpu.apic
+        if apic is not None and apic.handles_msr(index):
+            if index == MSR_IA32_APIC_BASE and value >> self.mmu.phys_bits:
+                raise _gp0()  # an address beyond MAXPHYADDR (§11.4.4)
+            apic.msr_write(index, value)
+            return
         if index in CANONICAL_MSRS and not canonical(value):
             raise _gp0()
         if index == MSR_EFER:
-            if value & ~EFER_SUPPORTED:
+            if value & ~self._efer_allowed:
                 raise _gp0()
             if (value ^ s.efer) & EFER_LME and s.cr0 & CR0_PG:
                 raise _gp0()
@@ -2595,7 +2617,14 @@ class Interpreter:
         elif index == MSR_GS_BASE:
             s.seg[GS].base = value
         elif index == MSR_IA32_TSC:
+            # a write to the TSC moves IA32_TSC_ADJUST by the same amount (SDM vol. 3B §18.17.3)
+            old = (self.tsc() + s.tsc_offset) & MASK64
+            s.msrs[MSR_TSC_ADJUST] = (s.msrs.get(MSR_TSC_ADJUST, 0) + value - old) & MASK64
             s.tsc_offset = (value - self.tsc()) & MASK64
+        elif index == MSR_TSC_ADJUST:
+            # the TSC moves by what the adjustment moves by (SDM vol. 3B §18.17.3)
+            s.tsc_offset = (s.tsc_offset + value - s.msrs.get(MSR_TSC_ADJUST, 0)) & MASK64
+            s.msrs[MSR_TSC_ADJUST] = value
         elif index in (MSR_MTRRCAP, MSR_MCG_CAP):
             raise _gp0()  # read-only
         elif index == MSR_MISC_ENABLE:

@@ -787,3 +787,45 @@ def test_the_decode_cache_stays_bounded_however_much_code_runs(monkeypatch: pyte
     assert m.interp.cpu.instructions == 5001
     assert 0 < len(m.interp._cache) <= 64
     assert sum(len(keys) for keys in m.interp._page_keys.values()) <= 64 * 2
+
+
+def test_mov_to_cr4_of_a_feature_cpuid_hides_is_a_gp() -> None:
+    """SDM vol. 3A §2.5: OSXSAVE is reserved without CPUID.1:ECX.XSAVE (kvm-unit-tests' xsave entry)."""
+    from popek.cpu.state import CR4_OSXSAVE, CpuException
+
+    m = Machine(64)
+    base = m.interp.cpuid
+
+    def without_xsave(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+        eax, ebx, ecx, edx = base(leaf, subleaf)
+        return (eax, ebx, ecx & ~(1 << 26), edx) if leaf == 1 else (eax, ebx, ecx, edx)
+
+    def with_xsave(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+        eax, ebx, ecx, edx = base(leaf, subleaf)
+        return (eax, ebx, ecx | 1 << 26, edx) if leaf == 1 else (eax, ebx, ecx, edx)
+
+    m.interp.cpuid = without_xsave
+    with pytest.raises(CpuException) as e:
+        m.interp._write_cr4(m.cpu.state.cr4 | CR4_OSXSAVE)
+    assert e.value.vector == 13
+    m.interp.cpuid = with_xsave
+    m.interp._write_cr4(m.cpu.state.cr4 | CR4_OSXSAVE)
+    assert m.cpu.state.cr4 & CR4_OSXSAVE
+
+
+def test_tsc_adjust_and_the_tsc_move_together() -> None:
+    """SDM vol. 3B "Time-Stamp Counter Adjustment": writing IA32_TSC_ADJUST moves the TSC by the same amount, and
+    writing the TSC moves IA32_TSC_ADJUST (kvm-unit-tests' tsc_adjust entry)."""
+    m = Machine(64)
+    interp = m.interp
+    clock = [1000]
+    interp.tsc = lambda: clock[0]
+    assert interp.read_msr(0x3B) == 0
+    interp.write_msr(0x3B, 10**11)
+    assert interp.read_msr(0x10) == 1000 + 10**11
+    interp.write_msr(0x3B, 0)
+    assert interp.read_msr(0x10) == 1000
+    interp.write_msr(0x10, 5000)
+    assert interp.read_msr(0x3B) == 4000
+    clock[0] = 1500
+    assert interp.read_msr(0x10) == 5500
