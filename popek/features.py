@@ -121,6 +121,15 @@ FEATURES: dict[str, Bit] = {
     "amd_ibrs": Bit(0x80000008, 0, EBX, 14),  # IA32_SPEC_CTRL, AMD's enumeration
     "amd_stibp": Bit(0x80000008, 0, EBX, 15),
     "amd_ssbd": Bit(0x80000008, 0, EBX, 24),
+    "sbpb": Bit(0x80000021, 0, EAX, 27),  # IA32_PRED_CMD's SBPB command, AMD
+}
+
+# MSRs that exist only with one of their features (Intel SDM vol. 4 table 2-2; AMD APM vol. 2 appendix A): without
+# any of them RDMSR and WRMSR of the MSR raise #GP(0)
+MSR_FEATURES: dict[int, tuple[str, ...]] = {
+    0x48: ("spec_ctrl", "stibp", "ssbd", "amd_ibrs", "amd_stibp", "amd_ssbd"),  # IA32_SPEC_CTRL
+    0x49: ("spec_ctrl", "amd_ibpb", "sbpb"),  # IA32_PRED_CMD
+    0x10B: ("flush_l1d",),  # IA32_FLUSH_CMD
 }
 
 _F = iced_x86.CpuidFeature
@@ -235,6 +244,10 @@ class Features:
     def has(self, name: str) -> bool:
         b = FEATURES[name]
         return bool(self.leaves[(b.leaf, b.subleaf)][b.reg] >> b.bit & 1)
+
+    def absent_msrs(self) -> list[int]:
+        """The MSRs of MSR_FEATURES this CPUID does not offer: a guest's access to them is #GP(0)."""
+        return [msr for msr, needs in MSR_FEATURES.items() if not any(self.has(n) for n in needs)]
 
     def missing_for(self, instruction: iced_x86.Instruction) -> str | None:
         """The feature `instruction` needs that this CPUID does not offer (so it raises #UD), or None."""

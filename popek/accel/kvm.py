@@ -149,6 +149,8 @@ class KvmAccel:
         )
         # what the guest sees when it runs CPUID, which some hosts answer from their own processor for some leaves
         self.features = Features.from_cpuid(cpuid_function(observed_cpuid(self.kvm, for_vcpu(self.cpuid, 0, cpus))))
+        if self.vm.check_extension(Cap.X86_MSR_FILTER):
+            self.vm.deny_msrs(self.features.absent_msrs())  # what the guest's CPUID does not offer is #GP
         self.vcpus: list[VcpuFd] = []
         for i in range(cpus):
             vcpu = self.vm.create_vcpu(i)

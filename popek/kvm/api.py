@@ -196,6 +196,20 @@ class VmFd(_FdOwner):
             req.args[i] = a
         _ioctl(self.fd, c.KVM_ENABLE_CAP, req)
 
+    def deny_msrs(self, msrs: Iterable[int]) -> None:
+        """Make the guest's RDMSR and WRMSR of each of `msrs` raise #GP(0), every other MSR as KVM handles it
+        (KVM_X86_SET_MSR_FILTER, default allow, one range per MSR whose only bit is clear; "KVM API" §4.126).
+        At most 16 MSRs; an empty list removes the filter."""
+        wanted = sorted(set(msrs))
+        if len(wanted) > 16:
+            raise KvmError("KVM_X86_SET_MSR_FILTER", errno_mod.E2BIG, f"{len(wanted)} MSRs, at most 16")
+        filt = s.kvm_msr_filter(flags=c.KVM_MSR_FILTER_DEFAULT_ALLOW)
+        denied = (s.u8 * 1)(0)  # KVM copies the bitmaps during the ioctl
+        for slot, msr in zip(filt.ranges, wanted):
+            slot.flags, slot.nmsrs, slot.base = c.KVM_MSR_FILTER_READ | c.KVM_MSR_FILTER_WRITE, 1, msr
+            slot.bitmap = ctypes.cast(denied, ctypes.POINTER(s.u8))
+        _ioctl(self.fd, c.KVM_X86_SET_MSR_FILTER, filt)
+
     def set_user_memory_region(
         self, slot: int, guest_phys_addr: int, size: int, host_addr: int, flags: int = 0
     ) -> None:

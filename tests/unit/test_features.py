@@ -26,7 +26,7 @@ def cpuid_with(**bits: bool) -> Features:
         if leaf == 0:
             return (7, 0, 0, 0)
         if leaf == 0x80000000:
-            return (0x80000008, 0, 0, 0)
+            return (0x80000021, 0, 0, 0)
         r = regs.get((leaf, subleaf), [0, 0, 0, 0])
         return (r[0], r[1], r[2], r[3])
 
@@ -131,3 +131,9 @@ def test_popcnt_follows_leaf_1_ecx_bit_23_and_base_instructions_need_nothing(ecx
 
 def test_every_instruction_feature_names_a_known_flag() -> None:
     assert set(INSTRUCTION_FEATURES.values()) <= set(FEATURES)
+
+
+def test_speculation_control_msrs_are_absent_without_any_of_their_flags() -> None:
+    assert sorted(cpuid_with(pae=True).absent_msrs()) == [0x48, 0x49, 0x10B]
+    assert cpuid_with(amd_ibpb=True).absent_msrs() == [0x48, 0x10B]  # IBPB alone: IA32_PRED_CMD only
+    assert cpuid_with(spec_ctrl=True, flush_l1d=True).absent_msrs() == []
