@@ -46,6 +46,9 @@ PROBES: dict[str, tuple[bytes, dict[str, int]]] = {
     "hypercall": (b"", {"rax": 9, "rbx": 0x3000, "rcx": 0xFFFF}),
     # from ring 3 to LSTAR (CODE_ADDR + 2), where HLT exits only if SYSCALL really switched to ring 0
     "syscall": (bytes.fromhex("0f05"), {}),
+    # INT 0x20 from ring 3 through a DPL-3 gate to CODE_ADDR + 2 (HLT); a host that answers it with #UD lands on
+    # the #UD gate's HLT at CODE_ADDR + 3 instead
+    "int": (bytes.fromhex("cd20f4"), {}),
 }
 VMCALL = bytes.fromhex("0f01c1")
 VMMCALL = bytes.fromhex("0f01d9")
@@ -54,6 +57,10 @@ USER_PAGE_TABLES = 0x10000  # PML4, PDPT, PD: the first 2 MiB, user-accessible
 MSR_STAR, MSR_LSTAR, MSR_SFMASK = 0xC0000081, 0xC0000082, 0xC0000084
 EFER_SCE = 1 << 0
 USER_CS, USER_SS = 0x2B, 0x23
+IDT_ADDR = 0x4000
+TSS_RSP0 = 4  # the boot GDT's TSS is at linear 0: RSP0 at offset 4 (SDM vol. 3A §8.7)
+KERNEL_STACK = 0x8000
+INT_VECTOR, UD_VECTOR = 0x20, 6
 KICK_SIGNAL = signal.SIGUSR1
 
 
@@ -123,6 +130,23 @@ def _enter_user_mode(mem: GuestMemory, vcpu: VcpuFd) -> None:
     vcpu.set_msrs({MSR_STAR: (0x10 << 32) | (0x1B << 48), MSR_LSTAR: CODE_ADDR + len(code), MSR_SFMASK: 0x200})
 
 
+def _gate(offset: int, dpl: int) -> bytes:
+    """A 64-bit interrupt gate to the boot GDT's 64-bit code segment (SDM vol. 3A §6.14.1)."""
+    attributes = 0x80 | dpl << 5 | 0xE
+    return struct.pack("<HHBBHII", offset & 0xFFFF, 0x10, 0, attributes, offset >> 16 & 0xFFFF, offset >> 32, 0)
+
+
+def _user_int_setup(mem: GuestMemory, vcpu: VcpuFd) -> None:
+    """Ring 3 (as for SYSCALL), an IDT with the INT gate and a #UD gate, and a ring-0 stack in the TSS."""
+    _enter_user_mode(mem, vcpu)
+    mem.write(IDT_ADDR + INT_VECTOR * 16, _gate(CODE_ADDR + 2, 3))
+    mem.write(IDT_ADDR + UD_VECTOR * 16, _gate(CODE_ADDR + 3, 0))
+    mem.write(TSS_RSP0, struct.pack("<Q", KERNEL_STACK))
+    sregs = vcpu.get_sregs()
+    sregs.idt.base, sregs.idt.limit = IDT_ADDR, 0x21 * 16 - 1
+    vcpu.set_sregs(sregs)
+
+
 def _runs(kvm: Kvm, family: str) -> bool:
     code, regs = PROBES[family]
     try:
@@ -141,11 +165,15 @@ def _runs(kvm: Kvm, family: str) -> bool:
                 vcpu.set_xcrs(xcrs)
             elif family == "syscall":
                 _enter_user_mode(mem, vcpu)
+            elif family == "int":
+                _user_int_setup(mem, vcpu)
             for _ in range(16):
                 reason = _run_with_deadline(vcpu, HYPERCALL_WAIT) if family == "hypercall" else vcpu.run()
                 if reason is None:
                     return False
                 if reason == ExitReason.HLT:
+                    if family == "int":
+                        return bool(vcpu.get_sregs().cs.dpl == 0 and vcpu.get_regs().rip == CODE_ADDR + 3)
                     return family != "syscall" or vcpu.get_sregs().cs.dpl == 0
                 if reason != ExitReason.INTR:
                     return False

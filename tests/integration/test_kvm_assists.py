@@ -612,3 +612,76 @@ def test_mmx_moves_at_ring0_after_fninit_keep_their_values(tmp_path: Path, backe
     lines, status, err = run64(tmp_path, MMX_BODY, backend)
     assert status == DONE, "\n".join(lines) + err
     assert lines == ["store 0102030405060708", "load 0000000055667788 mm0 0102030405060708", "fsw 0000"], err
+
+
+# INT n from ring 3 (SDM vol. 2A INT n; vol. 3A §6.12.1.1): through a DPL-3 gate it reaches its handler, which
+# sees CPL 3 in the frame and returns to ring 3; through a DPL-0 gate it is #GP with error code vector * 8 + 2
+# (IDT, EXT clear). Hosts that answer it with #UD have it completed by popek (kvm_syscall, DR2 on the #UD handler),
+# which finds the guest's #UD handler at the first exit after the guest loads its IDT (here the first line out).
+USER_INT_BODY = r"""
+    mov edi, 0x80
+    mov rsi, int80
+    mov dl, 0xEE                        ; present, DPL 3, 64-bit interrupt gate
+    call setgate
+    mov edi, 0x81
+    mov rsi, int80
+    mov dl, 0x8E                        ; DPL 0: not for ring 3
+    call setgate
+    mov edi, 13
+    mov rsi, gp13
+    mov dl, 0x8E
+    call setgate
+    SAY "to ring 3"
+    NL
+    mov rdi, user
+    call to_user
+    SAY "back in ring 0"
+    NL
+    ret
+user:
+    mov eax, 0x1234
+    int 0x80
+    mov eax, 0x5678
+    int 0x80
+    int 0x81
+    UEXIT
+int80:
+    mov [rel int_rax], rax
+    SAY "int80 rax="
+    HEX [rel int_rax], 4
+    mov rax, [rsp + 8]                  ; CS of the frame
+    and eax, 3
+    mov [rel int_rax], rax
+    SAY " cpl="
+    HEX [rel int_rax], 1
+    NL
+    iretq
+gp13:
+    mov rax, [rsp]
+    mov [rel int_rax], rax
+    SAY "#GP err="
+    HEX [rel int_rax], 4
+    mov rax, [rsp + 16]
+    and eax, 3
+    mov [rel int_rax], rax
+    SAY " cpl="
+    HEX [rel int_rax], 1
+    NL
+    mov rsp, [saved_rsp]                ; end the ring-3 code: return from to_user
+    ret
+align 8
+int_rax: dq 0
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int_n_from_ring3_is_delivered_through_the_idt_with_its_gate_dpl_checked(tmp_path: Path, backend: str) -> None:
+    lines, status, err = run64(tmp_path, USER_INT_BODY, backend)
+    assert status == DONE, "\n".join(lines) + err
+    assert lines == [
+        "to ring 3",
+        "int80 rax=1234 cpl=3",
+        "int80 rax=5678 cpl=3",
+        "#GP err=040A cpl=3",
+        "back in ring 0",
+    ], err
