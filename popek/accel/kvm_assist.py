@@ -13,6 +13,8 @@ KVM_TRANSLATE) and guest memory, as the architecture (Intel SDM vol. 2) specifie
   user's signal frame and relies on that #PF to fault the page in (SDM vol. 1 §13.7; vol. 3A §4.7).
 - MMX data moves (MOVD/MOVQ with an MMX register): on the vCPU's x87 state, `popek.accel.kvm_mmx` (the
   software CPU has no MMX); the memory operand, which may be MMIO, through the caller's `memory`.
+- AVX moves of YMM registers (VMOVDQA, VMOVNTDQA, VMOVNTDQ, VZEROALL): on the vCPU's XSAVE state,
+  `popek.accel.kvm_avx`, for hosts whose guests see AVX in CPUID that the host itself cannot emulate at ring 0.
 - CLAC/STAC: Linux brackets every user access with them, so they are the commonest failures by far.
 - Bytes that do not decode: #UD, as the processor raises; so does an instruction whose CPUID feature flag the
   guest does not see set (`popek.features`, from the CPUID the guest observes, `kvm_probe.observed_cpuid`).
@@ -34,7 +36,7 @@ import iced_x86
 if TYPE_CHECKING:
     from iced_x86._iced_x86_py import Register as RegisterT
 
-from popek.accel import kvm_mmx
+from popek.accel import kvm_avx, kvm_mmx
 from popek.cpu import xsave
 from popek.cpu.state import CpuException, Vector
 from popek.errors import GuestMemoryError
@@ -159,16 +161,17 @@ def decode(vcpu: VcpuFd, mem: GuestMemory, insn_bytes: bytes | None) -> Decoded:
     else:
         bitness = 32 if sregs.cs.db else 16
         rip = (sregs.cs.base + regs.rip) & 0xFFFFFFFF
-    raw = insn_bytes
-    if not raw:
-        raw = b""
+    raw = insn_bytes or b""
+    instruction = iced_x86.Decoder(bitness, raw, ip=rip).decode() if raw else iced_x86.Instruction()
+    if instruction.code == iced_x86.Code.INVALID:
+        # no bytes from KVM, or too few: a host may stop its fetch at a page end the instruction crosses
         for size in (15, PAGE_SIZE - rip % PAGE_SIZE):  # the second try stops at the page end
             try:
                 raw = read_linear(vcpu, mem, rip, min(size, 15))
                 break
             except (AssistError, GuestMemoryError, KvmError):
                 continue
-    instruction = iced_x86.Decoder(bitness, raw, ip=rip).decode() if raw else iced_x86.Instruction()
+        instruction = iced_x86.Decoder(bitness, raw, ip=rip).decode() if raw else iced_x86.Instruction()
     return Decoded(rip, bitness, raw[: instruction.len] if instruction.len else raw, instruction)
 
 
@@ -336,6 +339,41 @@ def _mmx_move(vcpu: VcpuFd, mem: LinearMemory, d: Decoded) -> None:
     _advance(vcpu, regs, ins.len)
 
 
+def _avx_move(vcpu: VcpuFd, mem: LinearMemory, d: Decoded, layout: dict[int, xsave.Component]) -> None:
+    """The YMM moves of `kvm_avx.MOVES` (SDM vol. 2C VMOVDQA, VMOVNTDQA, VMOVNTDQ, VZEROALL)."""
+    ins = d.instruction
+    kind = kvm_avx.MOVES[ins.code]
+    sregs, regs = vcpu.get_sregs(), vcpu.get_regs()
+    kvm_avx.check_usable(sregs.cr0, sregs.cr4, xcr0_of(vcpu))
+    if kvm_avx.YMM_COMPONENT not in layout:
+        raise AssistError(f"{d.describe()}: the host reports no YMM state component")
+    state = vcpu.get_xsave()
+    area = bytearray(memoryview(state).cast("B"))
+    if kind == kvm_avx.ZERO:
+        kvm_avx.zero_all(area, layout)
+    else:
+        memory_operand = (ins.op1_kind if kind == kvm_avx.LOAD else ins.op0_kind) == iced_x86.OpKind.MEMORY
+        addr = _effective_address(vcpu, regs, d) if memory_operand else 0
+        if memory_operand and addr % 32:
+            raise CpuException(Vector.GP, 0)
+        if kind == kvm_avx.LOAD:
+            if memory_operand:
+                value = int.from_bytes(mem.read(addr, 32), "little")
+            else:
+                value = kvm_avx.read_ymm(area, layout, kvm_avx.ymm_index(ins.op1_register))
+            kvm_avx.write_ymm(area, layout, kvm_avx.ymm_index(ins.op0_register), value)
+        else:
+            value = kvm_avx.read_ymm(area, layout, kvm_avx.ymm_index(ins.op1_register))
+            if memory_operand:
+                mem.write(addr, value.to_bytes(32, "little"))
+                _advance(vcpu, regs, ins.len)
+                return
+            kvm_avx.write_ymm(area, layout, kvm_avx.ymm_index(ins.op0_register), value)
+    memoryview(state).cast("B")[:] = area
+    vcpu.set_xsave(state)
+    _advance(vcpu, regs, ins.len)
+
+
 def complete(
     vcpu: VcpuFd,
     mem: GuestMemory,
@@ -368,6 +406,14 @@ def complete(
             return d.mnemonic
         try:
             _xsave_family(vcpu, memory() if memory is not None else _TranslatedMemory(vcpu, mem), d, xsave_layout)
+        except CpuException as exc:
+            inject_cpu_exception(vcpu, exc)
+        except GuestMemoryError as e:
+            raise AssistError(f"{d.describe()}: {e}") from None
+        return d.mnemonic
+    if d.instruction.code in kvm_avx.MOVES:
+        try:
+            _avx_move(vcpu, memory() if memory is not None else _TranslatedMemory(vcpu, mem), d, xsave_layout)
         except CpuException as exc:
             inject_cpu_exception(vcpu, exc)
         except GuestMemoryError as e:
