@@ -9,6 +9,11 @@ CPU could do otherwise.
 
 `Features.from_cpuid(cpuid)` reads the leaves once from any CPUID function (the software CPU's, or the entries a
 KVM guest is given, through `cpuid_function`), and answers `has(name)`, `cr4_allowed()` and `efer_allowed()`.
+
+An instruction whose feature flag is clear raises #UD (each instruction's "Exceptions" section: "#UD If
+CPUID.(EAX=..):...[bit n] = 0"): `missing_for(instruction)` names the flag an instruction lacks, by the features
+iced-x86 lists for it (`INSTRUCTION_FEATURES`). Only features whose absence makes the instruction fault are
+listed: LZCNT and TZCNT without their flags execute as BSR and BSF, PREFETCHW as a NOP on older processors.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
+
+import iced_x86
 
 if TYPE_CHECKING:
     from popek.kvm import CpuidEntry
@@ -69,7 +76,100 @@ FEATURES: dict[str, Bit] = {
     "nx": Bit(0x80000001, 0, EDX, 20),
     "ffxsr": Bit(0x80000001, 0, EDX, 25),
     "lm": Bit(0x80000001, 0, EDX, 29),
+    # instruction families (see INSTRUCTION_FEATURES) and MSRs
+    "sse3": Bit(1, 0, ECX, 0),
+    "pclmulqdq": Bit(1, 0, ECX, 1),
+    "monitor": Bit(1, 0, ECX, 3),
+    "ssse3": Bit(1, 0, ECX, 9),
+    "cx16": Bit(1, 0, ECX, 13),
+    "sse4_1": Bit(1, 0, ECX, 19),
+    "sse4_2": Bit(1, 0, ECX, 20),
+    "movbe": Bit(1, 0, ECX, 22),
+    "popcnt": Bit(1, 0, ECX, 23),
+    "aes": Bit(1, 0, ECX, 25),
+    "avx": Bit(1, 0, ECX, 28),
+    "rdrand": Bit(1, 0, ECX, 30),
+    "msr": Bit(1, 0, EDX, 5),
+    "cx8": Bit(1, 0, EDX, 8),
+    "clflush": Bit(1, 0, EDX, 19),
+    "sse2": Bit(1, 0, EDX, 26),
+    "bmi1": Bit(7, 0, EBX, 3),
+    "avx2": Bit(7, 0, EBX, 5),
+    "bmi2": Bit(7, 0, EBX, 8),
+    "invpcid": Bit(7, 0, EBX, 10),
+    "rdseed": Bit(7, 0, EBX, 18),
+    "adx": Bit(7, 0, EBX, 19),
+    "clflushopt": Bit(7, 0, EBX, 23),
+    "clwb": Bit(7, 0, EBX, 24),
+    "sha": Bit(7, 0, EBX, 29),
+    "rdpid": Bit(7, 0, ECX, 22),
+    "serialize": Bit(7, 0, EDX, 14),
+    "spec_ctrl": Bit(7, 0, EDX, 26),  # IA32_SPEC_CTRL (IBRS) and IA32_PRED_CMD (IBPB), Intel's enumeration
+    "stibp": Bit(7, 0, EDX, 27),
+    "flush_l1d": Bit(7, 0, EDX, 28),  # IA32_FLUSH_CMD
+    "arch_capabilities": Bit(7, 0, EDX, 29),
+    "ssbd": Bit(7, 0, EDX, 31),
+    "lahf_lm": Bit(0x80000001, 0, ECX, 0),
+    "sse4a": Bit(0x80000001, 0, ECX, 6),
+    "monitorx": Bit(0x80000001, 0, ECX, 29),
+    "pdpe1gb": Bit(0x80000001, 0, EDX, 26),
+    "rdtscp": Bit(0x80000001, 0, EDX, 27),
+    "clzero": Bit(0x80000008, 0, EBX, 0),
+    "rdpru": Bit(0x80000008, 0, EBX, 4),
+    "wbnoinvd": Bit(0x80000008, 0, EBX, 9),
+    "amd_ibpb": Bit(0x80000008, 0, EBX, 12),  # IA32_PRED_CMD, AMD's enumeration
+    "amd_ibrs": Bit(0x80000008, 0, EBX, 14),  # IA32_SPEC_CTRL, AMD's enumeration
+    "amd_stibp": Bit(0x80000008, 0, EBX, 15),
+    "amd_ssbd": Bit(0x80000008, 0, EBX, 24),
+    "sbpb": Bit(0x80000021, 0, EAX, 27),  # IA32_PRED_CMD's SBPB command, AMD
 }
+
+# MSRs that exist only with one of their features (Intel SDM vol. 4 table 2-2; AMD APM vol. 2 appendix A): without
+# any of them RDMSR and WRMSR of the MSR raise #GP(0)
+MSR_FEATURES: dict[int, tuple[str, ...]] = {
+    0x48: ("spec_ctrl", "stibp", "ssbd", "amd_ibrs", "amd_stibp", "amd_ssbd"),  # IA32_SPEC_CTRL
+    0x49: ("spec_ctrl", "amd_ibpb", "sbpb"),  # IA32_PRED_CMD
+    0x10B: ("flush_l1d",),  # IA32_FLUSH_CMD
+}
+
+_F = iced_x86.CpuidFeature
+# iced-x86's feature of an instruction -> the FEATURES name that must be set for it not to #UD
+INSTRUCTION_FEATURES: dict[int, str] = {
+    _F.SSE3: "sse3",
+    _F.PCLMULQDQ: "pclmulqdq",
+    _F.MONITOR: "monitor",
+    _F.SSSE3: "ssse3",
+    _F.CMPXCHG16B: "cx16",
+    _F.SSE4_1: "sse4_1",
+    _F.SSE4_2: "sse4_2",
+    _F.MOVBE: "movbe",
+    _F.POPCNT: "popcnt",
+    _F.AES: "aes",
+    _F.AVX: "avx",
+    _F.AVX2: "avx2",
+    _F.RDRAND: "rdrand",
+    _F.FSGSBASE: "fsgsbase",
+    _F.BMI1: "bmi1",
+    _F.BMI2: "bmi2",
+    _F.INVPCID: "invpcid",
+    _F.RDSEED: "rdseed",
+    _F.ADX: "adx",
+    _F.SMAP: "smap",
+    _F.CLFLUSHOPT: "clflushopt",
+    _F.CLWB: "clwb",
+    _F.SHA: "sha",
+    _F.PKU: "pku",
+    _F.RDPID: "rdpid",
+    _F.SERIALIZE: "serialize",
+    _F.SSE4A: "sse4a",
+    _F.MONITORX: "monitorx",
+    _F.RDTSCP: "rdtscp",
+    _F.CLZERO: "clzero",
+    _F.RDPRU: "rdpru",
+    _F.WBNOINVD: "wbnoinvd",
+}
+# executed as older instructions where their flag is clear (LZCNT as BSR, TZCNT as BSF): never #UD
+_NOT_GATED = frozenset({iced_x86.Mnemonic.LZCNT, iced_x86.Mnemonic.TZCNT})
 
 # CR4 bits (SDM vol. 3A §2.5) and the feature each needs; PCE (bit 8) needs none. Bits not listed are reserved.
 CR4_FEATURES: dict[int, tuple[str, ...]] = {
@@ -144,6 +244,20 @@ class Features:
     def has(self, name: str) -> bool:
         b = FEATURES[name]
         return bool(self.leaves[(b.leaf, b.subleaf)][b.reg] >> b.bit & 1)
+
+    def absent_msrs(self) -> list[int]:
+        """The MSRs of MSR_FEATURES this CPUID does not offer: a guest's access to them is #GP(0)."""
+        return [msr for msr, needs in MSR_FEATURES.items() if not any(self.has(n) for n in needs)]
+
+    def missing_for(self, instruction: iced_x86.Instruction) -> str | None:
+        """The feature `instruction` needs that this CPUID does not offer (so it raises #UD), or None."""
+        if instruction.mnemonic in _NOT_GATED:
+            return None
+        for feature in instruction.cpuid_features():
+            name = INSTRUCTION_FEATURES.get(feature)
+            if name is not None and not self.has(name):
+                return name
+        return None
 
     def _allowed(self, table: dict[int, tuple[str, ...]]) -> int:
         mask = 0
