@@ -96,6 +96,13 @@ ESR_SEND_ILLEGAL_VECTOR = 1 << 5
 ESR_RECEIVE_ILLEGAL_VECTOR = 1 << 6
 ESR_ILLEGAL_REGISTER = 1 << 7
 
+# the registers x2APIC mode lets RDMSR read (SDM §11.12.1.2, table 11-6); the rest are #GP
+X2APIC_READABLE = frozenset(
+    {REG_ID, REG_VERSION, REG_TPR, REG_PPR, REG_LDR, REG_SVR, REG_ESR, REG_ICR_LOW, *LVT_REGS}
+    | {REG_TIMER_INITIAL, REG_TIMER_CURRENT, REG_TIMER_DIVIDE}
+    | {base + 0x10 * i for base in (REG_ISR, REG_TMR, REG_IRR) for i in range(8)}
+)
+
 DIVIDERS = {0b0000: 2, 0b0001: 4, 0b0010: 8, 0b0011: 16, 0b1000: 32, 0b1001: 64, 0b1010: 128, 0b1011: 1}
 
 
@@ -625,9 +632,7 @@ class LocalApic:
         reg = (msr - MSR_X2APIC_FIRST) << 4
         if not self.x2apic or not MSR_X2APIC_FIRST <= msr <= MSR_X2APIC_LAST:
             raise ApicAccessError(f"MSR {msr:#x} is not readable (x2APIC mode is {'on' if self.x2apic else 'off'})")
-        if reg in (REG_EOI, REG_SELF_IPI, REG_DFR, REG_APR, REG_RRD, REG_ICR_HIGH, REG_LVT_CMCI) or not (
-            reg <= REG_TIMER_DIVIDE
-        ):
+        if reg not in X2APIC_READABLE:
             raise ApicAccessError(f"x2APIC register {reg:#x} is not readable")
         if reg == REG_ICR_LOW:
             return self.icr
@@ -647,6 +652,8 @@ class LocalApic:
             self.icr = (value & ICR_WRITABLE) | (value >> 32 & 0xFFFFFFFF) << 32
             self._send_ipi()
         elif reg == REG_SELF_IPI:
+            if value >> 8:
+                raise ApicAccessError("reserved bits set in a write to the x2APIC SELF IPI register")
             self.icr = (self.icr & ~0xFFFFFFFF) | (value & 0xFF) | int(Shorthand.SELF) << 18
             self._send_ipi()
         elif reg == REG_EOI and value:

@@ -116,3 +116,15 @@ def test_a_tsc_deadline_already_reached_fires_at_once(accel: SoftAccel) -> None:
     interp.write_msr(lp.MSR_TSC_DEADLINE, interp.read_msr(0x10))
     assert apic.irr >> 0xEF & 1
     assert interp.read_msr(lp.MSR_TSC_DEADLINE) == 0
+
+
+def test_x2apic_reads_of_reserved_registers_and_reserved_self_ipi_bits_are_gp(accel: SoftAccel) -> None:
+    """SDM §11.12.1.2: only the registers of table 11-6 are readable as MSRs; SELF IPI takes a vector only."""
+    interp = accel.interps[1]
+    interp.write_msr(lp.MSR_APIC_BASE, XAPIC | EXTD)
+    for msr in (0x800, 0x801, 0x804, 0x807, 0x809, 0x80B, 0x829, 0x831, 0x83F, 0x840, 0x8FF):
+        assert gp(interp.read_msr, msr), hex(msr)
+    for msr in (0x802, 0x803, 0x808, 0x80A, 0x80D, 0x80F, 0x810, 0x828, 0x830, 0x832, 0x839, 0x83E):
+        assert not gp(interp.read_msr, msr), hex(msr)
+    assert gp(interp.write_msr, 0x83F, 0x100)
+    assert not gp(interp.write_msr, 0x83F, 0x40)
