@@ -43,7 +43,7 @@ from collections.abc import Callable
 
 from popek.accel import kvm_assist
 from popek.accel.exits import MmioRead, MmioWrite, PioIn, PioOut, Stop, StopReason, handle_exit
-from popek.accel.kvm_probe import VMCALL, VMMCALL, unavailable_families
+from popek.accel.kvm_probe import VMCALL, VMMCALL, observed_cpuid, unavailable_families
 from popek.accel.kvm_softcpu import SoftStep
 from popek.accel.kvm_state import apply_entry, register_dump
 from popek.accel.kvm_syscall import UserSyscallAssist
@@ -55,6 +55,7 @@ from popek.cpuid import apply_template, for_vcpu
 from popek.devices.event_loop import EventLoop, FdWatch, drain_eventfd
 from popek.devices.irq import IrqLine, Pulse
 from popek.errors import ConfigError, GuestMemoryError
+from popek.features import Features, cpuid_function
 from popek.kvm import (
     Cap,
     ExitReason,
@@ -146,6 +147,10 @@ class KvmAccel:
         self.xsave_layout = xsave.layout_from_cpuid(
             {e.index: (e.eax, e.ebx, e.ecx, e.edx) for e in supported if e.function == 0xD}
         )
+        # what the guest sees when it runs CPUID, which some hosts answer from their own processor for some leaves
+        self.features = Features.from_cpuid(cpuid_function(observed_cpuid(self.kvm, for_vcpu(self.cpuid, 0, cpus))))
+        if self.vm.check_extension(Cap.X86_MSR_FILTER):
+            self.vm.deny_msrs(self.features.absent_msrs())  # what the guest's CPUID does not offer is #GP
         self.vcpus: list[VcpuFd] = []
         for i in range(cpus):
             vcpu = self.vm.create_vcpu(i)
@@ -154,9 +159,19 @@ class KvmAccel:
             self.vcpus.append(vcpu)
         # the software CPU that completes, one vCPU's instruction at a time, what neither KVM nor `kvm_assist` can
         self.soft_steps = [SoftStep(vcpu, mem, for_vcpu(self.cpuid, i, cpus)) for i, vcpu in enumerate(self.vcpus)]
+        # hosts that leave SYSCALL half done, or answer INT n from ring 3 with #UD: watch the guest's handlers
         self.syscall_assists: list[UserSyscallAssist | None] = [
-            UserSyscallAssist(vcpu, mem) if "syscall" in self.unavailable else None for vcpu in self.vcpus
+            UserSyscallAssist(
+                vcpu,
+                mem,
+                syscall="syscall" in self.unavailable,
+                user_int=functools.partial(self._complete_user_int, i) if "int" in self.unavailable else None,
+            )
+            if self.unavailable & {"syscall", "int"}
+            else None
+            for i, vcpu in enumerate(self.vcpus)
         ]
+        self._buses: tuple[Bus, Bus] | None = None
         self.exit_counts: BoundedCounter[str] = BoundedCounter()
         self.assists: BoundedCounter[str] = BoundedCounter()
         self._threads: dict[int, int] = {}
@@ -269,7 +284,7 @@ class KvmAccel:
         whether it can never wake again (HALTED); a vCPU that exits to popek on its own is never kicked for that.
         On hosts whose hypercalls hang or whose SYSCALL needs completing, kick every vCPU each period so
         `run_vcpu` can look at where it is and at the guest's IDT."""
-        assist = bool(self.unavailable & {"hypercall", "syscall"})
+        assist = bool(self.unavailable & {"hypercall", "syscall", "int"})
         period = 0
         while not stopping.wait(WATCHDOG_PERIOD):
             period += 1
@@ -317,8 +332,15 @@ class KvmAccel:
         with self._stats_lock:
             self.assists["vmmcall" if insn == VMMCALL else "vmcall"] += 1
 
+    def _complete_user_int(self, index: int) -> bool:
+        """An INT n from ring 3 the host answered with #UD, executed by the software CPU (`kvm_syscall`)."""
+        if self._buses is None:
+            return False
+        return self.soft_steps[index].complete_user_int(*self._buses)
+
     def run_vcpu(self, index: int, pio: Bus, mmio: Bus, stopping: threading.Event) -> Stop | None:
         """Run vCPU `index` until the guest or the VMM ends the VM; returns why (None: stopped from outside)."""
+        self._buses = (pio, mmio)
         vcpu = self.vcpus[index]
         run = vcpu.run_page
         counts: Counter[str] = Counter()
@@ -368,9 +390,9 @@ class KvmAccel:
                         completed = syscall_assist.on_debug_exit(debug.pc, debug.dr6)
                     except kvm_assist.AssistError as e:
                         return Stop(StopReason.INTERNAL_ERROR, f"{e}\n" + register_dump(vcpu))
-                    if completed:
+                    if completed is not None:
                         with self._stats_lock:
-                            self.assists["syscall"] += 1
+                            self.assists[completed] += 1
                 else:
                     stop = self._slow_exit(vcpu, reason, pio, mmio)
                     if stop is not None:
@@ -421,7 +443,8 @@ class KvmAccel:
             try:
                 soft = self.soft_steps[vcpu.id]
                 fallback = functools.partial(soft.execute, pio, mmio)
-                mnemonic = kvm_assist.complete(vcpu, self.mem, insn, self.xsave_layout, fallback, soft.linear_memory)
+                memory = functools.partial(soft.linear_memory, pio, mmio)
+                mnemonic = kvm_assist.complete(vcpu, self.mem, insn, self.xsave_layout, fallback, memory, self.features)
             except kvm_assist.AssistError as e:
                 return Stop(StopReason.INTERNAL_ERROR, f"{e}\n" + register_dump(vcpu))
             with self._stats_lock:

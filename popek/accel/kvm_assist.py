@@ -11,8 +11,13 @@ KVM_TRANSLATE) and guest memory, as the architecture (Intel SDM vol. 2) specifie
   present, or not writable, is the guest's #PF with the right error code and CR2, and the walk sets the
   accessed and dirty bits as the processor's would. Linux's signal delivery XSAVEs at ring 0 straight into the
   user's signal frame and relies on that #PF to fault the page in (SDM vol. 1 §13.7; vol. 3A §4.7).
+- MMX data moves (MOVD/MOVQ with an MMX register): on the vCPU's x87 state, `popek.accel.kvm_mmx` (the
+  software CPU has no MMX); the memory operand, which may be MMIO, through the caller's `memory`.
+- AVX moves of YMM registers (VMOVDQA, VMOVNTDQA, VMOVNTDQ, VZEROALL): on the vCPU's XSAVE state,
+  `popek.accel.kvm_avx`, for hosts whose guests see AVX in CPUID that the host itself cannot emulate at ring 0.
 - CLAC/STAC: Linux brackets every user access with them, so they are the commonest failures by far.
-- Bytes that do not decode: #UD, as the processor raises.
+- Bytes that do not decode: #UD, as the processor raises; so does an instruction whose CPUID feature flag the
+  guest does not see set (`popek.features`, from the CPUID the guest observes, `kvm_probe.observed_cpuid`).
 Every other instruction goes to the caller's `fallback`: the software CPU (`popek.accel.kvm_softcpu`), which has
 the semantics, privilege checks and page-fault behaviour of the whole ISA it implements (POPCNT, LZCNT/TZCNT,
 BMI1/2, MOVBE, ADCX/ADOX, RDRAND/RDSEED, CMPXCHG16B, FSGSBASE, RDPID, FWAIT, SSE...). What neither can execute
@@ -31,9 +36,11 @@ import iced_x86
 if TYPE_CHECKING:
     from iced_x86._iced_x86_py import Register as RegisterT
 
+from popek.accel import kvm_avx, kvm_mmx
 from popek.cpu import xsave
 from popek.cpu.state import CpuException, Vector
 from popek.errors import GuestMemoryError
+from popek.features import Features
 from popek.kvm import KvmError, VcpuFd
 from popek.kvm.structs import kvm_regs, kvm_xcrs
 from popek.memory import PAGE_SIZE, GuestMemory
@@ -154,16 +161,17 @@ def decode(vcpu: VcpuFd, mem: GuestMemory, insn_bytes: bytes | None) -> Decoded:
     else:
         bitness = 32 if sregs.cs.db else 16
         rip = (sregs.cs.base + regs.rip) & 0xFFFFFFFF
-    raw = insn_bytes
-    if not raw:
-        raw = b""
+    raw = insn_bytes or b""
+    instruction = iced_x86.Decoder(bitness, raw, ip=rip).decode() if raw else iced_x86.Instruction()
+    if instruction.code == iced_x86.Code.INVALID:
+        # no bytes from KVM, or too few: a host may stop its fetch at a page end the instruction crosses
         for size in (15, PAGE_SIZE - rip % PAGE_SIZE):  # the second try stops at the page end
             try:
                 raw = read_linear(vcpu, mem, rip, min(size, 15))
                 break
             except (AssistError, GuestMemoryError, KvmError):
                 continue
-    instruction = iced_x86.Decoder(bitness, raw, ip=rip).decode() if raw else iced_x86.Instruction()
+        instruction = iced_x86.Decoder(bitness, raw, ip=rip).decode() if raw else iced_x86.Instruction()
     return Decoded(rip, bitness, raw[: instruction.len] if instruction.len else raw, instruction)
 
 
@@ -292,6 +300,80 @@ def _xsave_family(vcpu: VcpuFd, mem: LinearMemory, d: Decoded, layout: dict[int,
     _advance(vcpu, regs, d.instruction.len)
 
 
+def _mmx_move(vcpu: VcpuFd, mem: LinearMemory, d: Decoded) -> None:
+    """MOVD/MOVQ between an MMX register and a general register, memory or another MMX register (SDM vol. 2B
+    MOVD/MOVQ); the x87 state changes only once every operand has been read and written without a fault."""
+    ins = d.instruction
+    size, to_mm = kvm_mmx.MOVES[ins.code]
+    fpu, regs = vcpu.get_fpu(), vcpu.get_regs()
+    kvm_mmx.check_usable(vcpu.get_sregs().cr0, fpu.fsw)
+    mask = (1 << (8 * size)) - 1
+    # the operand that is not the MMX register named by the opcode: the source of a load, the destination of a store
+    other = ins.op1_kind if to_mm else ins.op0_kind
+    other_reg = ins.op1_register if to_mm else ins.op0_register
+    is_mm = other == iced_x86.OpKind.REGISTER and iced_x86.Register.MM0 <= other_reg <= iced_x86.Register.MM7
+    if to_mm:
+        if is_mm:
+            value = kvm_mmx.read_mm(fpu, kvm_mmx.mm_index(other_reg))
+        elif other == iced_x86.OpKind.REGISTER:
+            value = _register_value(regs, other_reg, d)
+        else:
+            value = int.from_bytes(mem.read(_effective_address(vcpu, regs, d), size), "little")
+        kvm_mmx.enter_mmx(fpu)
+        kvm_mmx.write_mm(fpu, kvm_mmx.mm_index(ins.op0_register), value & mask)
+    else:
+        value = kvm_mmx.read_mm(fpu, kvm_mmx.mm_index(ins.op1_register)) & mask
+        if is_mm:
+            kvm_mmx.enter_mmx(fpu)
+            kvm_mmx.write_mm(fpu, kvm_mmx.mm_index(other_reg), value)
+        elif other == iced_x86.OpKind.REGISTER:
+            name = _REGISTER_NAMES.get(iced_x86.RegisterExt.full_register(other_reg))
+            if name is None:
+                raise AssistError(f"unsupported operand in {d.describe()}")
+            setattr(regs, name, value)  # a 32-bit destination is zero-extended to 64 bits
+            kvm_mmx.enter_mmx(fpu)
+        else:
+            mem.write(_effective_address(vcpu, regs, d), value.to_bytes(size, "little"))
+            kvm_mmx.enter_mmx(fpu)
+    vcpu.set_fpu(fpu)
+    _advance(vcpu, regs, ins.len)
+
+
+def _avx_move(vcpu: VcpuFd, mem: LinearMemory, d: Decoded, layout: dict[int, xsave.Component]) -> None:
+    """The YMM moves of `kvm_avx.MOVES` (SDM vol. 2C VMOVDQA, VMOVNTDQA, VMOVNTDQ, VZEROALL)."""
+    ins = d.instruction
+    kind = kvm_avx.MOVES[ins.code]
+    sregs, regs = vcpu.get_sregs(), vcpu.get_regs()
+    kvm_avx.check_usable(sregs.cr0, sregs.cr4, xcr0_of(vcpu))
+    if kvm_avx.YMM_COMPONENT not in layout:
+        raise AssistError(f"{d.describe()}: the host reports no YMM state component")
+    state = vcpu.get_xsave()
+    area = bytearray(memoryview(state).cast("B"))
+    if kind == kvm_avx.ZERO:
+        kvm_avx.zero_all(area, layout)
+    else:
+        memory_operand = (ins.op1_kind if kind == kvm_avx.LOAD else ins.op0_kind) == iced_x86.OpKind.MEMORY
+        addr = _effective_address(vcpu, regs, d) if memory_operand else 0
+        if memory_operand and addr % 32:
+            raise CpuException(Vector.GP, 0)
+        if kind == kvm_avx.LOAD:
+            if memory_operand:
+                value = int.from_bytes(mem.read(addr, 32), "little")
+            else:
+                value = kvm_avx.read_ymm(area, layout, kvm_avx.ymm_index(ins.op1_register))
+            kvm_avx.write_ymm(area, layout, kvm_avx.ymm_index(ins.op0_register), value)
+        else:
+            value = kvm_avx.read_ymm(area, layout, kvm_avx.ymm_index(ins.op1_register))
+            if memory_operand:
+                mem.write(addr, value.to_bytes(32, "little"))
+                _advance(vcpu, regs, ins.len)
+                return
+            kvm_avx.write_ymm(area, layout, kvm_avx.ymm_index(ins.op0_register), value)
+    memoryview(state).cast("B")[:] = area
+    vcpu.set_xsave(state)
+    _advance(vcpu, regs, ins.len)
+
+
 def complete(
     vcpu: VcpuFd,
     mem: GuestMemory,
@@ -299,15 +381,21 @@ def complete(
     xsave_layout: dict[int, xsave.Component],
     fallback: Callable[[], None] | None = None,
     memory: Callable[[], LinearMemory] | None = None,
+    features: Features | None = None,
 ) -> str:
     """Finish the instruction at RIP; returns its mnemonic for the assist counters. The families below have
     routines of their own; `fallback` (the software CPU, `popek.accel.kvm_softcpu`) takes every other one, and
-    `memory` gives the routines the vCPU's view of linear memory (KVM_TRANSLATE without it)."""
+    `memory` gives the routines the vCPU's view of linear memory (KVM_TRANSLATE without it). With `features`,
+    an instruction whose feature the guest's CPUID does not offer raises #UD (its "Exceptions" section)."""
     d = decode(vcpu, mem, insn_bytes)
     m = d.instruction.mnemonic
     if d.instruction.code == iced_x86.Code.INVALID:
         inject_exception(vcpu, UD_VECTOR)  # what the CPU does with bytes it cannot decode
         return "(invalid)"
+    missing = features.missing_for(d.instruction) if features is not None else None
+    if missing is not None:
+        inject_exception(vcpu, UD_VECTOR)
+        return f"(no {missing})"
     if m == iced_x86.Mnemonic.INT3:
         _advance(vcpu, vcpu.get_regs(), d.instruction.len)
         inject_exception(vcpu, BP_VECTOR)
@@ -318,6 +406,22 @@ def complete(
             return d.mnemonic
         try:
             _xsave_family(vcpu, memory() if memory is not None else _TranslatedMemory(vcpu, mem), d, xsave_layout)
+        except CpuException as exc:
+            inject_cpu_exception(vcpu, exc)
+        except GuestMemoryError as e:
+            raise AssistError(f"{d.describe()}: {e}") from None
+        return d.mnemonic
+    if d.instruction.code in kvm_avx.MOVES:
+        try:
+            _avx_move(vcpu, memory() if memory is not None else _TranslatedMemory(vcpu, mem), d, xsave_layout)
+        except CpuException as exc:
+            inject_cpu_exception(vcpu, exc)
+        except GuestMemoryError as e:
+            raise AssistError(f"{d.describe()}: {e}") from None
+        return d.mnemonic
+    if d.instruction.code in kvm_mmx.MOVES:
+        try:
+            _mmx_move(vcpu, memory() if memory is not None else _TranslatedMemory(vcpu, mem), d)
         except CpuException as exc:
             inject_cpu_exception(vcpu, exc)
         except GuestMemoryError as e:

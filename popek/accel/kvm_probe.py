@@ -9,6 +9,10 @@ cannot hide. AVX (VEX-encoded instructions) is one such family: hosts that emula
 encoding, and popek's software CPU has no AVX to complete them with, so there the guest is told it has no AVX
 (and no AVX2, AVX-512, FMA, F16C, nor their XSAVE state components), and ring 3 never uses it either.
 On hardware that runs guests natively every probe passes and nothing is hidden or completed.
+
+The same hosts may also answer a guest's CPUID from their own processor for some leaves, whatever
+KVM_SET_CPUID2 set (`observed_cpuid`): the features a guest can rely on, and those whose instructions popek
+must refuse with #UD, are then the ones it really sees, which only running CPUID in a guest tells.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections.abc import Iterator
 from popek.accel.kvm_state import apply_entry
 from popek.boot.gdt import long_mode_entry
 from popek.cpuid import apply_template, for_vcpu
-from popek.kvm import ExitReason, Kvm, KvmError, VcpuFd
+from popek.kvm import CpuidEntry, ExitReason, Kvm, KvmError, VcpuFd
 from popek.kvm.structs import kvm_xcrs
 from popek.memory import GuestMemory
 
@@ -42,6 +46,9 @@ PROBES: dict[str, tuple[bytes, dict[str, int]]] = {
     "hypercall": (b"", {"rax": 9, "rbx": 0x3000, "rcx": 0xFFFF}),
     # from ring 3 to LSTAR (CODE_ADDR + 2), where HLT exits only if SYSCALL really switched to ring 0
     "syscall": (bytes.fromhex("0f05"), {}),
+    # INT 0x20 from ring 3 through a DPL-3 gate to CODE_ADDR + 2 (HLT); a host that answers it with #UD lands on
+    # the #UD gate's HLT at CODE_ADDR + 3 instead
+    "int": (bytes.fromhex("cd20f4"), {}),
 }
 VMCALL = bytes.fromhex("0f01c1")
 VMMCALL = bytes.fromhex("0f01d9")
@@ -50,6 +57,10 @@ USER_PAGE_TABLES = 0x10000  # PML4, PDPT, PD: the first 2 MiB, user-accessible
 MSR_STAR, MSR_LSTAR, MSR_SFMASK = 0xC0000081, 0xC0000082, 0xC0000084
 EFER_SCE = 1 << 0
 USER_CS, USER_SS = 0x2B, 0x23
+IDT_ADDR = 0x4000
+TSS_RSP0 = 4  # the boot GDT's TSS is at linear 0: RSP0 at offset 4 (SDM vol. 3A §8.7)
+KERNEL_STACK = 0x8000
+INT_VECTOR, UD_VECTOR = 0x20, 6
 KICK_SIGNAL = signal.SIGUSR1
 
 
@@ -79,7 +90,9 @@ def _run_with_deadline(vcpu: VcpuFd, seconds: float) -> ExitReason | int | None:
 
 
 _cache: dict[int, frozenset[str]] = {}
+_observed: dict[tuple[CpuidEntry, ...], list[CpuidEntry]] = {}
 _lock = threading.Lock()
+CPUID_CODE, CPUID_DATA = 0x10000, 0x80000  # clear of the entry's GDT (0x500) and page tables (0x9000-0xEFFF)
 
 
 @contextlib.contextmanager
@@ -117,6 +130,23 @@ def _enter_user_mode(mem: GuestMemory, vcpu: VcpuFd) -> None:
     vcpu.set_msrs({MSR_STAR: (0x10 << 32) | (0x1B << 48), MSR_LSTAR: CODE_ADDR + len(code), MSR_SFMASK: 0x200})
 
 
+def _gate(offset: int, dpl: int) -> bytes:
+    """A 64-bit interrupt gate to the boot GDT's 64-bit code segment (SDM vol. 3A §6.14.1)."""
+    attributes = 0x80 | dpl << 5 | 0xE
+    return struct.pack("<HHBBHII", offset & 0xFFFF, 0x10, 0, attributes, offset >> 16 & 0xFFFF, offset >> 32, 0)
+
+
+def _user_int_setup(mem: GuestMemory, vcpu: VcpuFd) -> None:
+    """Ring 3 (as for SYSCALL), an IDT with the INT gate and a #UD gate, and a ring-0 stack in the TSS."""
+    _enter_user_mode(mem, vcpu)
+    mem.write(IDT_ADDR + INT_VECTOR * 16, _gate(CODE_ADDR + 2, 3))
+    mem.write(IDT_ADDR + UD_VECTOR * 16, _gate(CODE_ADDR + 3, 0))
+    mem.write(TSS_RSP0, struct.pack("<Q", KERNEL_STACK))
+    sregs = vcpu.get_sregs()
+    sregs.idt.base, sregs.idt.limit = IDT_ADDR, 0x21 * 16 - 1
+    vcpu.set_sregs(sregs)
+
+
 def _runs(kvm: Kvm, family: str) -> bool:
     code, regs = PROBES[family]
     try:
@@ -135,11 +165,15 @@ def _runs(kvm: Kvm, family: str) -> bool:
                 vcpu.set_xcrs(xcrs)
             elif family == "syscall":
                 _enter_user_mode(mem, vcpu)
+            elif family == "int":
+                _user_int_setup(mem, vcpu)
             for _ in range(16):
                 reason = _run_with_deadline(vcpu, HYPERCALL_WAIT) if family == "hypercall" else vcpu.run()
                 if reason is None:
                     return False
                 if reason == ExitReason.HLT:
+                    if family == "int":
+                        return bool(vcpu.get_sregs().cs.dpl == 0 and vcpu.get_regs().rip == CODE_ADDR + 3)
                     return family != "syscall" or vcpu.get_sregs().cs.dpl == 0
                 if reason != ExitReason.INTR:
                     return False
@@ -155,3 +189,45 @@ def unavailable_families(kvm: Kvm) -> frozenset[str]:
         if key not in _cache:
             _cache[key] = frozenset(f for f in PROBES if not _runs(kvm, f))
         return _cache[key]
+
+
+def _cpuid_program(leaves: list[tuple[int, int]]) -> bytes:
+    """64-bit code that runs CPUID for each (leaf, subleaf) and stores EAX, EBX, ECX, EDX at CPUID_DATA + 16 * i,
+    then halts."""
+    code = b"\xbf" + struct.pack("<I", CPUID_DATA)  # mov edi, CPUID_DATA
+    for leaf, subleaf in leaves:
+        code += b"\xb8" + struct.pack("<I", leaf) + b"\xb9" + struct.pack("<I", subleaf)  # mov eax, ecx
+        code += bytes.fromhex("0fa2 8907 895f04 894f08 89570c 4883c710")  # cpuid; mov [rdi..]; add rdi, 16
+    return code + HLT
+
+
+def observed_cpuid(kvm: Kvm, entries: list[CpuidEntry]) -> list[CpuidEntry]:
+    """`entries` as a guest given them with KVM_SET_CPUID2 sees them when it executes CPUID at ring 0 (cached
+    per process). Where the guest does not come back to HLT, `entries` are taken as they are."""
+    key = tuple(entries)
+    with _lock:
+        if key in _observed:
+            return _observed[key]
+    leaves = [(e.function, e.index) for e in entries]
+    seen = list(entries)
+    try:
+        with _scratch_vcpu(kvm) as (mem, vcpu):
+            vcpu.set_cpuid2(entries)
+            mem.write(CPUID_CODE, _cpuid_program(leaves))
+            apply_entry(vcpu, long_mode_entry(mem, CPUID_CODE, {}))
+            for _ in range(16):
+                reason = vcpu.run()
+                if reason == ExitReason.HLT:
+                    raw = mem.read(CPUID_DATA, 16 * len(leaves))
+                    seen = [
+                        CpuidEntry(e.function, e.index, e.flags, *struct.unpack_from("<4I", raw, 16 * i))
+                        for i, e in enumerate(entries)
+                    ]
+                    break
+                if reason != ExitReason.INTR:
+                    break
+    except KvmError:
+        pass
+    with _lock:
+        _observed[key] = seen
+    return seen

@@ -25,10 +25,13 @@ from popek.accel.exits import MmioRead, MmioWrite, PioIn, PioOut, handle_exit
 from popek.accel.kvm_assist import AssistError, inject_cpu_exception, xcr0_of
 from popek.accel.kvm_convert import load_cpu_from_kvm, store_cpu_to_kvm
 from popek.bus import Bus
+from popek.cpu import segments
 from popek.cpu.core import Cpu
 from popek.cpu.interp import Interpreter
 from popek.cpu.mmu import Access
 from popek.cpu.state import (
+    CS,
+    EFER_LMA,
     MSR_CSTAR,
     MSR_IA32_SYSENTER_CS,
     MSR_IA32_SYSENTER_EIP,
@@ -39,6 +42,8 @@ from popek.cpu.state import (
     MSR_SFMASK,
     MSR_STAR,
     MSR_TSC_AUX,
+    RF,
+    RSP,
     CpuException,
     CpuState,
 )
@@ -172,12 +177,61 @@ class SoftStep:
             if e.function == 0x80000008:
                 self.cpu.mmu.phys_bits = e.eax & 0xFF
 
-    def linear_memory(self) -> _LinearMemory:
+    def linear_memory(self, pio: Bus | None = None, mmio: Bus | None = None) -> _LinearMemory:
         """The vCPU's linear memory as its current instruction reaches it (`kvm_assist.LinearMemory`): the
-        software CPU loaded with the vCPU's registers and paging state, its page walker doing the translation."""
+        software CPU loaded with the vCPU's registers and paging state, its page walker doing the translation;
+        with buses, an operand outside RAM reaches popek's devices (kvm-unit-tests' emulator moves MMX registers
+        to and from MMIO), without them it stops the assist."""
+        self.buses.pio, self.buses.mmio = pio, mmio
         load_cpu_from_kvm(self.cpu.state, self.vcpu.get_regs(), self.vcpu.get_sregs())
         self.cpu.mmu.flush()
         return _LinearMemory(self.cpu)
+
+    def complete_user_int(self, pio: Bus, mmio: Bus) -> bool:
+        """At the first instruction of the guest's #UD handler: if the #UD came from ring 3 and the instruction it
+        names is INT n (which never raises #UD in protected or long mode, SDM vol. 2A INT n), the #UD stands for
+        an INT n the host did not execute. Unwind the #UD frame (IRETQ) and execute the INT n, whose delivery
+        through the IDT checks the gate's DPL against CPL 3 (SDM vol. 3A §6.12.1.1) and raises what the
+        processor would. True when done; False, with the vCPU untouched, for any other #UD."""
+        vcpu, s = self.vcpu, self.cpu.state
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        load_cpu_from_kvm(s, regs, sregs)
+        s.msrs, s.interrupt_shadow = dict(vcpu.get_msrs(SEMANTIC_MSRS)), False
+        if not s.efer & EFER_LMA or s.cpl != 0:
+            return False
+        self.cpu.mmu.flush()
+        self.interp.flush_decode_cache()
+        try:
+            frame_cs = int.from_bytes(self.cpu.mmu.read_bytes(s.gpr[RSP] + 8, 8, Access.READ, user=False), "little")
+            if frame_cs & 3 != 3:
+                return False
+            segments.iret(self.cpu, 64)
+            s.rflags &= ~RF  # the #UD frame had RF set (a fault); INT n is a trap and completes
+            cs = s.seg[CS]
+            bits = 64 if cs.l else (32 if cs.db else 16)
+            lin = s.rip if bits == 64 else (cs.base + s.rip) & 0xFFFFFFFF
+            raw = self.cpu.mmu.read_bytes(lin, 2, Access.EXECUTE)
+        except CpuException:
+            return False  # the frame or the instruction cannot be read as the processor would: a real #UD
+        ins = iced_x86.Decoder(bits, bytes(raw), ip=lin).decode()
+        if ins.mnemonic != iced_x86.Mnemonic.INT:
+            return False
+        self.buses.pio, self.buses.mmio = pio, mmio
+        try:
+            with _atomic:
+                self.interp.execute_one()
+        except CpuException as exc:
+            store_cpu_to_kvm(s, regs, sregs)  # the fault is the INT n's, at ring 3
+            vcpu.set_sregs(sregs)
+            vcpu.set_regs(regs)
+            inject_cpu_exception(vcpu, exc)
+            return True
+        finally:
+            self.buses.pio = self.buses.mmio = None
+        store_cpu_to_kvm(s, regs, sregs)
+        vcpu.set_sregs(sregs)
+        vcpu.set_regs(regs)
+        return True
 
     def execute(self, pio: Bus, mmio: Bus) -> None:
         """Execute the instruction at the vCPU's RIP and write the result back to KVM, or inject its fault."""

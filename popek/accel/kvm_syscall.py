@@ -31,6 +31,12 @@ whenever it has the vCPU out anyway (`force`). Before every entry it must be che
 of guests that never enter long mode: where the host mirrors the special registers in kvm_run
 (KVM_CAP_SYNC_REGS) it reads the gates only when EFER.LMA or the IDT register changed since it last looked.
 
+The same hosts may answer INT n from guest ring 3 with #UD at the INT instruction, without delivering it
+(family "int"). INT n never raises #UD in protected or long mode (SDM vol. 2A, INT n), so a #UD from CPL 3 at an
+INT n is that: a third breakpoint (DR2) on the guest's #UD handler exits to popek, which unwinds the #UD frame and
+executes the INT n in its software CPU, through the guest's IDT with the gate's DPL checked against CPL 3
+(`SoftStep.complete_user_int`); any other #UD proceeds to the guest's handler as above.
+
 The guest's own debug registers are overridden while the assist is armed (a guest debugger's hardware
 breakpoints do not work on such hosts).
 """
@@ -38,6 +44,7 @@ breakpoints do not work on such hosts).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from popek.accel.kvm_assist import AssistError, read_linear
@@ -46,15 +53,15 @@ from popek.kvm import GuestDebug, KvmError, VcpuFd
 from popek.kvm.structs import kvm_segment, kvm_sregs
 from popek.memory import GuestMemory
 
-GP_VECTOR, PF_VECTOR = 13, 14
-WATCHED = (GP_VECTOR, PF_VECTOR)  # DR0 and DR1
+UD_VECTOR, GP_VECTOR, PF_VECTOR = 6, 13, 14
+WATCHED = (GP_VECTOR, PF_VECTOR)  # DR0 and DR1 for SYSCALL; DR2 watches #UD for INT n
 GATE_SIZE = 16
 MSR_STAR = 0xC0000081
 MSR_LSTAR = 0xC0000082
 MSR_SFMASK = 0xC0000084
 EFER_LMA = 1 << 10
 RFLAGS_RF = 1 << 16
-DR7_LOCAL_ENABLE = (1 << 0, 1 << 2)  # L0, L1; R/W and LEN 00: instruction breakpoints
+DR7_LOCAL_ENABLE = (1 << 0, 1 << 2, 1 << 4)  # L0, L1, L2; R/W and LEN 00: instruction breakpoints
 DR6_BS = 1 << 14
 RFLAGS_FIXED = 1 << 1
 INTERRUPT_GATE, TRAP_GATE = 0xE, 0xF
@@ -104,12 +111,17 @@ def _kernel_segments(star: int, cs: kvm_segment, ss: kvm_segment) -> None:
 
 
 class UserSyscallAssist:
-    """One vCPU's breakpoints on the #GP and #PF handlers, and the SYSCALL completion they trigger."""
+    """One vCPU's breakpoints on the #GP and #PF handlers (`syscall`) and on the #UD handler (`user_int`, which
+    completes an INT n and says whether it did), and the completions they trigger."""
 
-    def __init__(self, vcpu: VcpuFd, mem: GuestMemory) -> None:
+    def __init__(
+        self, vcpu: VcpuFd, mem: GuestMemory, syscall: bool = True, user_int: Callable[[], bool] | None = None
+    ) -> None:
         self.vcpu = vcpu
         self.mem = mem
-        self.handlers: tuple[int | None, ...] = (None,) * len(WATCHED)
+        self.user_int = user_int
+        self.watched = (WATCHED if syscall else ()) + ((UD_VECTOR,) if user_int is not None else ())
+        self.handlers: tuple[int | None, ...] = (None,) * len(self.watched)
         self.stepping = False  # past a handler's first instruction, breakpoints off until the step's exit
         # views into kvm_run, kept: building them costs more than reading their fields
         self._synced = vcpu.synced_sregs if vcpu.sync_sregs() else None
@@ -133,7 +145,7 @@ class UserSyscallAssist:
             if not force and seen == self._looked_at:
                 return
             self._looked_at = seen
-        handlers = tuple(handler(self.vcpu, self.mem, vector, sregs) for vector in WATCHED)
+        handlers = tuple(handler(self.vcpu, self.mem, vector, sregs) for vector in self.watched)
         if handlers != self.handlers:
             self.handlers = handlers
             self._set_breakpoints()
@@ -144,25 +156,31 @@ class UserSyscallAssist:
             return
         dr7 = sum(enable for h, enable in zip(self.handlers, DR7_LOCAL_ENABLE) if h is not None)
         addresses = [h or 0 for h in self.handlers]
-        self.vcpu.set_guest_debug(GuestDebug.ENABLE | GuestDebug.USE_HW_BP, [*addresses, 0, 0, 0, 0, 0, dr7][:8])
+        addresses += [0] * (4 - len(addresses))  # DR0-DR3
+        self.vcpu.set_guest_debug(GuestDebug.ENABLE | GuestDebug.USE_HW_BP, [*addresses, 0, 0, 0, dr7])
 
-    def on_debug_exit(self, pc: int, dr6: int) -> bool:
-        """Handle a KVM_EXIT_DEBUG; True if it completed a SYSCALL, False if the guest's handler proceeds.
+    def on_debug_exit(self, pc: int, dr6: int) -> str | None:
+        """Handle a KVM_EXIT_DEBUG; what it completed ("syscall", "int"), None if the guest's handler proceeds.
 
         Raises AssistError for a debug exit popek did not ask for (the caller stops the VM).
         """
         if self.stepping and dr6 & DR6_BS:
             self.stepping = False
             self._set_breakpoints()
-            return False
+            return None
         if pc not in self.handlers:
             raise AssistError(f"unexpected debug exit at {pc:#x} (dr6 {dr6:#x})")
-        vector = WATCHED[self.handlers.index(pc)]
-        if self._complete_syscall(vector):
-            return True
+        # one handler may serve several watched vectors: each completion checks the frame is its own
+        vectors = [v for v, h in zip(self.watched, self.handlers) if h == pc]
+        for vector in vectors:
+            if vector == UD_VECTOR and self.user_int is not None:
+                if self.user_int():
+                    return "int"
+            elif self._complete_syscall(vector):
+                return "syscall"
         self.stepping = True
         self.vcpu.set_guest_debug(GuestDebug.ENABLE | GuestDebug.SINGLESTEP)
-        return False
+        return None
 
     def _complete_syscall(self, vector: int) -> bool:
         """If the fault being delivered is a half-done SYSCALL's, finish the SYSCALL instead."""

@@ -35,11 +35,22 @@ from popek.bus import BoundedCounter, Bus
 from popek.cpu.core import Cpu
 from popek.cpu.interp import Interpreter, default_cpuid
 from popek.cpu.segments import UnsupportedTaskSwitch
-from popek.cpu.state import CS, GPR_NAMES, IF, SEGMENT_NAMES, CpuState, TableRegister, TripleFault
+from popek.cpu.state import (
+    CS,
+    GPR_NAMES,
+    IF,
+    SEGMENT_NAMES,
+    CpuException,
+    CpuState,
+    TableRegister,
+    TripleFault,
+    Vector,
+)
 from popek.cpu.state import Segment as CpuSegment
+from popek.cpuid import ECX_X2APIC, EDX_APIC
 from popek.devices.event_loop import FdWatch
 from popek.devices.irq import IrqLine, Pulse
-from popek.devices.lapic import LAPIC_BASE, LocalApic
+from popek.devices.lapic import REG_TPR, ApicAccessError, LocalApic
 from popek.devices.platform import PortRange, SoftPlatform
 from popek.errors import ConfigError
 from popek.memory import PAGE_SIZE, GuestMemory
@@ -74,21 +85,61 @@ class _CpuBus:
         self.accel.stall(self.index, PORT_IO_NS)
         handle_exit(PioOut(port, value.to_bytes(size, "little")), self.pio, self.mmio)
 
+    def _is_lapic(self, addr: int) -> bool:
+        """The xAPIC page answers at IA32_APIC_BASE while the APIC is enabled in xAPIC mode; disabled or in x2APIC
+        mode it is gone and the address reaches the buses like any other (SDM §11.4.4, §11.12)."""
+        lapic = self.lapic
+        return lapic.base <= addr < lapic.base + PAGE_SIZE and lapic.enabled and not lapic.x2apic
+
     def mmio_read(self, addr: int, size: int) -> int:
-        if LAPIC_BASE <= addr < LAPIC_BASE + PAGE_SIZE and self.lapic.enabled:
-            return int.from_bytes(self.lapic.read(addr - LAPIC_BASE, size), "little")
+        if self._is_lapic(addr):
+            return int.from_bytes(self.lapic.read(addr - self.lapic.base, size), "little")
         assert self.pio is not None and self.mmio is not None
         self.accel.exit_counts["mmio"] += 1
         data = handle_exit(MmioRead(addr, size), self.pio, self.mmio) or b""
         return int.from_bytes(data[:size].ljust(size, b"\xff"), "little")
 
     def mmio_write(self, addr: int, size: int, value: int) -> None:
-        if LAPIC_BASE <= addr < LAPIC_BASE + PAGE_SIZE and self.lapic.enabled:
-            self.lapic.write(addr - LAPIC_BASE, value.to_bytes(size, "little"))
+        if self._is_lapic(addr):
+            self.lapic.write(addr - self.lapic.base, value.to_bytes(size, "little"))
             return
         assert self.pio is not None and self.mmio is not None
         self.accel.exit_counts["mmio"] += 1
         handle_exit(MmioWrite(addr, value.to_bytes(size, "little")), self.pio, self.mmio)
+
+
+class _ApicPort:
+    """A software vCPU's path to its local APIC (`popek.cpu.core.ApicPort`): the APIC's MSRs, with what it
+    refuses as #GP(0), and CR8 as TPR[7:4] (SDM vol. 3A §11.8.6.1). The APIC reads the guest's TSC through the
+    CPU's offset, so IA32_TSC_DEADLINE compares against what RDTSC returns."""
+
+    def __init__(self, lapic: LocalApic, cpu: Cpu) -> None:
+        self.lapic = lapic
+        self.cpu = cpu
+
+    def handles_msr(self, index: int) -> bool:
+        return self.lapic.handles_msr(index)
+
+    def msr_read(self, index: int) -> int:
+        self.lapic.tsc_offset = self.cpu.state.tsc_offset
+        try:
+            return self.lapic.msr_read(index)
+        except ApicAccessError as e:
+            raise CpuException(Vector.GP, 0) from e
+
+    def msr_write(self, index: int, value: int) -> None:
+        self.lapic.tsc_offset = self.cpu.state.tsc_offset
+        try:
+            self.lapic.msr_write(index, value)
+        except ApicAccessError as e:
+            raise CpuException(Vector.GP, 0) from e
+
+    def read_cr8(self) -> int | None:
+        return self.lapic.tpr >> 4 if self.lapic.enabled else None
+
+    def write_cr8(self, value: int) -> None:
+        if self.lapic.enabled:
+            self.lapic.write_register(REG_TPR, value << 4)
 
 
 def _cpu_segment(seg: Segment) -> CpuSegment:
@@ -179,9 +230,12 @@ class SoftAccel:
         self.unavailable: frozenset[str] = frozenset()
         self.buses = [_CpuBus(self, i, self.platform.lapic_for(i)) for i in range(cpus)]
         self.cpus = [Cpu(i, mem, self.buses[i], irq=self.platform.lapic_for(i)) for i in range(cpus)]
+        for i, cpu in enumerate(self.cpus):
+            cpu.apic = _ApicPort(self.platform.lapic_for(i), cpu)
+            self.platform.lapic_for(i).now = self.time_ns
         self.interps = [Interpreter(cpu) for cpu in self.cpus]
         for i, interp in enumerate(self.interps):
-            interp.cpuid = self._cpuid_for(i, cpus)
+            interp.cpuid = self._cpuid_for(i, cpus, self.platform.lapic_for(i))
             interp.tsc = self._tsc_for(i)
             interp.on_pause = self._pause_for(i)
         # application processors wait for INIT-SIPI-SIPI, as on a PC
@@ -206,14 +260,31 @@ class SoftAccel:
     # --- the CPU model ---
 
     @staticmethod
-    def _cpuid_for(index: int, cpus: int) -> Callable[[int, int], tuple[int, int, int, int]]:
-        """The software CPU's own CPUID (what it implements), with this vCPU's APIC ID and the vCPU count."""
+    def _cpuid_for(index: int, cpus: int, lapic: LocalApic) -> Callable[[int, int], tuple[int, int, int, int]]:
+        """The software CPU's own CPUID (what it implements) with what the platform's local APIC adds: this vCPU's
+        APIC ID and the vCPU count in leaf 1, the APIC flag tracking IA32_APIC_BASE.EN (SDM vol. 2A CPUID: "APIC
+        On-Chip", which a globally disabled APIC clears), x2APIC (leaf 1 ECX bit 21), and the x2APIC topology
+        leaf 0xB: one thread per core, `cpus` cores in one package."""
 
         def cpuid(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
             eax, ebx, ecx, edx = default_cpuid(leaf, subleaf)
             if leaf == 1:
                 ebx = (ebx & 0x0000FFFF) | (min(cpus, 255) << 16) | (index << 24)
                 edx |= (1 << 28) if cpus > 1 else 0  # HTT: the logical-processor count field is valid
+                edx = edx | EDX_APIC if lapic.enabled else edx & ~EDX_APIC
+                # TSC-deadline mode works (IA32_TSC_DEADLINE is the APIC's) but is not advertised, as on QEMU TCG:
+                # the suite's vmexit_tscdeadline entries, which skip without it, otherwise spin 2^30 TSC cycles
+                # of virtual time (some hours at the interpreter's speed)
+                ecx |= ECX_X2APIC if lapic.x2apic_supported else 0
+            elif leaf == 0xB:
+                core_shift = max(cpus - 1, 0).bit_length()
+                if subleaf == 0:  # SMT level: one thread
+                    eax, ebx, ecx = 0, 1, 1 << 8
+                elif subleaf == 1:  # core level: every vCPU, the shift to the package ID
+                    eax, ebx, ecx = core_shift, cpus, 1 | 2 << 8
+                else:
+                    eax, ebx, ecx = 0, 0, subleaf & 0xFF
+                edx = lapic.initial_apic_id
             return eax, ebx, ecx, edx
 
         return cpuid

@@ -45,6 +45,27 @@ class InterruptSource(Protocol):
         ...
 
 
+class ApicPort(Protocol):
+    """The processor's private path to its own local APIC (SDM vol. 3A §11.4.4, §11.8.6.1, §11.12): the MSRs
+    the APIC owns (IA32_APIC_BASE, the x2APIC registers, IA32_TSC_DEADLINE), which RDMSR/WRMSR hand over before
+    the CPU's own, and CR8, the task-priority class. `msr_read`/`msr_write` raise `CpuException` (#GP) for
+    what the APIC refuses."""
+
+    def handles_msr(self, index: int) -> bool: ...
+
+    def msr_read(self, index: int) -> int: ...
+
+    def msr_write(self, index: int, value: int) -> None: ...
+
+    def read_cr8(self) -> int | None:
+        """TPR[7:4], or None while the APIC is globally disabled (CR8 is then the processor's own register)."""
+        ...
+
+    def write_cr8(self, value: int) -> None:
+        """MOV to CR8 (value already checked to be 0-15): TPR = value << 4 while the APIC is enabled."""
+        ...
+
+
 class Cpu:
     """A processor: `state` plus the machinery that the interpreter, MMU and exception delivery share."""
 
@@ -56,6 +77,10 @@ class Cpu:
         self.mem = mem
         self.bus = bus
         self.irq = irq
+        self.apic: ApicPort | None = None  # the backend's local APIC, if it models one
         self.mmu: Mmu = Mmu(self)
         self.instructions = 0  # retired instructions: drives the virtual clock, reported by --stats
         self.nmi_pending = False
+        # debug events of the instruction in progress (DR6 B0-B3 of data breakpoints hit, and the interpreter's
+        # markers for ICEBP and MOV SS blocking): turned into a #DB trap when the instruction completes
+        self.db_pending = 0

@@ -79,6 +79,8 @@ from popek.cpu.state import (
     CR4_PAE,
     CR4_PCE,
     CR4_PGE,
+    CR4_PKE,
+    CR4_PKS,
     CR4_PSE,
     CR4_PVI,
     CR4_SMAP,
@@ -106,6 +108,7 @@ from popek.cpu.state import (
     MSR_FS_BASE,
     MSR_GS_BASE,
     MSR_IA32_APIC_BASE,
+    MSR_IA32_PKRS,
     MSR_IA32_SYSENTER_CS,
     MSR_IA32_SYSENTER_EIP,
     MSR_IA32_SYSENTER_ESP,
@@ -138,6 +141,7 @@ from popek.cpu.state import (
     Segment,
     Vector,
 )
+from popek.features import Features
 
 if TYPE_CHECKING:
     from popek.cpu.core import Cpu
@@ -258,12 +262,13 @@ _FLAG_BIT = {"cf": CF, "pf": PF, "af": AF, "zf": ZF, "sf": SF, "of": OF}
 # CR4 bits this CPU implements (writing others is #GP(0)); SMEP/SMAP are enforced by the MMU
 CR4_SUPPORTED = (
     CR4_VME | CR4_PVI | CR4_TSD | CR4_DE | CR4_PSE | CR4_PAE | CR4_MCE | CR4_PGE | CR4_PCE | CR4_OSFXSR
-    | CR4_OSXMMEXCPT | CR4_UMIP | CR4_FSGSBASE | CR4_OSXSAVE | CR4_SMEP | CR4_SMAP
+    | CR4_OSXMMEXCPT | CR4_UMIP | CR4_FSGSBASE | CR4_OSXSAVE | CR4_SMEP | CR4_SMAP | CR4_PKE | CR4_PKS
 )  # fmt: skip
 EFER_SUPPORTED = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE
 
 # MSRs kept as plain storage in `CpuState.msrs` (vol. 4): PAT, MTRRs, MISC_ENABLE, the syscall MSRs, TSC_AUX...
 MSR_PAT = 0x277
+MSR_TSC_ADJUST = 0x3B  # IA32_TSC_ADJUST, offered by CPUID.7.0:EBX[1]
 MSR_MTRRCAP, MSR_MTRR_DEF_TYPE, MSR_MISC_ENABLE = 0xFE, 0x2FF, 0x1A0
 STORAGE_MSRS = frozenset(
     {MSR_STAR, MSR_CSTAR, MSR_SFMASK, MSR_TSC_AUX, MSR_PAT, MSR_MTRR_DEF_TYPE, MSR_MISC_ENABLE, MSR_KERNEL_GS_BASE}
@@ -336,6 +341,14 @@ def _cc(prefix: str) -> tuple[int, ...]:
 
 
 CPUID7_EBX_SMAP = 1 << 20
+CPUID7_ECX_PKU, CPUID7_ECX_OSPKE = 1 << 3, 1 << 4
+
+# debug registers (SDM vol. 3B §18.2)
+DR6_BD, DR6_BS = 1 << 13, 1 << 14
+DR7_GD = 1 << 13
+# `Cpu.db_pending` markers beside DR6's B0-B3: ICEBP executed, MOV SS/POP SS executed, events held by it
+_DB_ICEBP, _DB_MOVSS, _DB_HELD, _DB_HELD_STEP = 1 << 32, 1 << 33, 1 << 34, 1 << 35
+_DB_CLEAR_RF = 1 << 36  # the instruction ran with RF set (past an execution breakpoint): clear RF when it completes
 
 # --- the default CPUID: only what this interpreter executes ---
 # The processor presents itself as an Intel one, family 6, as QEMU's named CPU models name a vendor and model kernels
@@ -389,9 +402,10 @@ def default_cpuid(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
         )  # fmt: skip  FPU DE PSE TSC MSR PAE MCE CX8 APIC SEP MTRR PGE MCA CMOV PAT CLFSH FXSR SSE SSE2
         return eax, ebx, ecx, edx
     if leaf == 7 and subleaf == 0:
-        # FSGSBASE, BMI1, SMEP, BMI2, ERMS, RDSEED, ADX, SMAP; ECX: UMIP, RDPID
-        ebx = 1 << 0 | 1 << 3 | 1 << 7 | 1 << 8 | 1 << 9 | 1 << 18 | 1 << 19 | 1 << 20
-        return 0, ebx, 1 << 2 | 1 << 22, 0
+        # FSGSBASE, TSC_ADJUST, BMI1, SMEP, BMI2, ERMS, RDSEED, ADX, SMAP; ECX: UMIP, RDPID
+        ebx = 1 << 0 | 1 << 1 | 1 << 3 | 1 << 7 | 1 << 8 | 1 << 9 | 1 << 18 | 1 << 19 | 1 << 20
+        # ECX: UMIP, PKU, RDPID, PKS (OSPKE, bit 4, is added from CR4.PKE when CPUID executes)
+        return 0, ebx, 1 << 2 | 1 << 3 | 1 << 22 | 1 << 31, 0
     if leaf == 0x15:
         return 1, 1, CRYSTAL_HZ, 0  # TSC = crystal * EBX / EAX: Linux takes the TSC frequency from here
     if leaf == 0x16:
@@ -456,6 +470,7 @@ class Interpreter:
         self._fetch_ppage = 0
         self._fetch_gen = -1
         self._fetch_user = False
+        self._exec_bps: dict[int, int] = {}  # linear address -> DR6 B bits of the execution breakpoints there
 
     @property
     def cpuid(self) -> Callable[[int, int], tuple[int, int, int, int]]:
@@ -466,6 +481,10 @@ class Interpreter:
         """A new CPUID: the vendor it names decides the vendor-specific behaviours (`intel`)."""
         self._cpuid_fn = fn
         self.intel = vendor_of(fn(0, 0)) != AMD_VENDOR
+        # the control bits a guest may set: what this CPU implements and its CPUID offers (popek.features)
+        self.features = Features.from_cpuid(fn)
+        self._cr4_allowed = CR4_SUPPORTED & self.features.cr4_allowed()
+        self._efer_allowed = EFER_SUPPORTED & self.features.efer_allowed()
 
     # ------------------------------------------------------------------ the loop
 
@@ -532,6 +551,8 @@ class Interpreter:
             else:
                 bits = 32 if cs.db else 16
                 lin = (cs.base + rip) & M32
+            if (self._exec_bps or s.rflags & RF) and self._instruction_breakpoint(lin, rip):
+                return
             if s.cr0 & CR0_PG:
                 user = s.seg[SS].dpl == 3 or bool(s.rflags & VM)
                 if lin >> 12 == self._fetch_lpage and self._fetch_gen == self.mmu.flushes and user == self._fetch_user:
@@ -550,12 +571,82 @@ class Interpreter:
             entry[0](entry[1])
         except CpuException as exc:
             s.rip = rip
+            cpu.db_pending = 0  # a faulting instruction reports no trap-class debug event
             exceptions.handle(cpu, exc, rip)
             return
         cpu.instructions += 1
-        if trap:
-            s.dr[6] |= 0x4000  # BS: single step
-            exceptions.deliver(cpu, Vector.DB, return_rip=s.rip)
+        if trap or cpu.db_pending:
+            self._debug_trap(bool(trap))
+
+    # ------------------------------------------------------------------ debug exceptions (SDM vol. 3B ch. 18)
+
+    def _arm_breakpoints(self) -> None:
+        """DR0-DR3 as DR7 enables them (L or G bit; R/W and LEN per §18.2.4): execution breakpoints are checked
+        before each instruction, data breakpoints (R/W 01 writes, 11 reads or writes) by the MMU on every access.
+        I/O breakpoints (R/W 10) are not implemented."""
+        dr = self.s.dr
+        execs: dict[int, int] = {}
+        watch = []
+        for n in range(4):
+            if not dr[7] >> (2 * n) & 3:
+                continue
+            rw, length = dr[7] >> (16 + 4 * n) & 3, dr[7] >> (18 + 4 * n) & 3
+            size = (1, 2, 8, 4)[length]
+            if rw == 0:
+                execs[dr[n]] = execs.get(dr[n], 0) | 1 << n
+            elif rw in (1, 3):
+                first = dr[n] & ~(size - 1)
+                watch.append((first, first + size - 1, n, rw == 1))
+        self._exec_bps = execs
+        self.mmu.watch = tuple(watch)
+
+    def _deliver_db(self, bits: int, return_rip: int) -> None:
+        """A #DB: DR6's B0-B3 say which breakpoints matched (set or cleared each time), the other status bits are
+        sticky; DR7.GD is cleared on entry (§18.2.3, §18.2.4)."""
+        s = self.s
+        s.dr[6] = (s.dr[6] & ~0xF) | bits
+        s.dr[7] &= ~DR7_GD
+        try:
+            exceptions.deliver(self.cpu, Vector.DB, return_rip=return_rip)
+        except CpuException as exc:
+            exceptions.handle(self.cpu, exc, return_rip)
+
+    def _instruction_breakpoint(self, lin: int, rip: int) -> bool:
+        """An execution breakpoint at `lin` is a fault (RIP at the instruction) unless RFLAGS.RF says the
+        instruction is being restarted after one (§18.3.1.1); RF is cleared when an instruction completes."""
+        s = self.s
+        if s.rflags & RF:
+            self.cpu.db_pending |= _DB_CLEAR_RF
+            return False
+        bits = self._exec_bps.get(lin, 0)
+        if not bits:
+            return False
+        if self.cpu.db_pending & _DB_HELD and self.intel:
+            return False  # Intel: no code breakpoint on the instruction after MOV SS/POP SS (AMD reports it)
+        self._deliver_db(bits, rip)
+        return True
+
+    def _debug_trap(self, single_step: bool) -> None:
+        """The trap-class debug events of the instruction that just completed (§18.3.1): data breakpoints and
+        single-step (DR6.BS) become one #DB with RIP at the next instruction. After MOV SS or POP SS they are held
+        until the next instruction completes (§6.8.3: such blocking delays debug traps by one instruction). ICEBP
+        (INT1) is its own #DB, without BS: its single-step trap is not reported."""
+        cpu, s = self.cpu, self.s
+        pending = cpu.db_pending
+        cpu.db_pending = 0
+        if pending & _DB_CLEAR_RF:
+            s.rflags &= ~RF
+        bits = pending & 0xF
+        single_step = single_step or bool(pending & _DB_HELD_STEP)
+        if pending & _DB_MOVSS and not pending & _DB_HELD:
+            cpu.db_pending = _DB_HELD | bits | (_DB_HELD_STEP if single_step else 0)
+            return
+        if pending & _DB_ICEBP:
+            self._deliver_db(bits, s.rip)
+        elif bits or single_step:
+            if single_step:
+                s.dr[6] |= DR6_BS
+            self._deliver_db(bits, s.rip)
 
     def execute_one(self) -> Instruction:
         """Execute the instruction at RIP and nothing else: no pending event is taken first, no single-step trap
@@ -1759,6 +1850,7 @@ class Interpreter:
                     segments.load_segment(self.cpu, SREG[r], value & 0xFFFF)
                     if r == R.SS:
                         s.interrupt_shadow = True
+                        self.cpu.db_pending |= _DB_MOVSS
                 else:
                     self._wreg(r, value)
             else:
@@ -2161,7 +2253,7 @@ class Interpreter:
         elif mn == M.INT3:
             vector = Vector.BP
         elif mn == M.INT1:
-            exceptions.deliver(self.cpu, Vector.DB, return_rip=s.rip)
+            self.cpu.db_pending |= _DB_ICEBP  # a trap-like #DB when the instruction completes
             return
         else:
             vector = ins.immediate(0) & 0xFF
@@ -2190,6 +2282,7 @@ class Interpreter:
         segments.load_segment(self.cpu, sreg, selector)
         if sreg == SS:
             self.s.interrupt_shadow = True
+            self.cpu.db_pending |= _DB_MOVSS
 
     @handles_code(C.MOV_RM16_SREG, C.MOV_R32M16_SREG, C.MOV_R64M16_SREG)
     def _mov_from_sreg(self, ins: Instruction) -> None:
@@ -2415,6 +2508,9 @@ class Interpreter:
         n = ins.op1_register - CR0_REG
         s = self.s
         value = {0: s.cr0, 2: s.cr2, 3: s.cr3, 4: s.cr4, 8: s.cr8}.get(n)
+        if n == 8 and self.cpu.apic is not None:
+            tpr = self.cpu.apic.read_cr8()
+            value = s.cr8 if tpr is None else tpr
         if value is None:
             raise _ud()
         self._wreg(ins.op0_register, value)
@@ -2437,6 +2533,8 @@ class Interpreter:
             if value & ~0xF:
                 raise _gp0()
             s.cr8 = value
+            if self.cpu.apic is not None:
+                self.cpu.apic.write_cr8(value)
         else:
             raise _ud()
 
@@ -2496,13 +2594,13 @@ class Interpreter:
         """MOV CR4: unsupported bits → #GP(0); PAE cannot be cleared in IA-32e mode; paging-related changes
         flush the TLB (§4.10.4.1)."""
         s = self.s
-        if value & ~CR4_SUPPORTED:
+        if value & ~self._cr4_allowed:
             raise _gp0()
         if s.efer & EFER_LMA and not value & CR4_PAE:
             raise _gp0()
         old = s.cr4
         s.cr4 = value
-        if (old ^ value) & (CR4_PAE | CR4_PSE | CR4_PGE | CR4_SMEP | CR4_SMAP):
+        if (old ^ value) & (CR4_PAE | CR4_PSE | CR4_PGE | CR4_SMEP | CR4_SMAP | CR4_PKE | CR4_PKS):
             if (
                 s.cr0 & CR0_PG
                 and value & CR4_PAE
@@ -2528,6 +2626,11 @@ class Interpreter:
             n += 2
         if n > 7:
             raise _ud()
+        if s.dr[7] & DR7_GD:
+            # general detect (§18.2.4): a fault before the access, BD set, GD cleared for the handler
+            s.dr[6] |= DR6_BD
+            s.dr[7] &= ~DR7_GD
+            raise CpuException(Vector.DB)
         if to_dr:
             value = self._rreg(ins.op1_register)
             if n >= 6 and value >> 32:
@@ -2537,6 +2640,8 @@ class Interpreter:
             elif n == 7:
                 value = (value & 0xFFFF2BFF) | 0x400
             s.dr[n] = value
+            if n != 6:
+                self._arm_breakpoints()
         else:
             self._wreg(ins.op0_register, s.dr[n])
 
@@ -2563,6 +2668,9 @@ class Interpreter:
     def read_msr(self, index: int) -> int:
         """RDMSR semantics; unknown MSRs raise #GP(0). Also used by the backend to read MSRs."""
         s = self.s
+        apic = self.cpu.apic
+        if apic is not None and apic.handles_msr(index):
+            return apic.msr_read(index)
         if index == MSR_EFER:
             return s.efer
         if index == MSR_FS_BASE:
@@ -2571,6 +2679,10 @@ class Interpreter:
             return s.seg[GS].base
         if index == MSR_IA32_TSC:
             return (self.tsc() + s.tsc_offset) & MASK64
+        if index == MSR_TSC_ADJUST:
+            return s.msrs.get(MSR_TSC_ADJUST, 0)
+        if index == MSR_IA32_PKRS and self.features.has("pks"):
+            return s.msrs.get(MSR_IA32_PKRS, 0)
         if index in STORAGE_MSRS or index in MSR_DEFAULTS or index == MSR_MCG_STATUS or index in MCE_BANK_MSRS:
             return s.msrs.get(index, MSR_DEFAULTS.get(index, 0))
         raise _gp0()
@@ -2578,10 +2690,16 @@ class Interpreter:
     def write_msr(self, index: int, value: int) -> None:
         """WRMSR semantics (vol. 4; EFER per vol. 3A §2.2.1 and §9.8.5)."""
         s = self.s
+        apic = self.cpu.apic
+        if apic is not None and apic.handles_msr(index):
+            if index == MSR_IA32_APIC_BASE and value >> self.mmu.phys_bits:
+                raise _gp0()  # an address beyond MAXPHYADDR (§11.4.4)
+            apic.msr_write(index, value)
+            return
         if index in CANONICAL_MSRS and not canonical(value):
             raise _gp0()
         if index == MSR_EFER:
-            if value & ~EFER_SUPPORTED:
+            if value & ~self._efer_allowed:
                 raise _gp0()
             if (value ^ s.efer) & EFER_LME and s.cr0 & CR0_PG:
                 raise _gp0()
@@ -2595,7 +2713,19 @@ class Interpreter:
         elif index == MSR_GS_BASE:
             s.seg[GS].base = value
         elif index == MSR_IA32_TSC:
+            # a write to the TSC moves IA32_TSC_ADJUST by the same amount (SDM vol. 3B §18.17.3)
+            old = (self.tsc() + s.tsc_offset) & MASK64
+            s.msrs[MSR_TSC_ADJUST] = (s.msrs.get(MSR_TSC_ADJUST, 0) + value - old) & MASK64
             s.tsc_offset = (value - self.tsc()) & MASK64
+        elif index == MSR_IA32_PKRS and self.features.has("pks"):
+            if value >> 32:
+                raise _gp0()
+            s.msrs[index] = value
+            self.mmu.flush()  # rights are checked when TLB entries are filled
+        elif index == MSR_TSC_ADJUST:
+            # the TSC moves by what the adjustment moves by (SDM vol. 3B §18.17.3)
+            s.tsc_offset = (s.tsc_offset + value - s.msrs.get(MSR_TSC_ADJUST, 0)) & MASK64
+            s.msrs[MSR_TSC_ADJUST] = value
         elif index in (MSR_MTRRCAP, MSR_MCG_CAP):
             raise _gp0()  # read-only
         elif index == MSR_MISC_ENABLE:
@@ -2649,8 +2779,27 @@ class Interpreter:
     @handles(M.CPUID)
     def _cpuid(self, ins: Instruction) -> None:
         gpr = self.s.gpr
-        eax, ebx, ecx, edx = self.cpuid(gpr[RAX] & M32, gpr[RCX] & M32)
+        leaf = gpr[RAX] & M32
+        eax, ebx, ecx, edx = self.cpuid(leaf, gpr[RCX] & M32)
+        if leaf == 7 and not gpr[RCX] & M32 and ecx & CPUID7_ECX_PKU and self.s.cr4 & CR4_PKE:
+            ecx |= CPUID7_ECX_OSPKE  # OSPKE reflects CR4.PKE (vol. 2A CPUID)
         gpr[RAX], gpr[RBX], gpr[RCX], gpr[RDX] = eax & M32, ebx & M32, ecx & M32, edx & M32
+
+    @handles(M.RDPKRU, M.WRPKRU)
+    def _pkru(self, ins: Instruction) -> None:
+        """RDPKRU/WRPKRU (vol. 2B): #UD without CR4.PKE, #GP(0) unless ECX (and for WRPKRU EDX) is 0. PKRU's
+        rights are checked when TLB entries are filled (popek.cpu.mmu), so WRPKRU flushes the TLB."""
+        s = self.s
+        if not s.cr4 & CR4_PKE:
+            raise _ud()
+        gpr = s.gpr
+        if gpr[RCX] & M32 or (ins.mnemonic == M.WRPKRU and gpr[RDX] & M32):
+            raise _gp0()
+        if ins.mnemonic == M.RDPKRU:
+            gpr[RAX], gpr[RDX] = s.pkru, 0
+        else:
+            s.pkru = gpr[RAX] & M32
+            self.mmu.flush()
 
     @handles(M.XGETBV)
     def _xgetbv(self, ins: Instruction) -> None:
@@ -2709,6 +2858,57 @@ class Interpreter:
     def _sysexit(self, ins: Instruction) -> None:
         self._vendor_mode_check(False)
         segments.sysexit(self.cpu, 64 if ins.code == C.SYSEXITQ else 32)
+
+    # ------------------------------------------------------------------ MMX data moves (SDM vol. 1 ch. 9)
+
+    def _mmx_enter(self) -> None:
+        """What every MMX instruction does first (vol. 1 §9.5, §9.6; vol. 3A §13.1 table): #UD with CR0.EM,
+        #NM with CR0.TS, #MF for a pending unmasked x87 exception (CR0.NE); then the x87 stack is in MMX use: TOP
+        = 0 and every register tagged valid."""
+        s = self.s
+        if s.cr0 & CR0_EM:
+            raise _ud()
+        if s.cr0 & CR0_TS:
+            raise _fault(Vector.NM)
+        self._fwait_check()
+        s.fsw &= ~(7 << 11)
+        s.ftw = 0xFF
+
+    def _mm_read(self, ins: Instruction, i: int, bits: int) -> int:
+        """Operand `i` of an MMX move: MMn is the significand of physical x87 register Rn (vol. 1 §9.5)."""
+        if ins.op_kind(i) == REGISTER and R.MM0 <= ins.op_register(i) <= R.MM7:
+            value: int = self.s.st[ins.op_register(i) - R.MM0] & MASK64
+            return value
+        return self._read(ins, i, bits)
+
+    def _mm_write0(self, ins: Instruction, value: int, bits: int) -> None:
+        """Write operand 0: an MMX register takes the 64 bits with the exponent and sign field all ones."""
+        if ins.op0_kind == REGISTER and R.MM0 <= ins.op0_register <= R.MM7:
+            self.s.st[ins.op0_register - R.MM0] = 0xFFFF << 64 | (value & MASK64)
+        else:
+            self._write0(ins, value, bits)
+
+    @handles_code(C.MOVQ_MM_MMM64, C.MOVQ_MMM64_MM, C.MOVQ_MM_RM64, C.MOVQ_RM64_MM)
+    def _mmx_movq(self, ins: Instruction) -> None:
+        self._mmx_enter()
+        self._mm_write0(ins, self._mm_read(ins, 1, 64), 64)
+
+    @handles_code(C.MOVD_MM_RM32, C.MOVD_RM32_MM)
+    def _mmx_movd(self, ins: Instruction) -> None:
+        """MOVD zero-extends into an MMX register and stores the low doubleword from one."""
+        self._mmx_enter()
+        self._mm_write0(ins, self._mm_read(ins, 1, 32) & M32, 32)
+
+    @handles(M.EMMS)
+    def _emms(self, ins: Instruction) -> None:
+        """EMMS: the x87 registers are all empty again (vol. 1 §9.6.3)."""
+        s = self.s
+        if s.cr0 & CR0_EM:
+            raise _ud()
+        if s.cr0 & CR0_TS:
+            raise _fault(Vector.NM)
+        self._fwait_check()
+        s.ftw = 0
 
     # ------------------------------------------------------------------ x87 control, FXSAVE, MXCSR
 

@@ -31,13 +31,17 @@ from popek.cpu.state import (
     CR4_LA57,
     CR4_PAE,
     CR4_PGE,
+    CR4_PKE,
+    CR4_PKS,
     CR4_PSE,
     CR4_SMAP,
     CR4_SMEP,
     EFER_LMA,
     EFER_NXE,
+    MSR_IA32_PKRS,
     PF_I,
     PF_P,
+    PF_PK,
     PF_RSVD,
     PF_U,
     PF_W,
@@ -99,6 +103,9 @@ class Mmu:
         self.walks = 0
         self.flushes = 0
         self.phys_bits = 46  # MAXPHYADDR: the address bits above it are reserved in paging entries
+        # armed data breakpoints (DR7 R/W = 01 or 11, SDM vol. 3B §18.2.4): (first byte, last byte, DR number,
+        # writes only); an access that overlaps one sets its B bit in `cpu.db_pending` (delivered as a trap)
+        self.watch: tuple[tuple[int, int, int, bool], ...] = ()
         regions = list(self.mem.regions)
         # the fast path: guest-physical 0 up to the first region's end is one mmap (the layout always starts at 0)
         if regions and regions[0].gpa == 0:
@@ -213,10 +220,12 @@ class Mmu:
             self._large.setdefault(((linear >> shift) << 6) | shift, []).append(key)
         return page
 
-    def _fault(self, linear: int, access: int, user: bool, present: bool, rsvd: bool = False) -> CpuException:
+    def _fault(
+        self, linear: int, access: int, user: bool, present: bool, rsvd: bool = False, pk: bool = False
+    ) -> CpuException:
         """The #PF for an access to `linear`, with its error code (SDM §4.7)."""
         st = self.cpu.state
-        code = (PF_P if present else 0) | (PF_RSVD if rsvd else 0)
+        code = (PF_P if present else 0) | (PF_RSVD if rsvd else 0) | (PF_PK if pk else 0)
         if access == _WRITE:
             code |= PF_W
         if user:
@@ -332,6 +341,8 @@ class Mmu:
                 raise self._fault(linear, access, user, True)
             if access == _WRITE and not rw and st.cr0 & CR0_WP:
                 raise self._fault(linear, access, user, True)
+        if efer & EFER_LMA and access != _EXECUTE and cr4 & (CR4_PKE | CR4_PKS):
+            self._check_key(linear, access, user, e, bool(us))
         # accessed and dirty flags (SDM §4.8)
         last = len(used) - 1
         for i, (addr, e, _size) in enumerate(used):
@@ -341,6 +352,26 @@ class Mmu:
             if new != e:
                 self._phys_write(addr, 1, new & 0xFF)
         return frame, bool(e & _G and cr4 & CR4_PGE), shift
+
+    def _check_key(self, linear: int, access: int, user: bool, leaf: int, user_page: bool) -> None:
+        """Protection keys (SDM §4.6.2), IA-32e paging only: the leaf entry's bits 62:59 pick a key whose
+        access-disable bit forbids every data access and whose write-disable bit forbids writes (from
+        supervisor mode only with CR0.WP) — PKRU's for user pages (CR4.PKE), IA32_PKRS's for supervisor pages
+        (CR4.PKS). Instruction fetches are not checked. The rights are read when the TLB entry is filled, so
+        WRPKRU and writes of IA32_PKRS flush the TLB."""
+        st = self.cpu.state
+        if user_page:
+            if not st.cr4 & CR4_PKE:
+                return
+            rights = st.pkru
+        else:
+            if not st.cr4 & CR4_PKS:
+                return
+            rights = st.msrs.get(MSR_IA32_PKRS, 0)
+        shift = 2 * ((leaf >> 59) & 0xF)
+        ad, wd = rights >> shift & 1, rights >> (shift + 1) & 1
+        if ad or (access == _WRITE and wd and (user or st.cr0 & CR0_WP)):
+            raise self._fault(linear, access, user, True, pk=True)
 
     # --- physical access ---
 
@@ -405,6 +436,8 @@ class Mmu:
             user = st.cpl == 3 and not implicit
         if not st.efer & EFER_LMA:
             linear &= MASK32
+        if self.watch and access != _EXECUTE:
+            self._watched(linear, size, False)
         off = linear & 0xFFF
         if off + size > PAGE_SIZE:
             return int.from_bytes(self._read_split(linear, size, access, user, implicit), "little")
@@ -430,6 +463,8 @@ class Mmu:
             user = st.cpl == 3 and not implicit
         if not st.efer & EFER_LMA:
             linear &= MASK32
+        if self.watch:
+            self._watched(linear, size, True)
         off = linear & 0xFFF
         if off + size > PAGE_SIZE:
             self._write_split(linear, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"), user, implicit)
@@ -461,6 +496,8 @@ class Mmu:
             user = st.cpl == 3 and not implicit
         if not st.efer & EFER_LMA:
             linear &= MASK32
+        if self.watch and access != _EXECUTE:
+            self._watched(linear, n, False)
         if (linear & 0xFFF) + n > PAGE_SIZE:
             return self._read_split(linear, n, access, user, implicit)
         phys = self.translate(linear, access, user, implicit=implicit)
@@ -477,11 +514,19 @@ class Mmu:
             user = st.cpl == 3 and not implicit
         if not st.efer & EFER_LMA:
             linear &= MASK32
+        if self.watch:
+            self._watched(linear, len(data), True)
         if (linear & 0xFFF) + len(data) > PAGE_SIZE:
             self._write_split(linear, bytes(data), user, implicit)
             return
         phys = self.translate(linear, Access.WRITE, user, implicit=implicit)
         self._phys_write(phys, len(data), int.from_bytes(data, "little"))
+
+    def _watched(self, linear: int, size: int, write: bool) -> None:
+        last = linear + size - 1
+        for first, end, n, writes_only in self.watch:
+            if first <= last and linear <= end and (write or not writes_only):
+                self.cpu.db_pending |= 1 << n
 
     def _chunks(self, linear: int, n: int, access: Access, user: bool, implicit: bool) -> list[tuple[int, int]]:
         """(physical address, length) of each page-sized piece of an access, all translated first."""

@@ -732,13 +732,18 @@ def _return_ss_checks(cpu: Cpu, ss_sel: int, rpl: int, code: Segment) -> tuple[i
 
 
 def _null_invalid_segments(st: CpuState, cpl: int) -> None:
-    """After a return to outer privilege, data segment registers the new CPL may not use become null (§5.8.6)."""
+    """After a return to outer privilege, data segment registers the new CPL may not use become null (§5.8.6).
+    In IA-32e mode FS and GS keep their base: it is IA32_FS_BASE/IA32_GS_BASE, which only a segment load or
+    WRMSR/WRFSBASE change, not the invalidation of the selector (what kvm-unit-tests' per-CPU data in GS relies
+    on after a return to ring 3 and back)."""
     for sreg in (ES, DS, FS, GS):
         seg = st.seg[sreg]
         if seg.unusable:
             continue
         if (not seg.type & 8 or not seg.type & 4) and seg.dpl < cpl:
+            base = seg.base if st.efer & EFER_LMA and sreg in (FS, GS) else 0
             st.seg[sreg] = _null_segment(0)
+            st.seg[sreg].base = base
 
 
 def far_return(cpu: Cpu, operand_size: int, pop_bytes: int) -> None:

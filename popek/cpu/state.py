@@ -34,7 +34,7 @@ CR0_WP, CR0_AM, CR0_NW, CR0_CD, CR0_PG = 1 << 16, 1 << 18, 1 << 29, 1 << 30, 1 <
 CR4_VME, CR4_PVI, CR4_TSD, CR4_DE, CR4_PSE, CR4_PAE = 1 << 0, 1 << 1, 1 << 2, 1 << 3, 1 << 4, 1 << 5
 CR4_MCE, CR4_PGE, CR4_PCE, CR4_OSFXSR, CR4_OSXMMEXCPT = 1 << 6, 1 << 7, 1 << 8, 1 << 9, 1 << 10
 CR4_UMIP, CR4_LA57, CR4_FSGSBASE, CR4_PCIDE, CR4_OSXSAVE = 1 << 11, 1 << 12, 1 << 16, 1 << 17, 1 << 18
-CR4_SMEP, CR4_SMAP, CR4_PKE = 1 << 20, 1 << 21, 1 << 22
+CR4_SMEP, CR4_SMAP, CR4_PKE, CR4_PKS = 1 << 20, 1 << 21, 1 << 22, 1 << 24
 
 # EFER
 EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1 << 0, 1 << 8, 1 << 10, 1 << 11
@@ -45,6 +45,7 @@ MSR_IA32_APIC_BASE = 0x1B
 MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SFMASK = 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
 MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_TSC_AUX = 0xC0000100, 0xC0000101, 0xC0000102, 0xC0000103
 MSR_IA32_TSC = 0x10
+MSR_IA32_PKRS = 0x6E1  # protection-key rights for supervisor pages (vol. 3A §4.6.2)
 
 
 class Vector(IntEnum):
@@ -167,6 +168,7 @@ class CpuState:
     fdp: int = 0
     fds: int = 0
     xcr0: int = 1
+    pkru: int = 0  # protection-key rights for user pages (vol. 3A §4.6.2), RDPKRU/WRPKRU
     tsc_offset: int = 0
     halted: bool = False
     interrupt_shadow: bool = False  # the instruction after STI / MOV SS / POP SS: no interrupts before it

@@ -654,6 +654,7 @@ def examine(x: int | None) -> int:
 
 # --- constants (FLD1, FLDL2T, FLDL2E, FLDPI, FLDLG2, FLDLN2, FLDZ: vol. 2A "FLD1/FLDL2T/...") ---
 
+
 def constant(name: str, fcw: int) -> int:
     """The value rounded by RC to 64 bits (SDM vol. 1 §8.3.8: the processor rounds its internal 66-bit constants
     by RC; rounding the exact value agrees for every one of these)."""

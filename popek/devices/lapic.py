@@ -38,6 +38,11 @@ LAPIC_SIZE = 0x1000
 VERSION = 0x14
 MAX_LVT = 5  # timer, thermal, performance, LINT0, LINT1, error
 
+MSR_APIC_BASE = 0x1B  # IA32_APIC_BASE (SDM §11.4.4): base address, BSP (bit 8), EXTD (bit 10), EN (bit 11)
+APIC_BASE_BSP = 1 << 8
+APIC_BASE_EXTD = 1 << 10
+APIC_BASE_EN = 1 << 11
+APIC_BASE_RESERVED_LOW = 0x2FF  # bits 7:0 and 9
 MSR_TSC_DEADLINE = 0x6E0
 MSR_X2APIC_FIRST, MSR_X2APIC_LAST = 0x800, 0x8FF
 
@@ -94,6 +99,13 @@ ESR_SEND_ILLEGAL_VECTOR = 1 << 5
 ESR_RECEIVE_ILLEGAL_VECTOR = 1 << 6
 ESR_ILLEGAL_REGISTER = 1 << 7
 
+# the registers x2APIC mode lets RDMSR read (SDM §11.12.1.2, table 11-6); the rest are #GP
+X2APIC_READABLE = frozenset(
+    {REG_ID, REG_VERSION, REG_TPR, REG_PPR, REG_LDR, REG_SVR, REG_ESR, REG_ICR_LOW, *LVT_REGS}
+    | {REG_TIMER_INITIAL, REG_TIMER_CURRENT, REG_TIMER_DIVIDE}
+    | {base + 0x10 * i for base in (REG_ISR, REG_TMR, REG_IRR) for i in range(8)}
+)
+
 DIVIDERS = {0b0000: 2, 0b0001: 4, 0b0010: 8, 0b0011: 16, 0b1000: 32, 0b1001: 64, 0b1010: 128, 0b1011: 1}
 
 
@@ -116,6 +128,9 @@ class LocalApic:
     - `on_nmi()`, `on_init()`, `on_sipi(vector)`: what the processor must do for those deliveries;
     - `on_pending()`: an interrupt may have become deliverable (wake a halted vCPU and re-check).
     `extint` is the 8259A's processor-side interface, for LINT0 in ExtINT mode and ExtINT messages.
+    `now()` is the time the APIC reads (the clock's by default; the software backend points it at the running
+    vCPU's own progress within its quantum, so that a timer read or armed mid-quantum sees the instruction's time).
+    `x2apic_supported` says whether CPUID offers x2APIC mode: without it IA32_APIC_BASE.EXTD is reserved.
     """
 
     def __init__(
@@ -128,10 +143,12 @@ class LocalApic:
         timer_hz: int = NS_PER_SECOND,
         tsc_hz: int = NS_PER_SECOND,
         extint: ExtIntSource | None = None,
+        x2apic_supported: bool = True,
     ) -> None:
         self.index = index
         self.clock = clock
         self.apic_id = index if apic_id is None else apic_id
+        self.initial_apic_id = self.apic_id  # what CPUID reports; x2APIC mode and a re-enable return to it
         self.bsp = bsp
         self.timer_hz = timer_hz  # the APIC timer's input clock before the divider (KVM: 1 GHz)
         self.tsc_hz = tsc_hz
@@ -143,6 +160,9 @@ class LocalApic:
         self.on_init: Callable[[], None] | None = None
         self.on_sipi: Callable[[int], None] | None = None
         self.on_pending: Callable[[], None] | None = None
+        self.now: Callable[[], int] = clock.now_ns
+        self.x2apic_supported = x2apic_supported
+        self.base = LAPIC_BASE  # IA32_APIC_BASE's address field: where the xAPIC page answers
         self._enabled = True  # IA32_APIC_BASE.EN
         self.x2apic = False  # IA32_APIC_BASE.EXTD: the CPU sets it; the MMIO page then no longer answers
         self._timer: Timer | None = None
@@ -189,6 +209,45 @@ class LocalApic:
             self.x2apic = False
         self._enabled = value
         self._notify()
+
+    @property
+    def apic_base(self) -> int:
+        """IA32_APIC_BASE as RDMSR reads it."""
+        return (
+            self.base
+            | (APIC_BASE_BSP if self.bsp else 0)
+            | (APIC_BASE_EXTD if self.x2apic else 0)
+            | (APIC_BASE_EN if self._enabled else 0)
+        )
+
+    def write_apic_base(self, value: int) -> None:
+        """WRMSR IA32_APIC_BASE. The reserved low bits, EXTD without x2APIC support, and the mode transitions the
+        SDM forbids (§11.12.5, figure 11-27: EXTD without EN; disabled straight to x2APIC; x2APIC back to xAPIC
+        without passing through disabled) raise `ApicAccessError` (#GP). BSP is read-only. The CPU checks the
+        address against its physical-address width. Leaving the disabled state returns the xAPIC ID to the
+        initial APIC ID, as KVM does; entering x2APIC mode makes the x2APIC ID the initial APIC ID (§11.12.5.1)."""
+        if value & APIC_BASE_RESERVED_LOW:
+            raise ApicAccessError(f"reserved bits set in IA32_APIC_BASE {value:#x}")
+        en, extd = bool(value & APIC_BASE_EN), bool(value & APIC_BASE_EXTD)
+        if extd and not self.x2apic_supported:
+            raise ApicAccessError("IA32_APIC_BASE.EXTD set without x2APIC support")
+        if extd and not en:
+            raise ApicAccessError("IA32_APIC_BASE: EXTD without EN is an invalid state")
+        if extd and not self._enabled:
+            raise ApicAccessError("IA32_APIC_BASE: a disabled APIC cannot go straight to x2APIC mode")
+        if en and not extd and self.x2apic:
+            raise ApicAccessError("IA32_APIC_BASE: x2APIC mode can only be left by disabling the APIC")
+        self.base = value & ~0xFFF & 0xFFFFFFFFFF000
+        if not en:
+            self.enabled = False
+            return
+        if not self._enabled:
+            self.apic_id = self.initial_apic_id
+            self.enabled = True
+        if extd and not self.x2apic:
+            self.x2apic = True
+            self.apic_id = self.initial_apic_id
+            self._notify()
 
     @property
     def software_enabled(self) -> bool:
@@ -341,7 +400,8 @@ class LocalApic:
             return
         self.isr &= ~(1 << vector)
         if self.tmr >> vector & 1:
-            self.tmr &= ~(1 << vector)
+            # TMR keeps the trigger mode of the vector's last acceptance: only the next acceptance changes it
+            # (§11.8.4), which is what the suite's "TMR for ioapic edge interrupts (expected true)" reads back
             for pin, reg in enumerate((REG_LVT_LINT0, REG_LVT_LINT1)):
                 lvt = self.lvt[reg]
                 if lvt & LVT_REMOTE_IRR and lvt & 0xFF == vector:
@@ -370,7 +430,7 @@ class LocalApic:
     def current_count(self) -> int:
         if self.timer_mode == TIMER_TSC_DEADLINE or not self._tcount:
             return 0
-        elapsed = self._ticks(self.clock.now_ns() - self._tstart)
+        elapsed = self._ticks(self.now() - self._tstart)
         if elapsed < self._tcount:
             return self._tcount - elapsed
         if self.timer_mode == TIMER_PERIODIC and self.initial_count:
@@ -380,7 +440,7 @@ class LocalApic:
     def _start_timer(self, count: int) -> None:
         self.clock.cancel(self._timer)
         self._timer = None
-        self._tstart = self.clock.now_ns()
+        self._tstart = self.now()
         self._tcount = count
         if count:
             self._timer = self.clock.add_timer(self._tstart + self._ns(count), self._timer_expired)
@@ -394,7 +454,7 @@ class LocalApic:
         self._local(REG_LVT_TIMER)
         if self.timer_mode == TIMER_PERIODIC and self.initial_count:
             # the next period counts from this expiry's ideal time, so periods do not drift
-            elapsed = self._ticks(self.clock.now_ns() - self._tstart)
+            elapsed = self._ticks(self.now() - self._tstart)
             periods = max(elapsed - self._tcount, 0) // self.initial_count + 1
             deadline = self._tstart + self._ns(self._tcount + periods * self.initial_count)
             self._timer = self.clock.add_timer(deadline, self._timer_expired)
@@ -408,7 +468,7 @@ class LocalApic:
             self._start_timer(remaining)
 
     def tsc(self) -> int:
-        return self.clock.now_ns() * self.tsc_hz // NS_PER_SECOND + self.tsc_offset
+        return self.now() * self.tsc_hz // NS_PER_SECOND + self.tsc_offset
 
     def _write_tsc_deadline(self, value: int) -> None:
         if self.timer_mode != TIMER_TSC_DEADLINE:
@@ -565,23 +625,26 @@ class LocalApic:
         return (self.apic_id >> 4) << 16 | 1 << (self.apic_id & 0xF)
 
     def handles_msr(self, msr: int) -> bool:
-        return msr == MSR_TSC_DEADLINE or MSR_X2APIC_FIRST <= msr <= MSR_X2APIC_LAST
+        return msr in (MSR_APIC_BASE, MSR_TSC_DEADLINE) or MSR_X2APIC_FIRST <= msr <= MSR_X2APIC_LAST
 
     def msr_read(self, msr: int) -> int:
+        if msr == MSR_APIC_BASE:
+            return self.apic_base
         if msr == MSR_TSC_DEADLINE:
             return self.tsc_deadline
         reg = (msr - MSR_X2APIC_FIRST) << 4
         if not self.x2apic or not MSR_X2APIC_FIRST <= msr <= MSR_X2APIC_LAST:
             raise ApicAccessError(f"MSR {msr:#x} is not readable (x2APIC mode is {'on' if self.x2apic else 'off'})")
-        if reg in (REG_EOI, REG_SELF_IPI, REG_DFR, REG_APR, REG_RRD, REG_ICR_HIGH, REG_LVT_CMCI) or not (
-            reg <= REG_TIMER_DIVIDE
-        ):
+        if reg not in X2APIC_READABLE:
             raise ApicAccessError(f"x2APIC register {reg:#x} is not readable")
         if reg == REG_ICR_LOW:
             return self.icr
         return self.read_register(reg)
 
     def msr_write(self, msr: int, value: int) -> None:
+        if msr == MSR_APIC_BASE:
+            self.write_apic_base(value)
+            return
         if msr == MSR_TSC_DEADLINE:
             self._write_tsc_deadline(value & 0xFFFFFFFFFFFFFFFF)
             return
@@ -592,6 +655,8 @@ class LocalApic:
             self.icr = (value & ICR_WRITABLE) | (value >> 32 & 0xFFFFFFFF) << 32
             self._send_ipi()
         elif reg == REG_SELF_IPI:
+            if value >> 8:
+                raise ApicAccessError("reserved bits set in a write to the x2APIC SELF IPI register")
             self.icr = (self.icr & ~0xFFFFFFFF) | (value & 0xFF) | int(Shorthand.SELF) << 18
             self._send_ipi()
         elif reg == REG_EOI and value:

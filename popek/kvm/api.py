@@ -13,6 +13,7 @@ import errno as errno_mod
 import fcntl
 import mmap
 import os
+import struct
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -104,6 +105,9 @@ def _cpuid_from_struct(buf: s.kvm_cpuid2) -> list[CpuidEntry]:
 
 
 RFLAGS_IF = 1 << 9
+# the XSAVE image's legacy (FXSAVE) area and header (Intel SDM vol. 1 §10.5.1, §13.4)
+FXSAVE_ST, FXSAVE_XMM, XSAVE_HEADER = 32, 160, 512
+XFEATURE_X87_SSE = 0x3
 
 
 @dataclass(frozen=True)
@@ -191,6 +195,20 @@ class VmFd(_FdOwner):
         for i, a in enumerate(args):
             req.args[i] = a
         _ioctl(self.fd, c.KVM_ENABLE_CAP, req)
+
+    def deny_msrs(self, msrs: Iterable[int]) -> None:
+        """Make the guest's RDMSR and WRMSR of each of `msrs` raise #GP(0), every other MSR as KVM handles it
+        (KVM_X86_SET_MSR_FILTER, default allow, one range per MSR whose only bit is clear; "KVM API" §4.126).
+        At most 16 MSRs; an empty list removes the filter."""
+        wanted = sorted(set(msrs))
+        if len(wanted) > 16:
+            raise KvmError("KVM_X86_SET_MSR_FILTER", errno_mod.E2BIG, f"{len(wanted)} MSRs, at most 16")
+        filt = s.kvm_msr_filter(flags=c.KVM_MSR_FILTER_DEFAULT_ALLOW)
+        denied = (s.u8 * 1)(0)  # KVM copies the bitmaps during the ioctl
+        for slot, msr in zip(filt.ranges, wanted):
+            slot.flags, slot.nmsrs, slot.base = c.KVM_MSR_FILTER_READ | c.KVM_MSR_FILTER_WRITE, 1, msr
+            slot.bitmap = ctypes.cast(denied, ctypes.POINTER(s.u8))
+        _ioctl(self.fd, c.KVM_X86_SET_MSR_FILTER, filt)
 
     def set_user_memory_region(
         self, slot: int, guest_phys_addr: int, size: int, host_addr: int, flags: int = 0
@@ -280,6 +298,7 @@ class VcpuFd(_FdOwner):
             raise KvmError("mmap kvm_run", e.errno or 0) from None
         self.run_page: s.kvm_run = s.kvm_run.from_buffer(self._map)
         self._run_base = ctypes.addressof(self.run_page)
+        self._has_xsave = bool(vm.check_extension(c.Cap.XSAVE))
 
     def close(self) -> None:
         if not self.closed:
@@ -383,6 +402,23 @@ class VcpuFd(_FdOwner):
         return fpu
 
     def set_fpu(self, fpu: s.kvm_fpu) -> None:
+        """Load the x87/SSE state. Where the host has XSAVE (KVM_CAP_XSAVE) this goes through KVM_SET_XSAVE: KVM_SET_FPU
+        writes the legacy area of the XSAVE image but leaves its XSTATE_BV alone, so a vCPU whose x87 or SSE state
+        was in its initial configuration (after FNINIT, SDM vol. 1 §13.6) gets the initial state back at the next
+        entry and the write is lost. Here the legacy area is written and XSTATE_BV[1:0] set (vol. 1 §13.4.2)."""
+        if self._has_xsave:
+            xsave = self.get_xsave()
+            area = memoryview(xsave).cast("B")
+            struct.pack_into(
+                "<HHBxHQQI", area, 0, fpu.fcw, fpu.fsw, fpu.ftwx, fpu.last_opcode, fpu.last_ip, fpu.last_dp, fpu.mxcsr
+            )
+            area[FXSAVE_ST : FXSAVE_ST + 128] = bytes(fpu.fpr)
+            area[FXSAVE_XMM : FXSAVE_XMM + 256] = bytes(fpu.xmm)
+            struct.pack_into(
+                "<Q", area, XSAVE_HEADER, struct.unpack_from("<Q", area, XSAVE_HEADER)[0] | XFEATURE_X87_SSE
+            )
+            self.set_xsave(xsave)
+            return
         _ioctl(self.fd, c.KVM_SET_FPU, fpu)
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:

@@ -241,6 +241,17 @@ class kvm_enable_cap(ctypes.Structure):
     _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
 
 
+class kvm_msr_filter_range(ctypes.Structure):
+    """One range of a KVM_X86_SET_MSR_FILTER: `nmsrs` MSRs from `base`, bit i of `bitmap` set allows MSR base + i
+    for the accesses in `flags` (KVM_MSR_FILTER_READ / _WRITE), clear denies it."""
+
+    _fields_ = [("flags", u32), ("nmsrs", u32), ("base", u32), ("bitmap", ctypes.POINTER(u8))]
+
+
+class kvm_msr_filter(ctypes.Structure):
+    _fields_ = [("flags", u32), ("ranges", kvm_msr_filter_range * 16)]
+
+
 class kvm_translation(ctypes.Structure):
     _fields_ = [
         ("linear_address", u64),
@@ -441,6 +452,8 @@ _SIZES: dict[type[ctypes.Structure], int] = {
     kvm_dirty_log: 16,
     kvm_clock_data: 48,
     kvm_enable_cap: 104,
+    kvm_msr_filter_range: 24,
+    kvm_msr_filter: 392,
     kvm_translation: 24,
     kvm_debugregs: 128,
     kvm_run: 2352,

@@ -9,7 +9,7 @@ import pytest
 
 from popek.accel.kvm_state import apply_entry
 from popek.boot import load_kernel
-from popek.kvm import ExitReason, Kvm, KvmError, MemFlag
+from popek.kvm import Cap, ExitReason, Kvm, KvmError, MemFlag
 from popek.memory import GuestMemory
 
 pytestmark = [
@@ -97,3 +97,35 @@ def test_errors_name_the_ioctl_and_keep_errno(machine) -> None:  # type: ignore[
 def test_missing_device_is_a_clear_error() -> None:
     with pytest.raises(KvmError, match="no KVM on this host"):
         Kvm("/nonexistent/kvm")
+
+
+# xor ax, ax; mov ds, ax; IVT[13] = handler; rdmsr 0x174 (allowed); rdmsr 0x10 (denied: #GP); out 0xf4, 0;
+# handler: out 0xf4, 0x13
+MSR_GUEST = bytes.fromhex(
+    "31c08ed8c7063400247cc70636000000"  # IVT[13] = 0x0000:0x7c24
+    "66b9740100000f32"  # rdmsr 0x174
+    "66b9100000000f32"  # rdmsr 0x10
+    "b000e6f4"  # out 0xf4, 0
+    "b013e6f4f4"  # 0x7c24: out 0xf4, 0x13; hlt
+)
+
+
+def test_a_denied_msr_is_the_guests_general_protection_fault() -> None:
+    with Kvm() as kvm, GuestMemory(1 << 20) as mem:
+        vm = kvm.create_vm()
+        try:
+            if not vm.check_extension(Cap.X86_MSR_FILTER):
+                pytest.skip("the host has no KVM_X86_SET_MSR_FILTER")
+            vm.set_tss_addr(0xFFFBD000)
+            region = mem.regions[0]
+            vm.set_user_memory_region(0, 0, region.size, region.host_address)
+            vm.deny_msrs([0x10])  # IA32_TSC
+            vcpu = vm.create_vcpu(0)
+            try:
+                apply_entry(vcpu, load_kernel(mem, boot_sector(MSR_GUEST)).entry)
+                run_to_debug_port(vcpu)
+                assert vcpu.io_data()[0] == 0x13  # the #GP handler's status, not the fall-through's 0
+            finally:
+                vcpu.close()
+        finally:
+            vm.close()

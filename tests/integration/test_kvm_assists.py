@@ -572,3 +572,116 @@ nl: db 10, 0
     expected = [round(math.pi * 1e6), round(math.sqrt(2) * 2**30), round(math.sin(0.5) * 1e9), 0x04, 0x0500,
                 0x01234567, 0x0707]  # fmt: skip
     assert r.stdout.strip() == "".join(f"{v:08X}" for v in expected), r.stdout + r.stderr
+
+
+# MMX moves at ring 0 right after FNINIT (the x87 state in its initial configuration, which XSAVE records by
+# clearing XSTATE_BV[0]): a host that cannot emulate them leaves them to popek, whose write of MM0 must survive
+# the next entry, and the host's own emulation of the following move must see it (SDM vol. 1 §9.5.1, §13.6).
+MMX_BODY = r"""
+    mov rax, cr0
+    and eax, ~0xc                       ; CR0.EM and CR0.TS clear: MMX usable
+    mov cr0, rax
+    fninit
+    mov rax, 0x0102030405060708
+    movq mm0, rax
+    movq [rel mmx_slot], mm0
+    SAY "store "
+    HEX [rel mmx_slot], 16
+    NL
+    mov qword [rel mmx_slot], 0x1122334455667788
+    movq mm1, [rel mmx_slot]
+    movd eax, mm1
+    movq rbx, mm0
+    SAY "load "
+    HEX rax, 16
+    SAY " mm0 "
+    HEX rbx, 16
+    NL
+    fnstsw ax
+    SAY "fsw "
+    HEX rax, 4
+    NL
+    ret
+align 8
+mmx_slot: dq 0
+"""
+
+
+@pytest.mark.parametrize("backend", [pytest.param("kvm", marks=KVM_MARKS)])
+def test_mmx_moves_at_ring0_after_fninit_keep_their_values(tmp_path: Path, backend: str) -> None:
+    lines, status, err = run64(tmp_path, MMX_BODY, backend)
+    assert status == DONE, "\n".join(lines) + err
+    assert lines == ["store 0102030405060708", "load 0000000055667788 mm0 0102030405060708", "fsw 0000"], err
+
+
+# INT n from ring 3 (SDM vol. 2A INT n; vol. 3A §6.12.1.1): through a DPL-3 gate it reaches its handler, which
+# sees CPL 3 in the frame and returns to ring 3; through a DPL-0 gate it is #GP with error code vector * 8 + 2
+# (IDT, EXT clear). Hosts that answer it with #UD have it completed by popek (kvm_syscall, DR2 on the #UD handler),
+# which finds the guest's #UD handler at the first exit after the guest loads its IDT (here the first line out).
+USER_INT_BODY = r"""
+    mov edi, 0x80
+    mov rsi, int80
+    mov dl, 0xEE                        ; present, DPL 3, 64-bit interrupt gate
+    call setgate
+    mov edi, 0x81
+    mov rsi, int80
+    mov dl, 0x8E                        ; DPL 0: not for ring 3
+    call setgate
+    mov edi, 13
+    mov rsi, gp13
+    mov dl, 0x8E
+    call setgate
+    SAY "to ring 3"
+    NL
+    mov rdi, user
+    call to_user
+    SAY "back in ring 0"
+    NL
+    ret
+user:
+    mov eax, 0x1234
+    int 0x80
+    mov eax, 0x5678
+    int 0x80
+    int 0x81
+    UEXIT
+int80:
+    mov [rel int_rax], rax
+    SAY "int80 rax="
+    HEX [rel int_rax], 4
+    mov rax, [rsp + 8]                  ; CS of the frame
+    and eax, 3
+    mov [rel int_rax], rax
+    SAY " cpl="
+    HEX [rel int_rax], 1
+    NL
+    iretq
+gp13:
+    mov rax, [rsp]
+    mov [rel int_rax], rax
+    SAY "#GP err="
+    HEX [rel int_rax], 4
+    mov rax, [rsp + 16]
+    and eax, 3
+    mov [rel int_rax], rax
+    SAY " cpl="
+    HEX [rel int_rax], 1
+    NL
+    mov rsp, [saved_rsp]                ; end the ring-3 code: return from to_user
+    ret
+align 8
+int_rax: dq 0
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int_n_from_ring3_is_delivered_through_the_idt_with_its_gate_dpl_checked(tmp_path: Path, backend: str) -> None:
+    lines, status, err = run64(tmp_path, USER_INT_BODY, backend)
+    assert status == DONE, "\n".join(lines) + err
+    assert lines == [
+        "to ring 3",
+        "int80 rax=1234 cpl=3",
+        "int80 rax=5678 cpl=3",
+        "#GP err=040A cpl=3",
+        "back in ring 0",
+    ], err

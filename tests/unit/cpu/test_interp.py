@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import iced_x86
 import pytest
 
 from popek.cpu import exceptions
@@ -787,3 +788,85 @@ def test_the_decode_cache_stays_bounded_however_much_code_runs(monkeypatch: pyte
     assert m.interp.cpu.instructions == 5001
     assert 0 < len(m.interp._cache) <= 64
     assert sum(len(keys) for keys in m.interp._page_keys.values()) <= 64 * 2
+
+
+def test_mov_to_cr4_of_a_feature_cpuid_hides_is_a_gp() -> None:
+    """SDM vol. 3A §2.5: OSXSAVE is reserved without CPUID.1:ECX.XSAVE (kvm-unit-tests' xsave entry)."""
+    from popek.cpu.state import CR4_OSXSAVE, CpuException
+
+    m = Machine(64)
+    base = m.interp.cpuid
+
+    def without_xsave(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+        eax, ebx, ecx, edx = base(leaf, subleaf)
+        return (eax, ebx, ecx & ~(1 << 26), edx) if leaf == 1 else (eax, ebx, ecx, edx)
+
+    def with_xsave(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+        eax, ebx, ecx, edx = base(leaf, subleaf)
+        return (eax, ebx, ecx | 1 << 26, edx) if leaf == 1 else (eax, ebx, ecx, edx)
+
+    m.interp.cpuid = without_xsave
+    with pytest.raises(CpuException) as e:
+        m.interp._write_cr4(m.cpu.state.cr4 | CR4_OSXSAVE)
+    assert e.value.vector == 13
+    m.interp.cpuid = with_xsave
+    m.interp._write_cr4(m.cpu.state.cr4 | CR4_OSXSAVE)
+    assert m.cpu.state.cr4 & CR4_OSXSAVE
+
+
+def test_tsc_adjust_and_the_tsc_move_together() -> None:
+    """SDM vol. 3B "Time-Stamp Counter Adjustment": writing IA32_TSC_ADJUST moves the TSC by the same amount, and
+    writing the TSC moves IA32_TSC_ADJUST (kvm-unit-tests' tsc_adjust entry)."""
+    m = Machine(64)
+    interp = m.interp
+    clock = [1000]
+    interp.tsc = lambda: clock[0]
+    assert interp.read_msr(0x3B) == 0
+    interp.write_msr(0x3B, 10**11)
+    assert interp.read_msr(0x10) == 1000 + 10**11
+    interp.write_msr(0x3B, 0)
+    assert interp.read_msr(0x10) == 1000
+    interp.write_msr(0x10, 5000)
+    assert interp.read_msr(0x3B) == 4000
+    clock[0] = 1500
+    assert interp.read_msr(0x10) == 5500
+
+
+def test_mmx_moves_alias_the_x87_registers_and_emms_frees_them() -> None:
+    """SDM vol. 1 §9.5-9.6: MMn is the significand of Rn, whose exponent reads all ones; an MMX instruction sets
+    TOP to 0 and tags every register valid, EMMS empties them (kvm-unit-tests' emulator movq tests)."""
+    m = Machine(64)
+    m.load("""
+        fninit
+        mov rax, 0x0102030405060708
+        movq mm3, rax
+        movq [0x20000], mm3
+        movq mm1, [0x20000]
+        movd ecx, mm1
+        emms
+        hlt
+    """)
+    s = m.cpu.state
+    m.interp.step()
+    m.interp.step()
+    m.interp.step()
+    assert s.st[3] == 0xFFFF << 64 | 0x0102030405060708 and s.ftw == 0xFF and not s.fsw & 7 << 11
+    m.run()
+    assert m.mem.read_u64(0x20000) == 0x0102030405060708
+    assert m.gpr[1] == 0x05060708 and s.ftw == 0
+
+
+def test_wrpkru_and_rdpkru_need_cr4_pke_and_cpuid_reports_ospke() -> None:
+    from popek.cpu.state import CR4_PKE, CpuException
+
+    m = Machine(64)
+    m.cpu.state.gpr[0] = 0x30
+    with pytest.raises(CpuException) as e:
+        m.interp._pkru(iced_x86.Decoder(64, b"\x0f\x01\xef").decode())  # WRPKRU without CR4.PKE
+    assert e.value.vector == 6
+    m.cpu.state.cr4 |= CR4_PKE
+    m.load("mov eax, 0x30\nxor ecx, ecx\nxor edx, edx\nwrpkru\nxor eax, eax\nrdpkru\nmov esi, eax\n"
+           "mov eax, 7\nxor ecx, ecx\ncpuid\nhlt")  # fmt: skip
+    m.run()
+    assert m.cpu.state.pkru == 0x30 and m.gpr[6] == 0x30
+    assert m.gpr[1] & 1 << 4  # CPUID.7:ECX.OSPKE follows CR4.PKE

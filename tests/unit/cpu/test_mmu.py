@@ -491,3 +491,35 @@ def test_code_write_hook(cpu: Cpu) -> None:
     cpu.mmu.mark_code(0x5)
     cpu.mmu.write_bytes(0x5100, b"\x90")
     assert seen == [0x5, 0x5]
+
+
+def test_protection_keys_govern_data_accesses_to_user_and_supervisor_pages(cpu: Cpu) -> None:
+    """SDM vol. 3A §4.6.2: PKRU (CR4.PKE) for user pages, IA32_PKRS (CR4.PKS) for supervisor pages; AD stops
+    every data access, WD writes (supervisor writes only with CR0.WP); fetches are not checked; #PF has PK."""
+    from popek.cpu.state import CR4_PKE, CR4_PKS, MSR_IA32_PKRS, PF_PK
+
+    long_mode(cpu)
+    key2 = 2 << 59
+    map64(cpu, 0x1000, 0x200000, P | RW | US | key2)  # a user page with key 2
+    map64(cpu, 0x2000, 0x201000, P | RW | key2)  # a supervisor page with key 2
+    st = cpu.state
+    st.pkru = 0b01 << 4  # key 2: access disabled
+    assert cpu.mmu.read(0x1000, 4, user=True) == 0  # CR4.PKE clear: no keys
+    st.cr4 |= CR4_PKE
+    cpu.mmu.flush()
+    assert fault(cpu.mmu.read, 0x1000, 4, user=True).error_code == PF_P | PF_U | PF_PK
+    assert fault(cpu.mmu.read, 0x1000, 4, user=False).error_code == PF_P | PF_PK
+    cpu.mmu.translate(0x1000, Access.EXECUTE, True)  # fetches ignore keys
+    cpu.mmu.write(0x2000, 4, 1, user=False)  # supervisor pages are not PKRU's
+    st.pkru = 0b10 << 4  # key 2: write disabled
+    cpu.mmu.flush()
+    assert cpu.mmu.read(0x1000, 4, user=True) == 0
+    assert fault(cpu.mmu.write, 0x1000, 4, 1, user=True).error_code == PF_P | PF_W | PF_U | PF_PK
+    assert fault(cpu.mmu.write, 0x1000, 4, 1, user=False).error_code == PF_P | PF_W | PF_PK  # CR0.WP set
+    st.cr0 &= ~CR0_WP
+    cpu.mmu.flush()
+    cpu.mmu.write(0x1000, 4, 1, user=False)
+    st.cr4 |= CR4_PKS
+    st.msrs[MSR_IA32_PKRS] = 0b01 << 4
+    cpu.mmu.flush()
+    assert fault(cpu.mmu.read, 0x2000, 4, user=False).error_code == PF_P | PF_PK

@@ -511,3 +511,19 @@ def test_sysenter_sysexit(cpu: Cpu) -> None:
     assert st.cpl == 3 and st.rip == 0x401000 and st.gpr[RSP] == 0x7000
     assert (st.seg[CS].selector, st.seg[SS].selector) == (KCODE + 16 | 3, KCODE + 24 | 3)
     raises(Vector.GP, 0, segments.sysexit, cpu, 32)  # CPL 3
+
+
+def test_iretq_to_ring_3_nulls_ring_0_data_selectors_but_keeps_the_fs_gs_bases(cpu: Cpu) -> None:
+    """§5.8.6: the ring-0 DS/GS become null at CPL 3; in IA-32e mode the GS base is IA32_GS_BASE and stays."""
+    long64(cpu)
+    st = cpu.state
+    load(cpu, DS, KDATA64)
+    load(cpu, GS, KDATA64)
+    st.seg[GS].base = 0x123000
+    st.seg[DS].base = 0
+    st.gpr[RSP] = 0x9000
+    for i, v in enumerate([0x4000, UCODE64, IF | 2, 0x7000, UDATA64]):
+        cpu.mem.write_u64(0x9000 + 8 * i, v)
+    segments.iret(cpu, 64)
+    assert st.cpl == 3 and st.seg[GS].unusable and st.seg[DS].unusable
+    assert st.seg[GS].base == 0x123000

@@ -333,4 +333,15 @@ def test_only_level_triggered_vectors_are_broadcast_at_eoi() -> None:
     assert apic.acknowledge() == 0x41
     apic.write_register(lp.REG_EOI, 0)
     assert broadcast == [0x52]
-    assert apic.tmr == 0
+
+
+def test_tmr_keeps_the_trigger_mode_of_the_last_acceptance_after_eoi() -> None:
+    """SDM §11.8.4: TMR is set or cleared when a vector is accepted into IRR; the EOI leaves it alone."""
+    platform, _ = make(1)
+    apic = platform.lapic_for(0)
+    apic.accept(lp.ApicMessage(0x79, lp.DeliveryMode.FIXED, 0, level_triggered=True))
+    assert apic.acknowledge() == 0x79
+    apic.write_register(lp.REG_EOI, 0)
+    assert apic.read_register(lp.REG_TMR + 0x30) >> (0x79 - 0x60) & 1
+    apic.accept(lp.ApicMessage(0x79, lp.DeliveryMode.FIXED, 0))
+    assert not apic.read_register(lp.REG_TMR + 0x30) >> (0x79 - 0x60) & 1

@@ -37,6 +37,8 @@ STRUCTS = [
     "kvm_dirty_log",
     "kvm_clock_data",
     "kvm_enable_cap",
+    "kvm_msr_filter_range",
+    "kvm_msr_filter",
     "kvm_translation",
     "kvm_debugregs",
     "kvm_run",
