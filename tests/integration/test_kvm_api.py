@@ -129,3 +129,18 @@ def test_a_denied_msr_is_the_guests_general_protection_fault() -> None:
                 vcpu.close()
         finally:
             vm.close()
+
+
+def test_the_observed_cpuid_is_what_the_guests_cpuid_instruction_returns() -> None:
+    from popek.accel.kvm_probe import observed_cpuid
+    from popek.cpuid import apply_template, for_vcpu
+
+    with Kvm() as kvm:
+        entries = for_vcpu(apply_template(kvm.supported_cpuid(), "host"), 0, 1)
+        seen = observed_cpuid(kvm, entries)
+    assert [(e.function, e.index) for e in seen] == [(e.function, e.index) for e in entries]
+    leaf0 = next(e for e in seen if e.function == 0)
+    vendor = leaf0.ebx.to_bytes(4, "little") + leaf0.edx.to_bytes(4, "little") + leaf0.ecx.to_bytes(4, "little")
+    assert vendor in (b"GenuineIntel", b"AuthenticAMD", b"HygonGenuine"), vendor  # EBX, EDX, ECX, in that order
+    ext = next(e for e in seen if e.function == 0x80000000)
+    assert ext.eax >= 0x80000001  # the highest extended leaf, as the guest reads it

@@ -685,3 +685,51 @@ def test_int_n_from_ring3_is_delivered_through_the_idt_with_its_gate_dpl_checked
         "#GP err=040A cpl=3",
         "back in ring 0",
     ], err
+
+
+# YMM moves at ring 0 where the guest sees AVX (SDM vol. 2C VMOVDQA, VZEROALL): the value goes through two
+# registers (both encodings of the register form) to memory, and VZEROALL clears it.
+AVX_BODY = r"""
+    mov eax, 1
+    cpuid
+    and ecx, (1 << 26) | (1 << 28)      ; XSAVE and AVX
+    cmp ecx, (1 << 26) | (1 << 28)
+    je .avx
+    SAY "avx not advertised"
+    NL
+    ret
+.avx:
+    mov rax, cr4
+    or eax, (1 << 18) | (1 << 9)        ; CR4.OSXSAVE, CR4.OSFXSR
+    mov cr4, rax
+    xor ecx, ecx
+    xor edx, edx
+    mov eax, 7                          ; XCR0 = x87 | SSE | AVX
+    xsetbv
+    vmovdqa ymm1, [rel avx_in]
+    vmovdqa ymm9, ymm1                  ; VEX.L1 0F 6F /r
+    db 0xc5, 0x7d, 0x7f, 0xca           ; vmovdqa ymm2, ymm9 (VEX.L1 0F 7F /r, the store form)
+    vmovdqa [rel avx_out], ymm2
+    SAY "ymm "
+    HEX [rel avx_out + 24], 16
+    HEX [rel avx_out], 16
+    NL
+    vzeroall
+    vmovdqa [rel avx_out], ymm9
+    SAY "zeroed "
+    HEX [rel avx_out + 24], 16
+    HEX [rel avx_out], 16
+    NL
+    ret
+align 32
+avx_in: dq 0x1111111111111111, 0x2222222222222222, 0x3333333333333333, 0x4444444444444444
+avx_out: dq 0, 0, 0, 0
+"""
+
+
+@pytest.mark.parametrize("backend", [pytest.param("kvm", marks=KVM_MARKS)])
+def test_ymm_moves_and_vzeroall_at_ring0_give_architectural_results(tmp_path: Path, backend: str) -> None:
+    lines, status, err = run64(tmp_path, AVX_BODY, backend)
+    assert status == DONE, "\n".join(lines) + err
+    if lines != ["avx not advertised"]:
+        assert lines == ["ymm 44444444444444441111111111111111", "zeroed 00000000000000000000000000000000"], err
