@@ -21,7 +21,7 @@ BOTH = ["smptest", "smptest3", "vmexit_tscdeadline", "smap", "hypercall", "idt_t
         "vmexit_tscdeadline_immed", "pcid-asymmetric"]  # fmt: skip
 KVM_ONLY = ["vmexit_cpuid", "vmexit_inl_pmtimer", "vmexit_ipi", "vmexit_cr4_pge", "vmexit_mov_from_cr8",
             "vmexit_mov_to_cr8", "vmexit_ipi_halt", "vmexit_ple_round_robin", "vmexit_cr0_wp"]  # fmt: skip
-SOFT_ONLY = ["msr", "eventinj", "tsc", "debug", "tsc_adjust"]
+SOFT_ONLY = ["eventinj", "tsc", "debug", "tsc_adjust"]
 CASES = [
     *(pytest.param(name, "kvm", marks=KVM_MARKS, id=f"{name}-kvm") for name in BOTH + KVM_ONLY),
     *(pytest.param(name, "soft", id=f"{name}-soft") for name in BOTH + SOFT_ONLY),
