@@ -134,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     build = image_sub.add_parser("build", help="build (or reuse) the default guest kernel and initramfs")
     build.add_argument("--force", action="store_true", help="rebuild even if a cached image matches")
     image_sub.add_parser("info", help="say what is cached and where it came from")
+    init = sub.add_parser("init", help="write a commented popek.toml (the VM file) in a folder")
+    init.add_argument("folder", nargs="?", default=".", help="where to write it (default: here)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing popek.toml")
     return p
 
 
@@ -147,6 +150,13 @@ def _net_spec(text: str | None, ports: list[str]) -> NetSpec | None:
             raise ConfigError("--port forwards into the guest's network: it needs --net passt")
         return None
     return NetSpec.parse(text, forwards)
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from popek.daemon import vmfile
+
+    print(f"wrote {vmfile.init(Path(args.folder), force=args.force)}")
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -251,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with stop_on_signals():
             if args.command == "run":
                 return _cmd_run(args)
+            if args.command == "init":
+                return _cmd_init(args)
             return _cmd_image(args)
     except HostSignal as e:  # before or after the VM ran: Vm.run turns one that comes while it runs into a Stop
         print(f"popek: stopped by {signal.Signals(e.signum).name}", file=sys.stderr)

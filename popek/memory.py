@@ -90,6 +90,35 @@ class GuestMemory:
             self.close()
             raise ConfigError(f"cannot allocate {size} bytes of guest memory: {e.strerror}") from None
 
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], regions: list[tuple[int, int, int]]) -> GuestMemory:
+        """Guest memory mapped privately from a file (a snapshot's memory): `regions` are (gpa, size, offset in
+        the file), and must be the layout `layout` gives for their total size, so a restored VM has the RAM
+        map a booted one has. MAP_PRIVATE: the host kernel reads pages on the guest's first touch and copies a
+        page on its first write, so restore costs no time per byte and clones of one file share what they have
+        not written (mmap(2))."""
+        size = sum(length for _, length, _ in regions)
+        if [(gpa, length) for gpa, length, _ in regions] != layout(size):
+            raise ConfigError(f"memory regions {regions} are not popek's layout of {size} bytes")
+        mem = cls.__new__(cls)
+        mem.size, mem.regions, mem._observers = size, [], []
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise ConfigError(f"guest memory file {path}: {e.strerror}") from None
+        try:
+            for gpa, length, offset in regions:
+                mapping = mmap.mmap(
+                    fd, length, flags=mmap.MAP_PRIVATE, prot=_PROT_READ | _PROT_WRITE, offset=offset
+                )
+                mem.regions.append(Region(gpa, length, mapping, anonymous=False))
+        except (OSError, ValueError) as e:
+            mem.close()
+            raise ConfigError(f"cannot map guest memory from {path}: {e}") from None
+        finally:
+            os.close(fd)
+        return mem
+
     def close(self) -> None:
         for region in self.regions:
             try:
