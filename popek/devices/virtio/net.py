@@ -108,7 +108,7 @@ class NetSpec:
     def parse(cls, text: str, ports: tuple[tuple[int, int], ...] = ()) -> NetSpec:
         kind, _, options = text.partition(",")
         backend, _, name = kind.partition(":")
-        if backend == "passt" and not name and kind == "passt":
+        if kind == "passt":
             tap = None
         elif backend == "tap" and name:
             from popek.devices.tap import valid_interface_name
