@@ -54,7 +54,7 @@ def vm(guest: image.GuestImage) -> Iterator[RunningVm]:
     command = f"while [ ! -e {STOP_FILE} ]; do sleep 0.2; done; echo vsock-test-done"
     process = subprocess.Popen(
         [sys.executable, "-m", "popek", "run", "--accel", "kvm", "--timeout", str(BOOT_TIMEOUT), "--stats",
-         "--vsock", f"3:{path}", "--", "sh", "-c", command],
+         "--vsock", f"3:{path}", "--no-agent", "--", "sh", "-c", command],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     output: dict[str, str] = {}
