@@ -33,8 +33,9 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def vm(guest: image.GuestImage) -> Iterator[VM]:
-    machine = VM(accel="kvm", mem="512M", boot_timeout=BOOT_TIMEOUT)
+def vm(guest: image.GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VM]:
+    console = (tmp_path_factory.mktemp("api-console") / "console.log").open("wb", buffering=0)  # readable meanwhile
+    machine = VM(accel="kvm", mem="512M", boot_timeout=BOOT_TIMEOUT, console=console.write)
     try:
         machine.start()
     except Exception as e:
@@ -44,6 +45,7 @@ def vm(guest: image.GuestImage) -> Iterator[VM]:
         yield machine
         if not machine.running:  # a test stopped it: say how, once, where the failures are read
             print(f"VM stopped: {machine.stop_reason}\n{machine.console_tail.decode(errors='replace')[-4000:]}")
+    console.close()
 
 
 def test_exec_returns_the_commands_stdout_stderr_and_exit_code(vm: VM) -> None:
