@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from popek import image
-from popek.agent import AgentClient, vsock_unix_connector
+from popek.agent import AgentClient, AgentUnavailable, vsock_unix_connector
 
 BOOT_TIMEOUT = 1200
 PORT = 1024
@@ -37,12 +38,21 @@ pytestmark = [
 
 @dataclass
 class RunningVm:
-    process: subprocess.Popen[str]
+    process: subprocess.Popen[bytes]
     socket: Path
     client: AgentClient
 
-    def log(self) -> str:
-        return f"popek exit status {self.process.poll()}"
+
+def wait_for_agent(process: subprocess.Popen[bytes], client: AgentClient) -> None:
+    """PING until the agent answers, while popek runs (a VM that ended will not answer)."""
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            client.wait_ready(timeout=5, interval=0.5)
+            return
+        except AgentUnavailable:
+            continue
+    raise AgentUnavailable(f"no answer from the agent (popek's exit status: {process.poll()})")
 
 
 @pytest.fixture(scope="module")
@@ -50,43 +60,36 @@ def vm(guest: image.GuestImage) -> Iterator[RunningVm]:
     # a short folder: a Unix socket path holds at most 107 bytes, pytest's tmp paths can be longer
     folder = Path(tempfile.mkdtemp(prefix="popek-vsock-"))
     path = folder / "v.sock"
+    out, err = folder / "stdout", folder / "stderr"  # files, not pipes: readable while it runs
     # the guest's command waits for the test to say it is done (through the agent), then the VM resets
     command = f"while [ ! -e {STOP_FILE} ]; do sleep 0.2; done; echo vsock-test-done"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "popek", "run", "--accel", "kvm", "--timeout", str(BOOT_TIMEOUT), "--stats",
-         "--vsock", f"3:{path}", "--no-agent", "--", "sh", "-c", command],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    output: dict[str, str] = {}
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "popek", "run", "--accel", "kvm", "--timeout", str(BOOT_TIMEOUT), "--stats",
+             "--vsock", f"3:{path}", "--no-agent", "--", "sh", "-c", command],
+            stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+        )  # fmt: skip
 
-    def collect() -> None:
-        out, err = process.communicate()
-        output["stdout"], output["stderr"] = out, err
+    def log() -> str:
+        return f"stdout:\n{out.read_text(errors='replace')[-6000:]}\nstderr:\n{err.read_text(errors='replace')[-4000:]}"
 
-    collector = threading.Thread(target=collect, daemon=True)
-    collector.start()
     client = AgentClient(vsock_unix_connector(path, PORT), timeout=120)
     try:
         try:
-            client.wait_ready(timeout=BOOT_TIMEOUT, interval=0.5)
-        except Exception:
-            process.terminate()
-            collector.join(60)
-            pytest.fail(f"the agent never answered over vsock\n{output.get('stdout', '')[-4000:]}\n"
-                        f"{output.get('stderr', '')[-4000:]}")  # fmt: skip
+            wait_for_agent(process, client)
+        except AgentUnavailable as e:
+            pytest.fail(f"{e}\n{log()}")
         yield RunningVm(process, path, client)
         client.exec(["touch", STOP_FILE], check=True)  # the guest's command ends: popek-exit-status 0, reset
-        collector.join(300)
-        assert not collector.is_alive(), "popek did not stop after the guest's command ended"
-        stdout, stderr = output["stdout"], output["stderr"]
-        assert "vsock-test-done" in stdout and "popek-exit-status: 0" in stdout, stdout[-4000:]
-        assert process.returncode == 0, stderr[-4000:]
-        assert "virtio-vsock" in stderr and "connections=" in stderr, stderr[-4000:]  # --stats has its counters
+        process.wait(300)
+        assert "vsock-test-done" in out.read_text() and "popek-exit-status: 0" in out.read_text(), log()
+        assert process.returncode == 0, log()
+        assert "virtio-vsock" in err.read_text() and "connections=" in err.read_text(), log()  # --stats
         assert not path.exists()  # removed at close
     finally:
         if process.poll() is None:
             process.terminate()  # only ours, by its pid
-            collector.join(60)
+            process.wait(60)
         shutil.rmtree(folder, ignore_errors=True)
 
 
