@@ -46,8 +46,9 @@ from popek.vm import ACCELS, VIRTIO_IRQS, Vm, VmSpec
 AGENT_PORT = 1024  # where the default guest's init starts the agent (popek/image/init)
 GUEST_CID = 3  # the first CID a guest may have (virtio 1.2 §5.10.4: 0-2 are reserved); each VM has its own socket
 DEFAULT_BOOT_TIMEOUT = 600.0  # the default guest takes ~2 min to boot on nested KVM, more on --accel soft
-DEFAULT_AGENT_TIMEOUT = 10.0
-READY_PING_TIMEOUT = 2.0  # one readiness probe while the guest boots: short, so a stop is noticed at once
+# every wait for the agent but a command's run: generous, as on a nested KVM host each connection costs the guest
+# a fork with ring 0 emulated (seconds); a VM that stops is noticed at once anyway (its connections are cut)
+DEFAULT_AGENT_TIMEOUT = 60.0
 STOP_GRACE = 2.0  # how long a dropped connection waits for the VM thread to say the VM stopped
 JOIN_TIMEOUT = 30.0  # close(): how long the VM thread may take to stop its vCPUs
 DEFAULT_CONSOLE_TAIL = 16 << 10  # console bytes an error carries
@@ -315,7 +316,7 @@ class VM:
         self._runtime: _Runtime | None = None
         self._client: AgentClient | None = None
         self._files: GuestFiles | None = None
-        self._probe: AgentClient | None = None
+        self._uds = Path()
         self._finalizer: weakref.finalize[[], VM] | None = None
         self._start_lock = threading.Lock()
         self._check_spec()
@@ -387,17 +388,13 @@ class VM:
             self._finalizer = weakref.finalize(self, runtime.shutdown)
             try:
                 vsock = self.vsock or VsockSpec(GUEST_CID, workdir / "vsock.sock")
-                uds = vsock.uds_path
+                uds = self._uds = vsock.uds_path
                 runtime.vm = Vm(self._spec(kernel, initrd, cmdline, vsock), console=self._console)
                 runtime.thread = threading.Thread(target=runtime.run, name="popek-vm", daemon=True)
                 runtime.thread.start()
                 connect = runtime.connector(vsock_unix_connector(uds, self.agent_port, self.agent_timeout))
                 self._client = AgentClient(connect, timeout=self.agent_timeout)
                 self._files = GuestFiles(self, self._client)
-                self._probe = AgentClient(
-                    runtime.connector(vsock_unix_connector(uds, self.agent_port, READY_PING_TIMEOUT)),
-                    timeout=READY_PING_TIMEOUT,
-                )
             except BaseException:
                 self.close()
                 raise
@@ -414,7 +411,7 @@ class VM:
         it does not answer in time, VMStopped if the VM stops first."""
         _positive("timeout", timeout, optional=True)
         runtime = self._started()
-        assert self._probe is not None
+        assert self._client is not None
         limit = self.boot_timeout if timeout is None else timeout
         started = time.monotonic()
         deadline = started + limit
@@ -429,7 +426,12 @@ class VM:
                     self.console_tail,
                 )
             try:
-                self._probe.wait_ready(timeout=min(1.0, remaining), interval=0.1)
+                # one PING per round, bounded by what is left of the boot timeout
+                wait = min(self.agent_timeout, max(remaining, 0.5))
+                probe = AgentClient(
+                    runtime.connector(vsock_unix_connector(self._uds, self.agent_port, wait)), timeout=wait
+                )
+                probe.wait_ready(timeout=min(1.0, remaining), interval=0.1)
                 return time.monotonic() - started
             except (AgentUnavailable, AgentDisconnected):
                 continue

@@ -66,7 +66,7 @@ def vm(guest: image.GuestImage) -> Iterator[RunningVm]:
     with out.open("wb") as stdout, err.open("wb") as stderr:
         process = subprocess.Popen(
             [sys.executable, "-m", "popek", "run", "--accel", "kvm", "--timeout", str(BOOT_TIMEOUT), "--stats",
-             "--vsock", f"3:{path}", "--", "sh", "-c", command],
+             "--vsock", f"3:{path}", "--no-agent", "--", "sh", "-c", command],
             stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
         )  # fmt: skip
 
