@@ -39,6 +39,7 @@ from popek.agent import AgentClient, ExecResult, Process, protocol, vsock_unix_c
 from popek.agent.client import Command, OutputCallback, PathLike
 from popek.agent.errors import AgentDisconnected, AgentUnavailable
 from popek.devices.virtio.blk import DiskSpec
+from popek.devices.virtio.net import NetSpec, net_spec
 from popek.devices.virtio.vsock import VsockSpec
 from popek.errors import ConfigError, PopekError
 from popek.vm import ACCELS, VIRTIO_IRQS, Vm, VmSpec
@@ -265,6 +266,8 @@ class VM:
         eventfds: bool = True,
         kvm_device: str = "/dev/kvm",
         vsock: VsockSpec | None = None,
+        net: str | NetSpec | None = None,
+        ports: Sequence[str] = (),
         timeout: float | None = None,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
@@ -307,6 +310,17 @@ class VM:
         if vsock is not None:
             vsock.validate()
         self.vsock = vsock
+        if isinstance(net, NetSpec):
+            if ports:
+                raise ConfigError("ports go into the NetSpec (its forwards) when net is a NetSpec")
+            net.validate()
+            self.net: NetSpec | None = net
+        elif net is None or isinstance(net, str):
+            if isinstance(ports, str):
+                raise ConfigError('ports is a list of "HOST:GUEST" strings: ports=["8080:80"]')
+            self.net = net_spec(net, list(ports))
+        else:
+            raise ConfigError(f"net is 'passt', 'tap:NAME[,mac=..]' or a NetSpec, not {type(net).__name__}")
         self.timeout = timeout
         self.boot_timeout = float(boot_timeout)
         self.agent_timeout = float(agent_timeout)
@@ -333,7 +347,7 @@ class VM:
         cmdline = " ".join(part for part in (guest.cmdline, self.append) if part)
         return guest.kernel, self.initrd or guest.initrd, cmdline
 
-    def _spec(self, kernel: Path, initrd: Path | None, cmdline: str, vsock: VsockSpec) -> VmSpec:
+    def _spec(self, kernel: Path, initrd: Path | None, cmdline: str, vsock: VsockSpec | None) -> VmSpec:
         """The VmSpec, with the vsock device the agent is reached through."""
         return VmSpec(
             kernel=kernel,
@@ -351,21 +365,12 @@ class VM:
             console2=self.console2,
             kvm_eventfds=self.eventfds,
             vsock=vsock,
+            net=self.net,
         )
 
     def _check_spec(self) -> None:
         """What VmSpec.validate refuses, refused here, before anything is built or booted."""
-        spec = VmSpec(
-            kernel="unused",
-            mem=self.mem,
-            cpus=self.cpus,
-            accel=self.accel,
-            cpu_template=self.cpu_template,
-            timeout=self.timeout,
-            disks=list(self.disks),
-            rng=self.rng,
-            console2=self.console2,
-        )
+        spec = self._spec(Path("unused"), None, "", None)
         spec.validate()
         if spec.virtio_devices + 1 > len(VIRTIO_IRQS):  # the vsock device is one more
             raise ConfigError(

@@ -12,14 +12,11 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 from popek.accel.exits import Stop, StopReason
 from popek.errors import ConfigError, PopekError
 from popek.kvm import KvmError
-
-if TYPE_CHECKING:
-    from popek.devices.virtio.net import NetSpec
 
 EXIT_ERROR = 1
 EXIT_TRIPLE_FAULT = 3
@@ -172,21 +169,10 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _net_spec(text: str | None, ports: list[str]) -> NetSpec | None:
-    """`--net` and its `--port` forwards; a forward without a network device is a mistake worth naming."""
-    from popek.devices.virtio.net import NetSpec, parse_port
-
-    forwards = tuple(parse_port(port) for port in ports)
-    if text is None:
-        if forwards:
-            raise ConfigError("--port forwards into the guest's network: it needs --net passt")
-        return None
-    return NetSpec.parse(text, forwards)
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     from popek.console import HostConsole
     from popek.devices.virtio.blk import DiskSpec
+    from popek.devices.virtio.net import net_spec
     from popek.devices.virtio.vsock import VsockSpec
     from popek.vm import Vm, VmSpec
 
@@ -195,7 +181,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         command = command[1:]
     disks = [DiskSpec.parse(text) for text in args.disk]  # before a default guest build: bad options fail fast
     vsock = VsockSpec.parse(args.vsock) if args.vsock is not None else None
-    net = _net_spec(args.net, args.port)
+    net = net_spec(args.net, args.port)
     default_guest = args.kernel is None
     # the default guest's own initramfs starts the agent; a custom one may not: it keeps the serial protocol
     agent = default_guest and args.initrd is None and not args.no_agent
@@ -204,7 +190,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if agent and (command or args.tty or args.interactive):
         from popek import cli_agent
 
-        return cli_agent.run(args, command, disks, vsock)
+        return cli_agent.run(args, command, disks, vsock, net)
     if default_guest:
         from popek import image
 

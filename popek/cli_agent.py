@@ -24,6 +24,7 @@ from popek.accel.exits import StopReason
 from popek.agent import CommandTimeout
 from popek.api import DEFAULT_BOOT_TIMEOUT, VM, BootTimeout, VMError, VMStopped
 from popek.devices.virtio.blk import DiskSpec
+from popek.devices.virtio.net import NetSpec
 from popek.devices.virtio.vsock import VsockSpec
 
 EXIT_NO_STATUS = 125
@@ -121,7 +122,9 @@ def _interactive(
     return _status(result.exit_code, result.signal)
 
 
-def run(args: argparse.Namespace, command: list[str], disks: list[DiskSpec], vsock: VsockSpec | None) -> int:
+def run(
+    args: argparse.Namespace, command: list[str], disks: list[DiskSpec], vsock: VsockSpec | None, net: NetSpec | None
+) -> int:
     """Boot the default guest, run the command through its agent, stop the VM: the command's exit status. With
     --vsock the agent is reached through that device (so other host programs can use it too)."""
     console_out = _writer(2) if args.console else None
@@ -138,6 +141,7 @@ def run(args: argparse.Namespace, command: list[str], disks: list[DiskSpec], vso
         eventfds=not args.no_eventfds,
         kvm_device=args.kvm_device,
         vsock=vsock,
+        net=net,
         timeout=args.timeout,
         boot_timeout=args.boot_timeout if args.boot_timeout is not None else DEFAULT_BOOT_TIMEOUT,
         console=console_out,

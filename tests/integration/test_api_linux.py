@@ -88,7 +88,7 @@ def test_output_given_to_callbacks_is_streamed_and_not_kept(vm: VM) -> None:
 
 
 def test_files_round_trip_with_their_sha256(vm: VM) -> None:
-    data = os.urandom(3 << 20)
+    data = os.urandom(512 << 10)
     digest = hashlib.sha256(data).hexdigest()
     assert vm.files.write("/tmp/blob", data) == len(data)
     assert hashlib.sha256(vm.files.read("/tmp/blob")).hexdigest() == digest

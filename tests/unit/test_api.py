@@ -97,6 +97,12 @@ def vm_threads() -> list[threading.Thread]:
         {"vsock": "3:/tmp/vm.vsock"},  # a VsockSpec, not the CLI's text
         {"vsock": VsockSpec(2, Path("/tmp/vm.vsock"))},  # CID 2 is the host's
         {"disks": [f"d{i}.img" for i in range(7)]},  # the vsock device takes the seventh free IRQ
+        {"net": "slirp"},
+        {"net": 42},
+        {"ports": ["8080:80"]},  # a forward without a network device
+        {"net": "passt", "ports": "8080:80"},  # a string, not a list of forwards
+        {"net": "passt", "ports": ["80"]},
+        {"net": "passt", "disks": [f"d{i}.img" for i in range(6)]},  # net and vsock take the last two IRQs
     ],
 )
 def test_bad_arguments_are_config_errors_before_anything_boots(kwargs: dict[str, object]) -> None:

@@ -29,6 +29,7 @@ import os
 import re
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -482,3 +483,14 @@ class NetDevice(VirtioDevice):
 
     def close(self) -> None:
         self.host.close()
+
+
+def net_spec(text: str | None, ports: Sequence[str] = ()) -> NetSpec | None:
+    """`--net` and its `--port` forwards (the CLI's, popek.VM's and the VM file's): None without a network device;
+    a forward without one is a mistake worth naming."""
+    forwards = tuple(parse_port(port) for port in ports)
+    if text is None:
+        if forwards:
+            raise ConfigError("--port forwards into the guest's network: it needs --net passt")
+        return None
+    return NetSpec.parse(text, forwards)
