@@ -128,6 +128,37 @@ def raw(length: int) -> Check:
     return check
 
 
+def blob(max_length: int) -> Check:
+    """At most `max_length` bytes (a buffer of data not yet delivered), as a bytearray."""
+
+    def check(value: object) -> bytearray:
+        if not isinstance(value, bytes):
+            raise ValueError(f"bytes are expected, not {type(value).__name__}")
+        if len(value) > max_length:
+            raise ValueError(f"{len(value)} bytes, more than {max_length}")
+        return bytearray(value)
+
+    return check
+
+
+def text(max_length: int) -> Check:
+    """A string of at most `max_length` characters (a saved error message)."""
+
+    def check(value: object) -> str:
+        if not isinstance(value, str):
+            raise ValueError(f"a string is expected, not {type(value).__name__}")
+        if len(value) > max_length:
+            raise ValueError(f"{len(value)} characters, more than {max_length}")
+        return value
+
+    return check
+
+
+def anything(value: object) -> object:
+    """A nested part checked by its owner (a virtio device's own state, checked by the device)."""
+    return value
+
+
 def relative_ns(value: object) -> int:
     """A time relative to the device clock's `now` (negative: in the past)."""
     number: int = integer(-MAX_TIME_NS, MAX_TIME_NS)(value)

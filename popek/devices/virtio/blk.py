@@ -33,9 +33,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from popek import hostio
+from popek.devices import state as st
 from popek.devices.virtio.device import COMMON_FEATURES, DeviceId, VirtioDevice
 from popek.devices.virtio.queue import ChainReader, ChainWriter, DescriptorChain, QueueError
 from popek.errors import ConfigError
+from popek.snapshot import SnapshotError
 
 SECTOR = 512
 QUEUE_SIZE = 256
@@ -280,9 +282,10 @@ class BlockDevice(VirtioDevice):
         return {"capacity": self.capacity}
 
     def restore(self, state: dict[str, Any]) -> None:
-        if int(state["capacity"]) != self.capacity:
-            raise ConfigError(f"the snapshot's disk had {state['capacity']} sectors, {self.image.path} has "
-                              f"{self.capacity}")  # fmt: skip
+        capacity = st.load(state, {"capacity": st.uint(64)}, self.name)["capacity"]
+        if capacity != self.capacity:
+            raise SnapshotError(f"{self.name}: the snapshot's disk had {capacity} sectors, {self.image.path} has "
+                                f"{self.capacity}")  # fmt: skip
 
     def close(self) -> None:
         self.image.close()

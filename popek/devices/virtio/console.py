@@ -26,6 +26,7 @@ import stat
 from pathlib import Path
 from typing import Any, ClassVar
 
+from popek.devices import state as st
 from popek.devices.event_loop import FdWatch
 from popek.devices.virtio.device import DeviceId, VirtioDevice, WatchFd
 from popek.devices.virtio.queue import ChainReader, ChainWriter, DescriptorChain
@@ -185,8 +186,8 @@ class ConsoleDevice(VirtioDevice):
         return {"pending": bytes(self.pending), "rx_posted": self.rx_posted, "connected": self.connected}
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.pending = bytearray(state["pending"])[:INPUT_BUFFER]
-        self.rx_posted, self.connected = bool(state["rx_posted"]), bool(state["connected"])
+        st.apply(self, state, {"pending": st.blob(INPUT_BUFFER), "rx_posted": st.boolean, "connected": st.boolean},
+                 "virtio-console")  # fmt: skip
 
     def close(self) -> None:
         self.host.close()

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from enum import IntEnum, IntFlag
 from typing import Any, ClassVar
 
+from popek.devices import state as st
 from popek.devices.event_loop import FdWatch
 from popek.devices.virtio.queue import DescriptorChain, Queue
 from popek.memory import GuestMemory
@@ -112,7 +113,8 @@ class VirtioDevice:
         return {}
 
     def restore(self, state: dict[str, Any]) -> None:
-        """The inverse of `state`."""
+        """The inverse of `state`; a device without state takes only an empty one."""
+        st.load(state, {}, self.name)
 
     def connect_host(self, watch_fd: WatchFd) -> None:
         """Register the host fds the device waits on (a console socket, a TAP device): `watch_fd(fd, on_readable)`.

@@ -34,18 +34,21 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from popek.devices import state as st
 from popek.devices.irq import Pulse
 from popek.devices.virtio.device import (
     INT_CONFIG,
+    INT_VRING,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
     DeviceStatus,
     VirtioDevice,
 )
-from popek.devices.virtio.queue import QueueError
+from popek.devices.virtio.queue import Queue, QueueError
 from popek.errors import GuestMemoryError
 from popek.memory import GuestMemory
+from popek.snapshot import SnapshotError
 
 MMIO_WINDOW = 0x1000
 MAGIC_VALUE = 0x74726976  # "virt"
@@ -93,6 +96,8 @@ _QUEUE_ADDRESS = {
     QUEUE_DEVICE_HIGH: ("used_ring", 32),
 }
 _S = DeviceStatus
+_ALL_STATUS = functools.reduce(lambda a, b: a | b, (int(s) for s in DeviceStatus))
+MAX_ERROR = 4096  # a saved DEVICE_NEEDS_RESET reason longer than this was not written by popek
 # each status bit and the bits that must already be set when the driver sets it (§3.1.1)
 _PREREQUISITES = {
     _S.ACKNOWLEDGE: _S(0),
@@ -387,14 +392,46 @@ class MmioTransport:
             }  # fmt: skip
 
     def restore(self, state: dict[str, Any]) -> None:
+        """The inverse of `state`, for a transport that has not run. Everything is checked before anything
+        changes (a snapshot is hostile input: popek.snapshot): the registers against their widths, every queue,
+        and a live device's queues against guest RAM as DRIVER_OK checks them (§4.2.3.1.1); the device's own
+        part is the device's to check."""
+        what = f"virtio-mmio {self.device.name}"
+        queues = len(self.device.queues)
+        values = st.load(state, {
+            "status": st.masked(_ALL_STATUS), "device_features_sel": st.uint(32), "driver_features_sel": st.uint(32),
+            "driver_features": st.uint(64), "queue_sel": st.uint(32), "shm_sel": st.uint(32),
+            "interrupt_status": st.masked(INT_VRING | INT_CONFIG),
+            "config_generation": st.uint(32), "error": st.optional(st.text(MAX_ERROR)),
+            "acked_features": st.uint(64), "active": st.boolean,
+            "queues": st.list_of(st.anything, length=queues), "device": st.anything,
+        }, what)  # fmt: skip
+        saved = [q.load_state(s, f"{what} queue {i}") for i, (q, s) in enumerate(zip(self.device.queues,
+                                                                                  values["queues"], strict=True))]
+        if values["active"]:
+            if not values["status"] & DeviceStatus.DRIVER_OK:
+                raise SnapshotError(f"{what}: active without DRIVER_OK in its status {values['status']:#x}")
+            offered = self.device.device_features()
+            if values["acked_features"] & ~offered:
+                raise SnapshotError(f"{what}: acked features {values['acked_features']:#x} beyond {offered:#x}")
+            for i, fields in enumerate(saved):
+                if not fields["ready"]:
+                    continue
+                probe = Queue(fields["max_size"])
+                for name, value in fields.items():
+                    setattr(probe, name, value)
+                try:
+                    probe.validate(self.mem)
+                except QueueError as e:
+                    raise SnapshotError(f"{what} queue {i}: {e}") from None
         with self.lock:
-            self.status = DeviceStatus(int(state["status"]))
+            self.status = DeviceStatus(values["status"])
             for name in ("device_features_sel", "driver_features_sel", "driver_features", "queue_sel", "shm_sel",
-                         "interrupt_status", "config_generation"):  # fmt: skip
-                setattr(self, name, int(state[name]))
-            self.error = state["error"]
-            for queue, saved in zip(self.device.queues, state["queues"], strict=True):
-                queue.restore(saved)
-            self.device.acked_features = int(state["acked_features"])
-            self.device.mem = self.mem if state["active"] else None
-            self.device.restore(state["device"])
+                         "interrupt_status", "config_generation", "error"):  # fmt: skip
+                setattr(self, name, values[name])
+            for queue, fields in zip(self.device.queues, saved, strict=True):
+                for name, value in fields.items():
+                    setattr(queue, name, value)
+            self.device.acked_features = values["acked_features"]
+            self.device.mem = self.mem if values["active"] else None
+            self.device.restore(values["device"])

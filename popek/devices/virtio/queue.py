@@ -35,6 +35,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from popek.devices import state as st
 from popek.memory import GuestMemory
 
 VIRTQ_DESC_F_NEXT = 1
@@ -276,14 +277,20 @@ class Queue:
             "num_added": self.num_added,
         }  # fmt: skip
 
-    def restore(self, state: dict[str, Any]) -> None:
-        if state["max_size"] != self.max_size:
-            raise ValueError(f"snapshot of a queue of {state['max_size']} entries, not {self.max_size}")
-        for name in ("size", "desc_table", "avail_ring", "used_ring", "next_avail", "next_used", "avail_idx"):
-            setattr(self, name, int(state[name]))
-        self.num_added = int(state["num_added"])
-        self.ready, self.indirect = bool(state["ready"]), bool(state["indirect"])
-        self.event_idx = bool(state["event_idx"])
+    def load_state(self, state: object, what: str) -> dict[str, Any]:
+        """`state` checked against what the registers can hold (a snapshot is hostile input), nothing changed:
+        the transport checks every queue before it restores any. The ring addresses and size are the driver's
+        register writes, checked against guest RAM by `validate` when the queue is live (§4.2.2)."""
+        return st.load(state, {
+            "max_size": st.one_of(self.max_size), "size": st.uint(32), "ready": st.boolean,
+            "desc_table": st.uint(64), "avail_ring": st.uint(64), "used_ring": st.uint(64),
+            "indirect": st.boolean, "event_idx": st.boolean,
+            "next_avail": st.uint(16), "next_used": st.uint(16), "avail_idx": st.uint(16), "num_added": st.uint(16),
+        }, what)  # fmt: skip
+
+    def restore(self, state: object, what: str = "virtqueue") -> None:
+        for name, value in self.load_state(state, what).items():
+            setattr(self, name, value)
 
 
 class ChainReader:

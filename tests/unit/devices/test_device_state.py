@@ -553,16 +553,22 @@ def _rng_transport() -> MmioTransport:
     return transport
 
 
+def _live_rng_transport() -> MmioTransport:
+    """A transport the driver took through §3.1.1 to DRIVER_OK, its queue 0 live."""
+    transport = MmioTransport(EntropyDevice(), GuestMemory(1 << 20), null_line())
+    for offset, value in ((0x70, 1), (0x70, 3), (0x24, 1), (0x20, 1), (0x70, 0xB), (0x30, 0), (0x38, 8),
+                          (0x80, 0x1000), (0x90, 0x2000), (0xA0, 0x3000), (0x44, 1), (0x70, 0xF)):  # fmt: skip
+        transport.write(offset, value.to_bytes(4, "little"))
+    assert transport.device.active
+    return transport
+
+
 def _exercise_transport(transport: MmioTransport) -> None:
     for offset in range(0, 0x100, 4):
         transport.read(offset, 4)
     transport.notify(0)
     transport.write(0x64, b"\1\0\0\0")
     transport.write(0x70, bytes(4))  # reset
-
-
-def _restore_as_machine(device: Any, state: Any) -> None:
-    machine_state.restore({"virtio": device}, {"virtio": state})
 
 
 def _exercise_ports(count: int, extra: Callable[[Any], None] | None = None) -> Callable[[Any], None]:
@@ -671,7 +677,8 @@ CASES: dict[str, Case] = {
     "pc-testdev irqs": Case(lambda: pc_testdev.PcTestdevIrqLines(Lines().line), _exercise_ports(24)),
     "platform": Case(lambda: SoftPlatform(2), _exercise_platform),  # type: ignore[arg-type]
     # the transport's own restore checks little; `machine_state.restore` turns what it raises into SnapshotError
-    "virtio-rng transport": Case(_rng_transport, _exercise_transport, _restore_as_machine),  # type: ignore[arg-type]
+    "virtio-rng transport": Case(_rng_transport, _exercise_transport),  # type: ignore[arg-type]
+    "live virtio-rng transport": Case(_live_rng_transport, _exercise_transport),  # type: ignore[arg-type]
 }
 
 json_leaf = (
@@ -820,3 +827,31 @@ def test_an_i8042_whose_guest_never_reads_queues_a_bounded_number_of_bytes() -> 
     fresh.restore(through_json(kbc.state()))
     fresh.write(0, b"\x00")
     assert len(fresh.out) == 4096
+
+
+def test_a_live_virtqueue_outside_guest_ram_is_refused_before_the_transport_changes() -> None:
+    source = _live_rng_transport()
+    state = through_json(source.state())
+    state["queues"][0]["used_ring"] = (1 << 20) - 8  # the used ring would run past the end of 1 MiB of RAM
+    target = _live_rng_transport()
+    before = through_json(target.state())
+    with pytest.raises(SnapshotError, match="queue 0: the used ring"):
+        target.restore(state)
+    assert through_json(target.state()) == before
+
+
+def test_a_restored_virtqueue_takes_the_next_chain_where_the_saved_one_stopped() -> None:
+    source = _live_rng_transport()
+    state = through_json(source.state())
+    state["queues"][0]["next_avail"] = 5
+    target = _live_rng_transport()
+    target.restore(state)
+    assert target.device.queues[0].next_avail == 5
+    assert target.device.active
+
+
+def test_a_transport_active_without_driver_ok_is_refused() -> None:
+    state = through_json(_live_rng_transport().state())
+    state["status"] = 0xB  # FEATURES_OK, no DRIVER_OK
+    with pytest.raises(SnapshotError, match="without DRIVER_OK"):
+        _live_rng_transport().restore(state)
