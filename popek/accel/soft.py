@@ -48,7 +48,7 @@ from popek.cpu.state import (
 )
 from popek.cpu.state import Segment as CpuSegment
 from popek.cpuid import ECX_X2APIC, EDX_APIC
-from popek.devices.event_loop import FdWatch
+from popek.devices.event_loop import FdWatch, Watch
 from popek.devices.irq import IrqLine, Pulse
 from popek.devices.lapic import REG_TPR, ApicAccessError, LocalApic
 from popek.devices.platform import PortRange, SoftPlatform
@@ -186,31 +186,13 @@ def format_state(index: int, s: CpuState) -> str:
     return "\n".join(lines)
 
 
-class _PolledFd:
+class _PolledFd(Watch):
     """A host fd the run loop polls between quanta (the software backend's `FdWatch`)."""
-
-    def __init__(self, fd: int, callback: Callable[[], None]) -> None:
-        self.fd = fd
-        self.callback = callback
-        self.enabled = True
-        self.writable = False
-        self.closed = False
 
     @property
     def events(self) -> int:
         """The poll(2) events this watch wants now (0: none)."""
-        if self.closed:
-            return 0
-        return (select.POLLIN if self.enabled else 0) | (select.POLLOUT if self.writable else 0)
-
-    def set_enabled(self, enabled: bool) -> None:
-        self.enabled = enabled
-
-    def set_writable(self, wanted: bool) -> None:
-        self.writable = wanted
-
-    def close(self) -> None:
-        self.closed = True
+        return (select.POLLIN if self.wants_read else 0) | (select.POLLOUT if self.wants_write else 0)
 
 
 class SoftAccel:

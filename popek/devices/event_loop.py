@@ -47,9 +47,12 @@ def drain_eventfd(fd: int) -> int:
         return 0
 
 
-class _Watch:
-    def __init__(self, loop: EventLoop, fd: int, callback: Callable[[], None]) -> None:
-        self.loop = loop
+class Watch:
+    """A host fd's watch state, one class for every backend's `FdWatch`: the KVM device loop (`_Watch`) and the
+    software backend's run-loop poll (`popek.accel.soft`). A change to what it waits for calls `_changed`, where
+    a loop re-registers the fd; `wants_read`/`wants_write` are what it waits for now (nothing once closed)."""
+
+    def __init__(self, fd: int, callback: Callable[[], None]) -> None:
         self.fd = fd
         self.callback = callback
         self.enabled = True
@@ -57,26 +60,44 @@ class _Watch:
         self.closed = False
 
     @property
-    def events(self) -> int:
-        """The selector events this watch wants now (0: none, so not registered)."""
-        if self.closed:
-            return 0
-        return (selectors.EVENT_READ if self.enabled else 0) | (selectors.EVENT_WRITE if self.writable else 0)
+    def wants_read(self) -> bool:
+        return self.enabled and not self.closed
+
+    @property
+    def wants_write(self) -> bool:
+        return self.writable and not self.closed
+
+    def _changed(self) -> None:
+        """What the watch waits for changed (no-op for a loop that polls every round)."""
 
     def set_enabled(self, enabled: bool) -> None:
         if enabled != self.enabled and not self.closed:
             self.enabled = enabled
-            self.loop._change(self)
+            self._changed()
 
     def set_writable(self, wanted: bool) -> None:
         if wanted != self.writable and not self.closed:
             self.writable = wanted
-            self.loop._change(self)
+            self._changed()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.loop._change(self)
+            self._changed()
+
+
+class _Watch(Watch):
+    def __init__(self, loop: EventLoop, fd: int, callback: Callable[[], None]) -> None:
+        super().__init__(fd, callback)
+        self.loop = loop
+
+    @property
+    def events(self) -> int:
+        """The selector events this watch wants now (0: none, so not registered)."""
+        return (selectors.EVENT_READ if self.wants_read else 0) | (selectors.EVENT_WRITE if self.wants_write else 0)
+
+    def _changed(self) -> None:
+        self.loop._change(self)
 
 
 class EventLoop:
