@@ -28,7 +28,9 @@ import collections
 import select
 import threading
 from collections.abc import Callable
+from typing import Any
 
+from popek.accel import soft_snapshot
 from popek.accel.exits import MmioRead, MmioWrite, PioIn, PioOut, Stop, StopReason, handle_exit
 from popek.boot.entry import EntryState, Mode, Segment
 from popek.bus import BoundedCounter, Bus
@@ -480,3 +482,14 @@ class SoftAccel:
 
     def close(self) -> None:
         """Nothing outside Python to release: guest memory belongs to the VM."""
+
+    # --- snapshots ---
+
+    def snapshot_state(self) -> dict[str, Any]:
+        """Every vCPU's state and this backend's run state (`popek.accel.soft_snapshot`), taken while no quantum
+        runs; the platform devices are saved by `popek.devices.machine_state`."""
+        return soft_snapshot.capture(self)
+
+    def restore_state(self, state: object) -> None:
+        """Restore `snapshot_state`'s output (checked field by field: SnapshotError names a bad one)."""
+        soft_snapshot.restore(self, state)
