@@ -290,9 +290,10 @@ def virtio_devices(windows: tuple[VirtioWindow, ...]) -> bytes:
     devices = [
         aml.device(
             f"VR{i:02X}",
-            aml.name("_HID", aml.string(VIRTIO_MMIO_HID)),
+            aml.name("_HID", aml.string_const(VIRTIO_MMIO_HID)),
             aml.name("_UID", aml.integer(i)),
-            aml.name("_CRS", aml.resource_template(aml.memory32_fixed(w.base, w.size), aml.extended_interrupt(w.irq, edge=True))),
+            aml.name("_CRS", aml.resource_template(
+                aml.memory32_fixed(w.base, w.size), aml.extended_interrupt(w.irq, edge=True))),  # fmt: skip
         )
         for i, w in enumerate(windows)
     ]

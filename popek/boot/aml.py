@@ -120,7 +120,7 @@ INTERRUPT_ACTIVE_LOW = 1 << 2
 INTERRUPT_SHARED = 1 << 3
 
 
-def string(text: str) -> bytes:
+def string_const(text: str) -> bytes:
     """A String constant (§20.2.3): StringPrefix, ASCII characters 0x01-0x7F, NullChar."""
     raw = text.encode("ascii")
     if any(not 0x01 <= c <= 0x7F for c in raw):
@@ -148,7 +148,7 @@ def device(path: str, *terms: bytes) -> bytes:
 
 def memory32_fixed(base: int, size: int, writable: bool = True) -> bytes:
     """A 32-bit Fixed Memory Range Descriptor (§6.4.3.4): 12 bytes, the range must lie below 4 GiB."""
-    if not (0 <= base and 0 < size and base + size <= 1 << 32):
+    if not (base >= 0 and size > 0 and base + size <= 1 << 32):
         raise ValueError(f"a Memory32Fixed range lies in the first 4 GiB: not {size:#x} bytes at {base:#x}")
     info = MEMORY32_READ_WRITE if writable else 0
     return bytes([MEMORY32_FIXED_TAG]) + (9).to_bytes(2, "little") + bytes([info]) + \

@@ -85,7 +85,9 @@ windows = st.lists(
 
 @settings(max_examples=60)
 @given(windows)
-def test_each_virtio_window_is_one_lnro0005_device_with_its_window_and_edge_high_irq(ws: tuple[acpi.VirtioWindow, ...]) -> None:
+def test_each_virtio_window_is_one_lnro0005_device_with_its_window_and_edge_high_irq(
+    ws: tuple[acpi.VirtioWindow, ...],
+) -> None:
     dsdt = acpi.dsdt(acpi.AcpiPlatform(**PLATFORM, virtio=ws))  # type: ignore[arg-type]
     if not ws:
         assert b"LNRO0005" not in dsdt
