@@ -293,7 +293,7 @@ def virtio_devices(windows: tuple[VirtioWindow, ...]) -> bytes:
             aml.name("_HID", aml.string_const(VIRTIO_MMIO_HID)),
             aml.name("_UID", aml.integer(i)),
             aml.name("_CRS", aml.resource_template(
-                aml.memory32_fixed(w.base, w.size), aml.extended_interrupt(w.irq, edge=True))),  # fmt: skip
+                aml.memory32_fixed(w.base, w.size), aml.extended_interrupt(w.irq, edge=True))),
         )
         for i, w in enumerate(windows)
     ]
