@@ -340,6 +340,7 @@ class Vm:
             reset_port=RESET_CONTROL_PORT,
             reset_value=RESET_VALUE,
             s5_sleep_type=acpi_pm.SLP_TYP_S5,
+            virtio=tuple(acpi.VirtioWindow(slot.base, MMIO_WINDOW, slot.irq) for slot in self.virtio),
         )
 
     def _attach_virtio_devices(self) -> None:

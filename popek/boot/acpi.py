@@ -93,6 +93,18 @@ TABLE_ALIGN = 16
 FACS_ALIGN = 64
 
 
+VIRTIO_MMIO_HID = "LNRO0005"  # Linux drivers/virtio/virtio_mmio.c's ACPI match
+
+
+@dataclass(frozen=True)
+class VirtioWindow:
+    """A virtio-mmio transport (virtio 1.2 §4.2.2): its register window and its edge-triggered ISA IRQ."""
+
+    base: int
+    size: int
+    irq: int
+
+
 @dataclass(frozen=True)
 class AcpiPlatform:
     """The machine the tables describe: what the VM builder placed where."""
@@ -113,6 +125,7 @@ class AcpiPlatform:
     ioapic_addr: int = mptable.IOAPIC_ADDR
     lapic_addr: int = mptable.LAPIC_ADDR
     rtc_century: int = REG_CENTURY
+    virtio: tuple[VirtioWindow, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -263,7 +276,28 @@ def dsdt(p: AcpiPlatform) -> bytes:
     """The Differentiated System Description Table: the \\_S5_ package (SLP_TYPa, SLP_TYPb, reserved, reserved)
     that an OS writes to PM1a_CNT.SLP_TYP to power off (§7.3.4.5)."""
     s5 = aml.name("\\_S5_", aml.package(*(aml.integer(v) for v in (p.s5_sleep_type, p.s5_sleep_type, 0, 0))))
-    return table(b"DSDT", DSDT_REVISION, s5)
+    return table(b"DSDT", DSDT_REVISION, s5 + virtio_devices(p.virtio))
+
+
+def virtio_devices(windows: tuple[VirtioWindow, ...]) -> bytes:
+    """Scope (\\_SB) with one Device per virtio-mmio transport, as Firecracker and QEMU's microvm declare them:
+    _HID LNRO0005, _UID its index, _CRS its window (Memory32Fixed) and its IRQ (Extended Interrupt, edge and
+    active high: the MADT overrides no ISA IRQ but the SCI, §5.2.12.5). Nothing when there are none."""
+    if not windows:
+        return b""
+    if len(windows) > 256:
+        raise ConfigError(f"at most 256 virtio-mmio devices in the DSDT, not {len(windows)}")
+    devices = [
+        aml.device(
+            f"VR{i:02X}",
+            aml.name("_HID", aml.string_const(VIRTIO_MMIO_HID)),
+            aml.name("_UID", aml.integer(i)),
+            aml.name("_CRS", aml.resource_template(
+                aml.memory32_fixed(w.base, w.size), aml.extended_interrupt(w.irq, edge=True))),
+        )
+        for i, w in enumerate(windows)
+    ]
+    return aml.scope("\\_SB_", *devices)
 
 
 def madt(p: AcpiPlatform) -> bytes:

@@ -99,3 +99,76 @@ def package(*elements: bytes) -> bytes:
 def name(path: str, value: bytes) -> bytes:
     """Name (path, value): a named data object."""
     return bytes([NAME_OP]) + name_string(path) + value
+
+
+# --- named objects and buffers (§20.2.5.2, §20.2.5.4) and resource descriptors (§6.4) for device declarations ---
+STRING_PREFIX = 0x0D
+SCOPE_OP = 0x10
+BUFFER_OP = 0x11
+EXT_OP_PREFIX = 0x5B
+DEVICE_OP = 0x82  # after ExtOpPrefix
+
+# large resource data types (§6.4.3, Table 6.43): the tag byte is 0x80 | type, then a 16-bit length
+MEMORY32_FIXED_TAG = 0x86
+EXTENDED_INTERRUPT_TAG = 0x89
+END_TAG = 0x79  # small item 0xF, length 1 (§6.4.2.9): a checksum byte follows
+MEMORY32_READ_WRITE = 1 << 0  # §6.4.3.4, information byte bit 0
+# Extended Interrupt Descriptor flags (§6.4.3.6)
+INTERRUPT_CONSUMER = 1 << 0
+INTERRUPT_EDGE = 1 << 1
+INTERRUPT_ACTIVE_LOW = 1 << 2
+INTERRUPT_SHARED = 1 << 3
+
+
+def string_const(text: str) -> bytes:
+    """A String constant (§20.2.3): StringPrefix, ASCII characters 0x01-0x7F, NullChar."""
+    raw = text.encode("ascii")
+    if any(not 0x01 <= c <= 0x7F for c in raw):
+        raise ValueError(f"an AML string holds ASCII 0x01-0x7F only, not {text!r}")
+    return bytes([STRING_PREFIX]) + raw + b"\0"
+
+
+def buffer(data: bytes) -> bytes:
+    """Buffer (n) {data} (§20.2.5.4): BufferOp PkgLength BufferSize ByteList."""
+    body = integer(len(data)) + data
+    return bytes([BUFFER_OP]) + pkg_length(len(body)) + body
+
+
+def scope(path: str, *terms: bytes) -> bytes:
+    """Scope (path) {terms} (§20.2.5.1): opens a namespace location for the terms inside."""
+    body = name_string(path) + b"".join(terms)
+    return bytes([SCOPE_OP]) + pkg_length(len(body)) + body
+
+
+def device(path: str, *terms: bytes) -> bytes:
+    """Device (path) {terms} (§20.2.5.2, DefDevice := DeviceOp PkgLength NameString TermList)."""
+    body = name_string(path) + b"".join(terms)
+    return bytes([EXT_OP_PREFIX, DEVICE_OP]) + pkg_length(len(body)) + body
+
+
+def memory32_fixed(base: int, size: int, writable: bool = True) -> bytes:
+    """A 32-bit Fixed Memory Range Descriptor (§6.4.3.4): 12 bytes, the range must lie below 4 GiB."""
+    if not (base >= 0 and size > 0 and base + size <= 1 << 32):
+        raise ValueError(f"a Memory32Fixed range lies in the first 4 GiB: not {size:#x} bytes at {base:#x}")
+    info = MEMORY32_READ_WRITE if writable else 0
+    return bytes([MEMORY32_FIXED_TAG]) + (9).to_bytes(2, "little") + bytes([info]) + \
+        base.to_bytes(4, "little") + size.to_bytes(4, "little")  # fmt: skip
+
+
+def extended_interrupt(irq: int, edge: bool, active_low: bool = False, shared: bool = False) -> bytes:
+    """An Extended Interrupt Descriptor (§6.4.3.6) for one interrupt this device consumes, no resource
+    source: on x86 the number is a GSI, routed by the MADT like any other."""
+    if not 0 <= irq < 1 << 32:
+        raise ValueError(f"an interrupt number is 32-bit, not {irq}")
+    flags = INTERRUPT_CONSUMER
+    flags |= INTERRUPT_EDGE if edge else 0
+    flags |= INTERRUPT_ACTIVE_LOW if active_low else 0
+    flags |= INTERRUPT_SHARED if shared else 0
+    return bytes([EXTENDED_INTERRUPT_TAG]) + (6).to_bytes(2, "little") + bytes([flags, 1]) + irq.to_bytes(4, "little")
+
+
+def resource_template(*descriptors: bytes) -> bytes:
+    """ResourceTemplate () {descriptors}: a Buffer of the descriptors closed by an End Tag (§6.4.2.9) whose
+    checksum byte makes the whole template sum to zero (0 would also mean "not checked"; iasl writes 0)."""
+    raw = b"".join(descriptors) + bytes([END_TAG])
+    return buffer(raw + bytes([(-sum(raw)) & 0xFF]))
