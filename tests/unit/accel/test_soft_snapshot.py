@@ -17,6 +17,7 @@ from popek.accel.soft import SoftAccel
 from popek.cpu.state import CS, SS, Segment, TripleFault
 from popek.memory import GuestMemory
 from popek.snapshot import SnapshotError
+from tests.unit.state_fuzz import json_value, paths
 
 MEM = 1 << 20
 CODE = 0x1000
@@ -115,24 +116,6 @@ def test_a_bad_field_is_a_snapshot_error_naming_it_and_changes_nothing(
     assert accel.snapshot_state() == saved
 
 
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(1 << 130), max_value=1 << 130) | st.text(max_size=4),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
-    max_leaves=10,
-)
-
-
-def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [prefix]
-    if isinstance(node, dict):
-        for k, v in node.items():
-            out += _paths(v, (*prefix, k))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            out += _paths(v, (*prefix, i))
-    return out
-
-
 @settings(max_examples=150, deadline=None)
 @given(data=st.data())
 def test_a_fuzzed_state_is_restored_or_refused_with_a_snapshot_error(data: st.DataObject) -> None:
@@ -141,8 +124,8 @@ def test_a_fuzzed_state_is_restored_or_refused_with_a_snapshot_error(data: st.Da
         accel = machine(mem)
         run(accel, 10)
         state: Any = json.loads(json.dumps(accel.snapshot_state()))
-        path = data.draw(st.sampled_from(_paths(state)))
-        value = data.draw(JSON)
+        path = data.draw(st.sampled_from(paths(state)))
+        value = data.draw(json_value)
         if not path:
             state = value
         else:

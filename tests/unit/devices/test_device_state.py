@@ -39,6 +39,7 @@ from popek.devices.virtio.rng import EntropyDevice
 from popek.memory import GuestMemory
 from popek.snapshot import SnapshotError
 from popek.vm import Vm, VmSpec
+from tests.unit.state_fuzz import at, json_value, paths
 
 LATER = 7 * NS_PER_SECOND + 123_457  # the restored machine's clock: some seconds later, not on a tick boundary
 
@@ -681,53 +682,22 @@ CASES: dict[str, Case] = {
     "live virtio-rng transport": Case(_live_rng_transport, _exercise_transport),  # type: ignore[arg-type]
 }
 
-json_leaf = (
-    hs.none()
-    | hs.booleans()
-    | hs.integers(min_value=-(1 << 70), max_value=1 << 70)
-    | hs.sampled_from([-1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 15, 16, 255, 256, 0xFFFF, 0x10000, 1 << 32, 1 << 64, 1 << 256])
-    | hs.text(max_size=3)
-    | hs.binary(max_size=6)
-)
-json_value = hs.recursive(
-    json_leaf, lambda inner: hs.lists(inner, max_size=4) | hs.dictionaries(hs.text(max_size=3), inner, max_size=3),
-    max_leaves=6,
-)  # fmt: skip
-
-
-def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [prefix]
-    if isinstance(value, dict):
-        for key, item in value.items():
-            out += _paths(item, (*prefix, key))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            out += _paths(item, (*prefix, i))
-    return out
-
-
-def _at(value: Any, path: tuple[Any, ...]) -> Any:
-    for key in path:
-        value = value[key]
-    return value
-
-
 @hs.composite
 def mutated(draw: hs.DrawFn, state: dict[str, Any]) -> Any:
     """A valid state with one to three places replaced, removed or added to."""
     state = through_json(state)
     for _ in range(draw(hs.integers(1, 3))):
-        paths = _paths(state)
-        path = draw(hs.sampled_from(paths))
+        nodes = paths(state)
+        path = draw(hs.sampled_from(nodes))
         action = draw(hs.sampled_from(["replace", "delete", "add", "flip"]))
         if action == "flip":  # a byte of a raw field changed, its length kept: a register file the device must check
-            raws = [p for p in paths if _at(state, p).__class__ is bytes and _at(state, p)]
+            raws = [p for p in nodes if at(state, p).__class__ is bytes and at(state, p)]
             if not raws:
                 continue
             path = draw(hs.sampled_from(raws))
-            blob = bytearray(_at(state, path))
+            blob = bytearray(at(state, path))
             blob[draw(hs.integers(0, len(blob) - 1))] = draw(hs.integers(0, 255))
-            parent = _at(state, path[:-1])
+            parent = at(state, path[:-1])
             parent[path[-1]] = bytes(blob)
             continue
         if not path:
