@@ -17,3 +17,8 @@ class BootError(PopekError):
 
 class GuestMemoryError(PopekError):
     """A guest-physical access outside guest RAM: never turned into a host access."""
+
+
+class VmStateError(PopekError):
+    """An operation the VM cannot do in its present run state (pause a VM that is not running, snapshot one
+    that is not paused), or on its backend (lockstep keeps no snapshot)."""

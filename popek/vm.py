@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import functools
 import math
 import os
@@ -23,6 +24,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from popek import snapshot as snapshot_files
+from popek import vm_snapshot
+from popek.accel.backend import Backend
 from popek.accel.exits import Stop, StopReason
 from popek.accel.kvm import KvmAccel
 from popek.accel.lockstep import LockstepAccel
@@ -31,7 +35,7 @@ from popek.boot import acpi, load_kernel, mptable
 from popek.boot.bootsector import is_boot_sector
 from popek.boot.loader import BootFiles, BootImage, encode_cmdline, read_file
 from popek.bus import Bus, Window
-from popek.devices import acpi_pm, pc_testdev
+from popek.devices import acpi_pm, machine_state, pc_testdev
 from popek.devices.fw_cfg import PORT_COUNT as FW_CFG_PORTS
 from popek.devices.fw_cfg import FwCfg
 from popek.devices.legacy.bochs_shutdown import BochsShutdown
@@ -47,7 +51,7 @@ from popek.devices.virtio.mmio import MMIO_WINDOW, QUEUE_NOTIFY, MmioTransport
 from popek.devices.virtio.net import NetDevice, NetSpec, open_host
 from popek.devices.virtio.rng import EntropyDevice
 from popek.devices.virtio.vsock import VsockDevice, VsockSpec
-from popek.errors import ConfigError
+from popek.errors import ConfigError, VmStateError
 from popek.memory import PAGE_SIZE, GuestMemory
 
 COM1_PORT, COM1_IRQ = 0x3F8, 4
@@ -205,17 +209,45 @@ def _placements(bus: Bus) -> str:
     return ", ".join(f"{r.name} {r.base:#x}" + (f"-{r.end - 1:#x}" if r.size > 1 else "") for r in bus.ranges())
 
 
+class RunState(enum.Enum):
+    """Where a VM is in its life: built and not run, running, paused (every vCPU parked between two
+    instructions and the devices' host events held: what a snapshot needs), stopped for good."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+
+PAUSE_TIMEOUT = 30.0  # how long pause() waits for the vCPUs to park (a vCPU in a long host-emulated instruction)
+
+
 class Vm:
-    def __init__(self, spec: VmSpec, console: Callable[[bytes], None] | None = None) -> None:
-        spec.validate()
+    def __init__(
+        self,
+        spec: VmSpec,
+        console: Callable[[bytes], None] | None = None,
+        *,
+        memory: GuestMemory | None = None,
+    ) -> None:
+        """Build the machine `spec` describes and load its kernel; with `memory` (a snapshot's, `Vm.restore`)
+        build the same machine around that memory and load nothing: its state comes from the snapshot."""
+        try:
+            spec.validate()
+        except BaseException:
+            if memory is not None:
+                memory.close()
+            raise
         self.spec = spec
-        # neither file can be larger than the guest it goes into: refused before it is read
-        kernel = read_file(spec.kernel, "kernel", spec.mem)
-        initrd = read_file(spec.initrd, "initrd", spec.mem) if spec.initrd is not None else None
+        kernel, initrd = b"", None
+        if memory is None:
+            # neither file can be larger than the guest it goes into: refused before it is read
+            kernel = read_file(spec.kernel, "kernel", spec.mem)
+            initrd = read_file(spec.initrd, "initrd", spec.mem) if spec.initrd is not None else None
         files = BootFiles(str(spec.kernel), str(spec.initrd) if spec.initrd is not None else "")
 
-        self.mem = GuestMemory(spec.mem)
-        self.accel: KvmAccel | SoftAccel | LockstepAccel | None = None
+        self.mem = GuestMemory(spec.mem) if memory is None else memory
+        self.accel: Backend | None = None
         self.virtio: list[VirtioSlot] = []
         self._unattached: list[VirtioDevice] = []
         try:
@@ -231,20 +263,33 @@ class Vm:
             self._stop: Stop | None = None
             self._stop_lock = threading.Lock()
             self.stopping = threading.Event()
+            # the vCPUs leave run_vcpu when this is set: to stop (`stopping` is set too) or to pause
+            self._leave = threading.Event()
+            self._state = RunState.CREATED
+            self._cond = threading.Condition()
+            self._parked = 0
+            self._resumes = 0  # bumped by resume(): the parked vCPUs go on
+            self._paused_at: float | None = None
+            self.paused_s = 0.0  # time spent paused, which the --timeout does not count
+            self._diff_base: tuple[Path, str] | None = None  # the full snapshot a diff applies to
+            self._dirty: set[int] = set()  # pages written since that snapshot
             self._attach_legacy_devices()
             self._attach_firmware_devices()
             if spec.pc_testdev:
                 self._attach_pc_testdev()
             self._attach_virtio_devices()
-            # a boot sector takes no command line: it finds the devices at their fixed addresses
-            announce = [] if is_boot_sector(kernel) else [slot.cmdline for slot in self.virtio]
-            if spec.net is not None and announce:
-                announce += spec.net.kernel_parameters()  # a static address for the default guest's init
-            cmdline = extend_cmdline(spec.cmdline, announce)
-            self.boot: BootImage = load_kernel(self.mem, kernel, cmdline, initrd, files)
-            mptable.write(self.mem, spec.cpus)
-            self.acpi: acpi.AcpiTables | None = acpi.write(self.mem, self._acpi_platform()) if spec.acpi else None
-            self.accel.set_boot_state(self.boot.entry)
+            self.boot: BootImage | None = None
+            self.acpi: acpi.AcpiTables | None = None
+            if memory is None:
+                # a boot sector takes no command line: it finds the devices at their fixed addresses
+                announce = [] if is_boot_sector(kernel) else [slot.cmdline for slot in self.virtio]
+                if spec.net is not None and announce:
+                    announce += spec.net.kernel_parameters()  # a static address for the default guest's init
+                cmdline = extend_cmdline(spec.cmdline, announce)
+                self.boot = load_kernel(self.mem, kernel, cmdline, initrd, files)
+                mptable.write(self.mem, spec.cpus)
+                self.acpi = acpi.write(self.mem, self._acpi_platform()) if spec.acpi else None
+                self.accel.set_boot_state(self.boot.entry)
         except BaseException:
             self.close()
             raise
@@ -255,12 +300,11 @@ class Vm:
 
     def _attach_legacy_devices(self) -> None:
         assert self.accel is not None
-        if isinstance(self.accel, SoftAccel):  # KVM keeps these in the kernel; the software backend in Python
-            ports, ranges = self.accel.platform_devices()
-            for base, length, device, name in ports:
-                self.pio.insert(base, length, device, name)
-            for base, length, device, name in ranges:
-                self.mmio.insert(base, length, device, name)
+        ports, ranges = self.accel.platform_devices()  # KVM keeps these in the kernel, the software backend in Python
+        for base, length, device, name in ports:
+            self.pio.insert(base, length, device, name)
+        for base, length, device, name in ranges:
+            self.mmio.insert(base, length, device, name)
         self.serial = Serial(self.accel.irq_line(COM1_IRQ), self.serial_log)
         self.pio.insert(COM1_PORT, 8, self.serial, "serial COM1")
         self.i8042 = I8042(lambda: self.request_stop(Stop(StopReason.RESET, "the guest reset the machine (i8042)")))
@@ -396,6 +440,9 @@ class Vm:
             if self._stop is None:
                 self._stop = stop
         self.stopping.set()
+        self._leave.set()
+        with self._cond:
+            self._cond.notify_all()  # parked vCPUs end too
         if self.accel is not None:
             self.accel.kick()
 
@@ -406,15 +453,31 @@ class Vm:
     def run(self) -> Stop:
         assert self.accel is not None
         accel = self.accel
+        with self._cond:
+            if self._state is not RunState.CREATED:
+                raise VmStateError(f"a VM runs once: this one is {self._state.value}")
+            self._state = RunState.RUNNING
         self.started_at = time.monotonic()
 
         def vcpu_thread(index: int) -> None:
-            try:
-                stop = accel.run_vcpu(index, self.pio, self.mmio, self.stopping)
-            except Exception as e:  # a VMM bug must still end the VM cleanly, with its cause
-                stop = Stop(StopReason.ERROR, f"vCPU {index}: {type(e).__name__}: {e}")
-            if stop is not None:
-                self.request_stop(stop)
+            while True:
+                try:
+                    stop = accel.run_vcpu(index, self.pio, self.mmio, self._leave)
+                    if stop is None and not self.stopping.is_set():
+                        accel.settle_vcpu(index)  # paused: between two instructions, for a snapshot
+                except Exception as e:  # a VMM bug must still end the VM cleanly, with its cause
+                    stop = Stop(StopReason.ERROR, f"vCPU {index}: {type(e).__name__}: {e}")
+                if stop is not None:
+                    self.request_stop(stop)
+                if self.stopping.is_set():
+                    return
+                with self._cond:  # parked until resume() or a stop
+                    self._parked += 1
+                    self._cond.notify_all()
+                    resumes = self._resumes
+                    while self._resumes == resumes and not self.stopping.is_set():
+                        self._cond.wait()
+                    self._parked -= 1
 
         accel.start_devices(lambda error: self.request_stop(Stop(StopReason.ERROR, error)))
         threads = [
@@ -425,10 +488,10 @@ class Vm:
         try:  # a signal can come as soon as the guest runs, even before the first wait
             for t in [*threads, watchdog]:
                 t.start()
-            deadline = None if self.spec.timeout is None else self.started_at + self.spec.timeout
-            while not self.stopping.wait(0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))):
-                if deadline is not None and time.monotonic() >= deadline:
-                    self.request_stop(Stop(StopReason.TIMEOUT, f"the VM ran longer than {self.spec.timeout:g} s"))
+            timeout = self.spec.timeout
+            while not self.stopping.wait(0.2 if timeout is None else max(0.0, min(0.2, self._time_left(timeout)))):
+                if timeout is not None and self._time_left(timeout) <= 0:
+                    self.request_stop(Stop(StopReason.TIMEOUT, f"the VM ran longer than {timeout:g} s"))
         except KeyboardInterrupt:
             self.request_stop(Stop(StopReason.SIGNAL, "interrupted (SIGINT)", signum=signal.SIGINT))
         except HostSignal as e:
@@ -443,15 +506,157 @@ class Vm:
                 except (KeyboardInterrupt, HostSignal):
                     pass  # already stopping: the first reason stands
         self.stopped_at = time.monotonic()
+        with self._cond:
+            self._state = RunState.STOPPED
+        accel.resume_devices()  # a loop paused when the VM stopped must not hold the VM's close
         assert self._stop is not None
         if self._stop.reason in (StopReason.TIMEOUT, StopReason.SIGNAL):
             # where the guest was is the first question about a VM that had to be stopped from outside
             self._stop = dataclasses.replace(self._stop, detail=self._stop.detail + "\n" + accel.register_dumps())
         return self._stop
 
+    def _time_left(self, timeout: float) -> float:
+        """Seconds of `timeout` left: time spent paused does not count (the guest did not run)."""
+        assert self.started_at is not None
+        with self._cond:
+            if self._paused_at is not None:
+                return 0.2  # it does not run out while paused
+            return self.started_at + self.paused_s + timeout - time.monotonic()
+
     @property
     def stop_reason(self) -> Stop | None:
         return self._stop
+
+    # --- pause, resume, snapshots ---
+
+    @property
+    def state(self) -> RunState:
+        return self._state
+
+    def pause(self, timeout: float = PAUSE_TIMEOUT) -> None:
+        """Stop every vCPU between two instructions (what a KVM exit left pending completed: `settle_vcpu`) and
+        hold the devices' host events, so nothing changes guest memory or device state until resume(). Called
+        from any thread but the vCPUs'; VmStateError if the VM is not running or stops meanwhile."""
+        accel = self.accel
+        if accel is None or not accel.snapshots:
+            raise VmStateError(f"--accel {self.spec.accel} cannot pause a VM (kvm and soft can)")
+        with self._cond:
+            if self._state is not RunState.RUNNING:
+                raise VmStateError(f"only a running VM pauses: this one is {self._state.value}")
+            self._leave.set()
+            accel.kick()
+            deadline = time.monotonic() + timeout
+            while self._parked < accel.run_threads and not self.stopping.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 0.05))
+                accel.kick()  # a vCPU between its stop check and KVM_RUN would miss one kick
+            parked = self._parked == accel.run_threads and not self.stopping.is_set()
+            if parked:
+                self._state = RunState.PAUSED
+                self._paused_at = time.monotonic()
+        if not parked:
+            if self.stopping.is_set():
+                raise VmStateError("the VM stopped while it was pausing")
+            self._resume_vcpus()
+            raise VmStateError(f"the vCPUs did not stop within {timeout:g} s")
+        if not accel.pause_devices():
+            self.resume()
+            raise VmStateError("the device loop did not stop (a device is stuck in a host call)")
+
+    def resume(self) -> None:
+        """Let a paused VM go on from where it stopped."""
+        accel = self.accel
+        with self._cond:
+            if self._state is not RunState.PAUSED or accel is None:
+                raise VmStateError(f"only a paused VM resumes: this one is {self._state.value}")
+            self._state = RunState.RUNNING
+            if self._paused_at is not None:
+                self.paused_s += time.monotonic() - self._paused_at
+                self._paused_at = None
+        accel.resume_devices()
+        self._resume_vcpus()
+
+    def _resume_vcpus(self) -> None:
+        with self._cond:
+            self._leave.clear()
+            if self.stopping.is_set():
+                self._leave.set()
+            self._resumes += 1
+            self._cond.notify_all()
+
+    def snapshot(self, path: str | os.PathLike[str], *, diff: bool = False) -> snapshot_files.Manifest:
+        """Write the paused (or not yet run) VM into the snapshot directory `path` (popek.snapshot: atomic, the
+        previous generation kept until the new one is complete). With diff, only the pages written since the
+        last full snapshot of this VM into `path` (KVM's dirty log and the VMM's own writes): restoring it needs
+        that full snapshot's memory file, which stays beside it."""
+        accel = self.accel
+        if accel is None or not accel.snapshots:
+            raise VmStateError(f"--accel {self.spec.accel} takes no snapshots (kvm and soft do)")
+        with self._cond:
+            if self._state not in (RunState.PAUSED, RunState.CREATED):
+                raise VmStateError(f"pause the VM before a snapshot: it is {self._state.value}")
+        folder = Path(path).resolve()
+        state = {
+            "machine": {"backend": accel.name},
+            "spec": vm_snapshot.spec_state(self.spec),
+            "accel": accel.snapshot_state(),
+            "devices": machine_state.capture_vm(self),
+        }
+        if not diff:
+            accel.start_dirty_log()
+            accel.collect_dirty()
+            self.mem.dirty_pages(clear=True)
+            manifest = snapshot_files.write(folder, state, self.mem)
+            self._diff_base, self._dirty = (folder, manifest.generation), set()
+            return manifest
+        if self._diff_base is None or self._diff_base[0] != folder:
+            raise VmStateError(f"a diff snapshot follows a full snapshot of this VM into {folder}: take one first")
+        current = snapshot_files.read_manifest(folder)
+        if (current.parent or current.generation) != self._diff_base[1]:
+            raise snapshot_files.SnapshotError(
+                f"snapshot {folder}: it no longer holds this VM's last full snapshot (written over since)"
+            )
+        accel.collect_dirty()
+        self._dirty.update(self.mem.dirty_pages(clear=True))
+        return snapshot_files.write(folder, state, self.mem, diff_pages=self._dirty)
+
+    @classmethod
+    def restore(
+        cls,
+        path: str | os.PathLike[str],
+        console: Callable[[bytes], None] | None = None,
+        *,
+        adjust: Callable[[VmSpec], VmSpec] | None = None,
+        verify_memory: bool = False,
+    ) -> Vm:
+        """A VM built from a snapshot, ready to run() from the instruction where it was paused. Guest memory is
+        the snapshot's memory file mapped privately (restore time does not grow with guest memory; clones share
+        the pages they do not write). `adjust` changes the saved spec first, for what belongs to the new VM and
+        not to the snapshot: its vsock socket, disks, network. SnapshotError for a snapshot that is damaged,
+        foreign or of another machine, with nothing left open."""
+        snap = snapshot_files.read(path, verify_memory=verify_memory)
+        top = vm_snapshot.parse_state(snap.state)
+        spec: VmSpec = vm_snapshot.spec_from_state(top["spec"])
+        if adjust is not None:
+            spec = adjust(spec)
+        if spec.accel != top["machine"]["backend"]:
+            raise snapshot_files.SnapshotError(
+                f"the snapshot was taken on --accel {top['machine']['backend']}, and restores on it only "
+                f"(not on {spec.accel})"
+            )
+        vm = cls(spec, console, memory=snap.memory(spec.mem))
+        try:
+            assert vm.accel is not None
+            vm.accel.restore_state(top["accel"])
+            machine_state.restore_vm(vm, top["devices"])
+            for slot in vm.virtio:
+                slot.transport.after_restore()
+        except BaseException:
+            vm.close()
+            raise
+        return vm
 
     def stats(self) -> str:
         """Exit counts per reason, per port and per MMIO page, and assists, as `--stats` prints them."""
@@ -482,8 +687,7 @@ class Vm:
         if self.accel.unavailable:
             families = ", ".join(sorted(self.accel.unavailable))
             lines.append(f"host cannot execute (hidden from CPUID or completed by popek): {families}")
-        if isinstance(self.accel, SoftAccel | LockstepAccel):
-            lines.extend(self.accel.extra_stats())
+        lines.extend(self.accel.extra_stats())
         lines.append(f"serial: {self.serial_log.total} bytes out, {self.serial.bytes_in} bytes in")
         if self.virtio:
             lines.extend(self.accel.device_stats())

@@ -40,10 +40,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from popek.accel import kvm_assist
 from popek.accel.exits import MmioRead, MmioWrite, PioIn, PioOut, Stop, StopReason, handle_exit
 from popek.accel.kvm_probe import VMCALL, VMMCALL, observed_cpuid, unavailable_families
+from popek.accel.kvm_snapshot import VmSnapshotter
 from popek.accel.kvm_softcpu import SoftStep
 from popek.accel.kvm_state import apply_entry, register_dump
 from popek.accel.kvm_syscall import UserSyscallAssist
@@ -52,8 +54,10 @@ from popek.bus import BoundedCounter, Bus
 from popek.cpu import xsave
 from popek.cpu.interp import KVM_ENOSYS
 from popek.cpuid import apply_template, for_vcpu
+from popek.devices import state as st
 from popek.devices.event_loop import EventLoop, FdWatch, drain_eventfd
 from popek.devices.irq import IrqLine, Pulse
+from popek.devices.platform import PortRange
 from popek.errors import ConfigError, GuestMemoryError
 from popek.features import Features, cpuid_function
 from popek.kvm import (
@@ -63,12 +67,13 @@ from popek.kvm import (
     InternalError,
     Kvm,
     KvmError,
+    MemFlag,
     MpState,
     SystemEvent,
     VcpuFd,
 )
 from popek.kvm.consts import KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
-from popek.memory import GuestMemory
+from popek.memory import PAGE_SIZE, GuestMemory
 
 TSS_ADDR = 0xFFFBD000
 IDENTITY_MAP_ADDR = 0xFFFBC000
@@ -114,6 +119,7 @@ class IrqFd:
 
 
 class KvmAccel:
+    snapshots = True  # pause, snapshot_state and restore_state (popek.vm.Vm.snapshot)
     name = "kvm"
 
     def __init__(
@@ -191,6 +197,7 @@ class KvmAccel:
         self.irqfd = eventfds and bool(self.vm.check_extension(Cap.IRQFD))
         self.device_loop: EventLoop | None = None
         self._eventfds: list[int] = []
+        self._dirty_logging = False
 
     @property
     def run_threads(self) -> int:
@@ -457,8 +464,68 @@ class KvmAccel:
         data = " ".join(f"{x:#x}" for x in list(run.exit.internal.data)[: min(run.exit.internal.ndata, 16)])
         return Stop(StopReason.INTERNAL_ERROR, f"KVM internal error {name} [{data}]\n" + register_dump(vcpu))
 
+    # --- pause and snapshots (popek.vm.Vm.pause, Vm.snapshot) ---
+
+    def settle_vcpu(self, index: int) -> None:
+        """Complete what the last exit left pending, on the vCPU's own thread after `run_vcpu` returned: an IN or
+        MMIO read is finished (its value in RAX, RIP past it) only by the next KVM_RUN, so one KVM_RUN with
+        immediate_exit set completes it without running the guest (api.rst 5, kvm_run: "immediate_exit ... to
+        complete pending operations"); a snapshot then sees the vCPU between two instructions."""
+        vcpu = self.vcpus[index]
+        vcpu.set_immediate_exit(True)
+        try:
+            vcpu.run()
+        finally:
+            vcpu.set_immediate_exit(False)
+
+    def pause_devices(self) -> bool:
+        """Park the device loop between events (the vCPUs are parked already); False if it did not stop."""
+        return self.device_loop.pause() if self.device_loop is not None else True
+
+    def resume_devices(self) -> None:
+        if self.device_loop is not None:
+            self.device_loop.resume()
+
+    def snapshot_state(self) -> dict[str, Any]:
+        """Everything KVM holds of the VM (popek.accel.kvm_snapshot) and the devices' time base, with every vCPU
+        settled and parked."""
+        return {"kvm": VmSnapshotter(self.vm).capture(self.vcpus), "time_ns": self.time_ns()}
+
+    def restore_state(self, state: object) -> None:
+        """The inverse of `snapshot_state`, into a VM that has not run: all checked before the first ioctl."""
+        values = st.load(state, {"kvm": st.anything, "time_ns": st.uint(63)}, "KVM backend")
+        VmSnapshotter(self.vm).restore(self.vcpus, values["kvm"])
+        self._created_ns = time.monotonic_ns() - values["time_ns"]  # the ACPI PM timer goes on, not back
+
+    def start_dirty_log(self) -> None:
+        """Log the pages the guest writes from now on (KVM_MEM_LOG_DIRTY_PAGES, api.rst 4.35), for a diff
+        snapshot; the first KVM_GET_DIRTY_LOG after this clears what came before."""
+        if self._dirty_logging:
+            return
+        for slot, region in enumerate(self.mem):
+            self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address, MemFlag.LOG_DIRTY_PAGES)
+        self._dirty_logging = True
+        for slot, region in enumerate(self.mem):
+            self.vm.dirty_log(slot, region.size // PAGE_SIZE)
+
+    def collect_dirty(self) -> bool:
+        """Merge the pages the guest wrote since the last call into guest memory's dirty map (where the VMM's
+        own writes are); False if dirty logging was not started."""
+        if not self._dirty_logging:
+            return False
+        for slot, region in enumerate(self.mem):
+            self.mem.mark_dirty_bitmap(slot, self.vm.dirty_log(slot, region.size // PAGE_SIZE))
+        return True
+
     def register_dumps(self) -> str:
         return "\n".join(register_dump(v) for v in self.vcpus if not v.closed)
+
+    def platform_devices(self) -> tuple[list[PortRange], list[PortRange]]:
+        """None: the PIC, PIT and I/O APIC are KVM's, in the kernel (`__init__`)."""
+        return [], []
+
+    def extra_stats(self) -> list[str]:
+        return []
 
     def close(self) -> None:
         if self.device_loop is not None:

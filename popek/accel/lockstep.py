@@ -107,7 +107,8 @@ from popek.cpu.state import (
 )
 from popek.devices.event_loop import FdWatch
 from popek.devices.irq import IrqLine, Pulse
-from popek.errors import ConfigError, GuestMemoryError
+from popek.devices.platform import PortRange
+from popek.errors import ConfigError, GuestMemoryError, VmStateError
 from popek.kvm import ExitReason, GuestDebug, InternalError, KvmError, VcpuFd
 from popek.kvm.consts import KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
 from popek.memory import PAGE_SIZE, GuestMemory
@@ -947,6 +948,10 @@ class LockstepAccel:
     def start_devices(self, on_error: Callable[[str], None]) -> None:
         """No devices to start."""
 
+    def platform_devices(self) -> tuple[list[PortRange], list[PortRange]]:
+        """None: the interrupt platform is the KVM side's, in the kernel."""
+        return [], []
+
     def device_stats(self) -> list[str]:
         return []
 
@@ -975,12 +980,37 @@ class LockstepAccel:
             return Stop(StopReason.ERROR, outcome.detail)
         return None
 
+    snapshots = False  # two machines compared step by step: a snapshot of one would not restore the pair
+
     def kick(self, only: int | None = None) -> None:
         if self.lockstep is not None and only in (None, 0):
             self.lockstep.kick()
 
     def watch(self, stopping: threading.Event) -> None:
         """Nothing to watch: every KVM_RUN is one instruction long."""
+
+    # --- pause and snapshots: not for a pair of machines (`snapshots` is False, and Vm asks it first) ---
+
+    def settle_vcpu(self, index: int) -> None:
+        """Never paused: `run_vcpu` returns only when the VM stops."""
+
+    def pause_devices(self) -> bool:
+        return True
+
+    def resume_devices(self) -> None:
+        """See pause_devices: no device loop (no virtio devices under lockstep)."""
+
+    def snapshot_state(self) -> dict[str, Any]:
+        raise VmStateError("--accel lockstep takes no snapshots")
+
+    def restore_state(self, state: object) -> None:
+        raise VmStateError("--accel lockstep restores no snapshots")
+
+    def start_dirty_log(self) -> None:
+        raise VmStateError("--accel lockstep keeps no dirty log")
+
+    def collect_dirty(self) -> bool:
+        return False
 
     def extra_stats(self) -> list[str]:
         ls = self.lockstep

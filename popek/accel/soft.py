@@ -199,6 +199,7 @@ class _PolledFd(Watch):
 
 class SoftAccel:
     name = "soft"
+    snapshots = True  # pause, snapshot_state and restore_state (popek.vm.Vm.snapshot)
     run_threads = 1  # every vCPU runs in `run_vcpu(0)`, round-robin, for determinism
 
     def __init__(self, mem: GuestMemory, cpus: int, cpu_template: str = "portable") -> None:
@@ -482,6 +483,25 @@ class SoftAccel:
 
     def close(self) -> None:
         """Nothing outside Python to release: guest memory belongs to the VM."""
+
+    # --- pause and snapshots (popek.vm.Vm.pause, Vm.snapshot) ---
+
+    def settle_vcpu(self, index: int) -> None:
+        """Nothing is left pending: `run_vcpu` returns between instructions, port and MMIO accesses complete."""
+
+    def pause_devices(self) -> bool:
+        """The devices' host fds are polled by `run_vcpu` itself, which has returned: nothing else runs them."""
+        return True
+
+    def resume_devices(self) -> None:
+        """See pause_devices."""
+
+    def start_dirty_log(self) -> None:
+        """The software CPU marks every page it writes in guest memory's dirty map (popek.cpu.mmu), as the VMM's
+        own writes are: nothing to start."""
+
+    def collect_dirty(self) -> bool:
+        return True
 
     # --- snapshots ---
 

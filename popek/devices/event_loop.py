@@ -109,6 +109,10 @@ class EventLoop:
         self._changes: collections.deque[_Watch] = collections.deque()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # pause(): the loop thread parks between callbacks (`_held` set) until resume() sets `_go`
+        self._hold = False
+        self._held = threading.Event()
+        self._go = threading.Event()
         self.on_error: Callable[[str], None] = lambda _message: None
         self.dispatched = 0
 
@@ -153,11 +157,17 @@ class EventLoop:
     def _run(self) -> None:
         try:
             while not self._stopping:
+                if self._hold:
+                    self._held.set()
+                    self._go.wait()
+                    continue
                 for key, _events in self._selector.select():
                     watch = key.data
                     if watch is None:
                         drain_eventfd(self._wake)
                         self._apply_changes()
+                    elif self._hold:
+                        break  # the rest of this round's events are still pending after resume()
                     elif watch.events and not self._stopping:
                         self.dispatched += 1
                         watch.callback()
@@ -165,9 +175,26 @@ class EventLoop:
             if not self._stopping:
                 self.on_error(f"{self.name}: {type(e).__name__}: {e}")
 
+    def pause(self, timeout: float = STOP_TIMEOUT) -> bool:
+        """Park the loop thread between callbacks, so no device runs a host event (a snapshot needs the devices
+        still: popek.vm.Vm.pause); False if a callback did not end within `timeout`. Events that arrive meanwhile
+        wait in their fds (an ioeventfd counts), and run after resume()."""
+        if self._thread is None or self._thread.ident == threading.get_ident():
+            return True  # not started (nothing runs), or called from a callback (which is the only one running)
+        self._go.clear()
+        self._held.clear()
+        self._hold = True
+        os.eventfd_write(self._wake, 1)
+        return self._held.wait(timeout) or not self._thread.is_alive()
+
+    def resume(self) -> None:
+        self._hold = False
+        self._go.set()
+
     def stop(self) -> None:
         """End the loop thread (waiting for a callback in progress) and release the selector."""
         self._stopping = True
+        self._go.set()  # a paused loop wakes to end
         if self._thread is not None:
             os.eventfd_write(self._wake, 1)
             self._thread.join(STOP_TIMEOUT)

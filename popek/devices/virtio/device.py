@@ -116,6 +116,10 @@ class VirtioDevice:
         """The inverse of `state`; a device without state takes only an empty one."""
         st.load(state, {}, self.name)
 
+    def on_restored(self) -> None:
+        """The whole machine was restored from a snapshot and is about to run (called with the transport's lock
+        held, the device active): tell the driver what the snapshot could not keep (vsock's host connections)."""
+
     def connect_host(self, watch_fd: WatchFd) -> None:
         """Register the host fds the device waits on (a console socket, a TAP device): `watch_fd(fd, on_readable)`.
         The backend calls `on_readable` from its device loop with the transport's lock held. A device whose set of

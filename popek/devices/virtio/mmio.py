@@ -320,6 +320,19 @@ class MmioTransport:
                 return
             self._contained(event)
 
+    def after_restore(self) -> None:
+        """Once the machine is restored, before it runs: the device's own step (`VirtioDevice.on_restored`), then
+        every ready queue served once, as for a notification, because one the old VM's device had not served yet
+        (its ioeventfd count is not in a snapshot) would otherwise leave a driver waiting for ever. Serving a
+        queue with nothing new in it changes nothing (§2.7.13: the device takes what is past its last index)."""
+        with self.lock:
+            if not self.device.active or self.status & (_S.DEVICE_NEEDS_RESET | _S.FAILED):
+                return
+            self._contained(self.device.on_restored)
+            for index, queue in enumerate(self.device.queues):
+                if queue.ready and not self.status & _S.DEVICE_NEEDS_RESET:
+                    self._contained(functools.partial(self.device.process_queue, index))
+
     def reset(self) -> None:
         """Status 0 (§4.2.3.1): InterruptStatus and every QueueReady cleared, features forgotten."""
         with self.lock:

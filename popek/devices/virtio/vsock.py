@@ -2,9 +2,10 @@
 guest AF_VSOCK ports map to host AF_UNIX sockets.
 
 The device: device ID 19, configuration space `guest_cid` (le64, §5.10.4), three queues — rx (0, device to
-driver), tx (1, driver to device) and event (2, §5.10.2; popek never sends an event, so it leaves those buffers
-posted). No device-specific feature bit is offered, so the driver takes stream sockets (§5.10.3: without
-VIRTIO_VSOCK_F_STREAM negotiated a device acts as if it were). Every packet starts with the 44-byte header of
+driver), tx (1, driver to device) and event (2, §5.10.2; popek sends one event, TRANSPORT_RESET, after a
+snapshot restore: `on_restored`). No device-specific feature bit is offered, so the driver takes stream
+sockets (§5.10.3: without VIRTIO_VSOCK_F_STREAM negotiated a device acts as if it were). Every packet starts
+with the 44-byte header of
 §5.10.6 (`Header`); ops REQUEST, RESPONSE, RST, SHUTDOWN, RW, CREDIT_UPDATE, CREDIT_REQUEST (§5.10.6.4-5).
 
 The host side (Firecracker's convention):
@@ -66,8 +67,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
+from popek.devices import state as st
 from popek.devices.event_loop import FdWatch, drain_eventfd
 from popek.devices.virtio.device import DeviceId, VirtioDevice, WatchFd
 from popek.devices.virtio.queue import ChainReader, ChainWriter, DescriptorChain
@@ -76,6 +78,7 @@ from popek.memory import GuestMemory
 
 QUEUE_SIZE = 256
 RXQ, TXQ, EVENTQ = 0, 1, 2
+EVENT_TRANSPORT_RESET = 0  # struct virtio_vsock_event.id (§5.10.6.7)
 
 HOST_CID = 2  # VMADDR_CID_HOST; 0 (hypervisor), 1 (local) and U32_MAX (VMADDR_CID_ANY) are reserved too
 MIN_GUEST_CID = 3
@@ -361,6 +364,9 @@ class VsockDevice(VirtioDevice):
         self.resets_dropped = 0
         self.dropped = 0  # malformed packets from the guest
         self.protocol_errors = 0  # connections reset for breaking the protocol
+        self.transport_resets = 0  # TRANSPORT_RESET events sent after a restore
+        self.events_dropped = 0
+        self._restored_held: int | None = None
 
     # --- host fds ---
 
@@ -508,7 +514,7 @@ class VsockDevice(VirtioDevice):
     def process_queue(self, index: int) -> None:
         if index == TXQ:
             self.serve(TXQ, self._transmit)
-        # rx: new buffers for what waits; event: buffers for events popek never sends
+        # rx: new buffers for what waits; event: buffers kept for the TRANSPORT_RESET of a restore
         self._fill_rx()
 
     def _transmit(self, chain: DescriptorChain) -> int:
@@ -838,12 +844,49 @@ class VsockDevice(VirtioDevice):
                 watch.set_enabled(True)
         self._arm()
 
+    # --- snapshots ---
+
+    def state(self) -> dict[str, Any]:
+        """What a snapshot keeps: only the rx buffer the device holds (its head), which restore gives back. Host
+        connections are sockets of this process and cannot be saved; the restored device tells the driver so
+        (`on_restored`)."""
+        return {"held": None if self._held is None else self._held.head}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        values = st.load(state, {"held": st.optional(st.integer(0, QUEUE_SIZE - 1))}, self.name)
+        self._restored_held = values["held"]
+
+    def on_restored(self) -> None:
+        """After a restore: the rx buffer the old device held goes back to the driver empty (Linux drops a
+        packet shorter than a header and refills), and a VIRTIO_VSOCK_EVENT_TRANSPORT_RESET event (§5.10.6.7)
+        makes the driver reset every connection, none of which exists on this side any more, and read the
+        guest CID again (a clone may have another)."""
+        mem = self.mem
+        assert mem is not None
+        held, self._restored_held = self._restored_held, None
+        if held is not None:
+            self.queues[RXQ].add_used(mem, held, 0)
+            self.signal_used(RXQ)
+        events = self.queues[EVENTQ]
+        if not events.ready:
+            return
+        chain = events.pop(mem)
+        if chain is None:
+            self.events_dropped += 1  # the driver posted no event buffer: its connections time out instead
+            return
+        written = ChainWriter(mem, chain.writable).write(struct.pack("<I", EVENT_TRANSPORT_RESET))
+        events.add_used(mem, chain.head, written)
+        self.signal_used(EVENTQ)
+        self.transport_resets += 1
+
     def stats(self) -> str:
         return (
             f"connections={len(self.conns)} accepted={self.accepted} refused={self.refused} "
             f"guest_connects={self.guest_connects} to_guest={self.bytes_to_guest} to_host={self.bytes_to_host} "
             f"resets={self.resets_sent} resets_dropped={self.resets_dropped} dropped={self.dropped} "
             f"protocol_errors={self.protocol_errors}"
+            + (f" transport_resets={self.transport_resets}" if self.transport_resets else "")
+            + (f" events_dropped={self.events_dropped}" if self.events_dropped else "")
         )
 
     def close(self) -> None:
