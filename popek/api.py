@@ -21,6 +21,7 @@ errors carry the tail of the guest's console, where a dying kernel says why.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -34,6 +35,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, ParamSpec, TypeVar
 
+from popek import snapshot, warm
 from popek.accel.exits import Stop, StopReason
 from popek.agent import AgentClient, ExecResult, Process, protocol, vsock_unix_connector
 from popek.agent.client import Command, OutputCallback, PathLike
@@ -42,7 +44,7 @@ from popek.devices.virtio.blk import DiskSpec
 from popek.devices.virtio.net import NetSpec, net_spec
 from popek.devices.virtio.vsock import VsockSpec
 from popek.errors import ConfigError, PopekError
-from popek.vm import ACCELS, VIRTIO_IRQS, Vm, VmSpec
+from popek.vm import ACCELS, VIRTIO_IRQS, RunState, Vm, VmSpec
 
 AGENT_PORT = 1024  # where the default guest's init starts the agent (popek/image/init)
 GUEST_CID = 3  # the first CID a guest may have (virtio 1.2 §5.10.4: 0-2 are reserved); each VM has its own socket
@@ -50,6 +52,9 @@ DEFAULT_BOOT_TIMEOUT = 600.0  # the default guest takes ~2 min to boot on nested
 # every wait for the agent but a command's run: generous, as on a nested KVM host each connection costs the guest
 # a fork with ring 0 emulated (seconds); a VM that stops is noticed at once anyway (its connections are cut)
 DEFAULT_AGENT_TIMEOUT = 60.0
+DEFAULT_RESTORE_TIMEOUT = 120.0  # a restored guest's agent answers at once: a long wait means it is broken
+WARM_READY_TIMEOUT = 60.0  # a warm start whose agent does not answer in this time boots cold instead
+REFRESH_ENTROPY = 64  # bytes of host entropy a restored guest is reseeded with (512 bits, ChaCha20's key twice)
 STOP_GRACE = 2.0  # how long a dropped connection waits for the VM thread to say the VM stopped
 JOIN_TIMEOUT = 30.0  # close(): how long the VM thread may take to stop its vCPUs
 DEFAULT_CONSOLE_TAIL = 16 << 10  # console bytes an error carries
@@ -274,6 +279,7 @@ class VM:
         agent_port: int = AGENT_PORT,
         console: Callable[[bytes], object] | None = None,
         console_tail: int = DEFAULT_CONSOLE_TAIL,
+        cold: bool = False,
     ) -> None:
         if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
             raise ConfigError(f"cpus must be a whole number of at least 1, not {cpus!r}")
@@ -333,6 +339,10 @@ class VM:
         self._uds = Path()
         self._finalizer: weakref.finalize[[], VM] | None = None
         self._start_lock = threading.Lock()
+        self.cold = bool(cold)
+        self._restore_from: Path | None = None  # VM.restore's snapshot
+        self.restored = False  # this VM started from a snapshot (VM.restore, or a warm start)
+        self.warm_started = False  # ... from the default guest's warm snapshot (popek.warm)
         self._check_spec()
 
     # --- the VM's description
@@ -382,34 +392,146 @@ class VM:
 
     def start(self, wait: bool = True) -> VM:
         """Boot the VM and (with wait) wait for its agent, at most boot_timeout s: BootTimeout, VMStopped.
-        Without wait, the guest boots on while this returns; wait_ready() waits for the agent later."""
+        Without wait, the guest boots on while this returns; wait_ready() waits for the agent later.
+
+        The default guest with popek's own devices only starts warm (popek.warm): restored from a snapshot taken
+        once after its agent first answered (unless cold=True); the first such VM boots and takes it."""
         with self._start_lock:
             if self._runtime is not None:
                 raise VMError("this popek.VM was already started (a VM boots once; make a new one)")
-            kernel, initrd, cmdline = self._guest()
-            workdir = Path(tempfile.mkdtemp(prefix="popek-vm-"))
-            runtime = _Runtime(workdir)
-            self._runtime = runtime
-            self._finalizer = weakref.finalize(self, runtime.shutdown)
-            try:
-                vsock = self.vsock or VsockSpec(GUEST_CID, workdir / "vsock.sock")
-                uds = self._uds = vsock.uds_path
-                runtime.vm = Vm(self._spec(kernel, initrd, cmdline, vsock), console=self._console)
-                runtime.thread = threading.Thread(target=runtime.run, name="popek-vm", daemon=True)
-                runtime.thread.start()
-                connect = runtime.connector(vsock_unix_connector(uds, self.agent_port, self.agent_timeout))
-                self._client = AgentClient(connect, timeout=self.agent_timeout)
-                self._files = GuestFiles(self, self._client)
-            except BaseException:
-                self.close()
-                raise
+            warm_key = self._warm_key() if wait else None
+            cache = None
+            if warm_key is not None:
+                from popek import image
+
+                cache = image.cache_dir()
+                source = warm.find(cache, warm_key)
+                if source is not None:
+                    try:
+                        self._launch(source)
+                        self.wait_ready(timeout=min(self.boot_timeout, WARM_READY_TIMEOUT))
+                        self._refresh_identity()
+                        self.warm_started = True
+                        return self
+                    except (snapshot.SnapshotError, VMError, AgentUnavailable, AgentDisconnected):
+                        self._abandon()  # a snapshot of another host CPU, a damaged one: boot cold, replace it
+                        warm.discard(cache, warm_key)
+                    except BaseException:
+                        self.close()
+                        raise
+            self._launch(self._restore_from)
         if wait:
             try:
                 self.wait_ready()
+                if self.restored:
+                    self._refresh_identity()
+                elif warm_key is not None and cache is not None:
+                    self._save_warm(cache, warm_key)
             except BaseException:
                 self.close()
                 raise
         return self
+
+    def _launch(self, source: Path | None) -> None:
+        """Build the VM (booted from its kernel, or restored from `source`) and start its thread."""
+        workdir = Path(tempfile.mkdtemp(prefix="popek-vm-"))
+        runtime = _Runtime(workdir)
+        self._runtime = runtime
+        self._finalizer = weakref.finalize(self, runtime.shutdown)
+        try:
+            vsock = self.vsock or VsockSpec(GUEST_CID, workdir / "vsock.sock")
+            uds = self._uds = vsock.uds_path
+            if source is None:
+                kernel, initrd, cmdline = self._guest()
+                runtime.vm = Vm(self._spec(kernel, initrd, cmdline, vsock), console=self._console)
+            else:
+                runtime.vm = Vm.restore(source, self._console, adjust=functools.partial(self._adjust, vsock))
+                self.restored = True
+            runtime.thread = threading.Thread(target=runtime.run, name="popek-vm", daemon=True)
+            runtime.thread.start()
+            connect = runtime.connector(vsock_unix_connector(uds, self.agent_port, self.agent_timeout))
+            self._client = AgentClient(connect, timeout=self.agent_timeout)
+            self._files = GuestFiles(self, self._client)
+        except BaseException:
+            self.close()
+            raise
+
+    def _abandon(self) -> None:
+        """Stop and forget a VM that did not start right, so that start() can build another."""
+        self.close()
+        self._runtime = self._client = self._files = self._finalizer = None
+        self.restored = False
+
+    def _adjust(self, vsock: VsockSpec, saved: VmSpec) -> VmSpec:
+        """A restored VM's spec: the snapshot's machine, with this VM's own host resources and limits."""
+        return dataclasses.replace(saved, vsock=vsock, timeout=self.timeout, disks=list(self.disks), net=self.net)
+
+    def _warm_key(self) -> str | None:
+        """The warm snapshot key of this VM, or None if it cannot start warm (see popek.warm)."""
+        own_devices_only = not self.disks and self.net is None and self.console2 is None and self.vsock is None
+        default_guest = self.kernel is None and self.initrd is None
+        if self.cold or self._restore_from is not None or not default_guest or not own_devices_only:
+            return None
+        from popek import image
+
+        guest = image.ensure_default_guest(progress=False)
+        cmdline = " ".join(part for part in (guest.cmdline, self.append) if part)
+        shape = {"mem": self.mem, "cpus": self.cpus, "accel": self.accel, "cpu_template": self.cpu_template,
+                 "acpi": self.acpi, "eventfds": self.eventfds, "rng": self.rng, "agent_port": self.agent_port,
+                 "kvm_device": self.kvm_device}  # fmt: skip
+        return warm.key(guest.key, cmdline, shape)
+
+    def _save_warm(self, cache: Path, warm_key: str) -> None:
+        """Take this freshly booted VM's warm snapshot (paused for the time it takes), for the VMs after it."""
+        folder = warm.staging(cache, warm_key)
+        try:
+            self.snapshot(folder)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        warm.publish(folder, cache, warm_key)
+
+    def _refresh_identity(self) -> None:
+        """A restored guest is a clone: its clock says when the snapshot was taken and its kernel's random
+        generator is the snapshot's, as every other clone's. The agent sets the clock to the host's and
+        reseeds the generator from fresh host entropy (docs/agent-protocol.md, REFRESH) before any command."""
+        assert self._client is not None
+        refresh = getattr(self._client, "refresh", None)
+        if refresh is not None:
+            with self._guard():
+                refresh(time_ns=time.time_ns(), entropy=os.urandom(REFRESH_ENTROPY))
+
+    @classmethod
+    def restore(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        disks: Sequence[DiskArg] | None = None,
+        net: str | NetSpec | None = None,
+        timeout: float | None = None,
+        boot_timeout: float = DEFAULT_RESTORE_TIMEOUT,
+        agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
+        agent_port: int = AGENT_PORT,
+        console: Callable[[bytes], object] | None = None,
+        console_tail: int = DEFAULT_CONSOLE_TAIL,
+    ) -> VM:
+        """A VM that starts (``with``, or start()) from the snapshot in `path` (VM.snapshot, ``popek snapshot``)
+        instead of booting: the same machine, with a vsock socket of its own, the disks and network given here
+        (by default the snapshot's disk paths and network kind; the disks must hold what the guest expects),
+        its clock and RNG refreshed. popek.snapshot.SnapshotError for a snapshot that cannot restore."""
+        from popek import vm_snapshot
+
+        saved = snapshot.read(path)
+        spec: VmSpec = vm_snapshot.spec_from_state(vm_snapshot.parse_state(saved.state)["spec"])
+        vm = cls(
+            kernel=spec.kernel, mem=spec.mem, cpus=spec.cpus, accel=spec.accel, cpu_template=spec.cpu_template,
+            disks=spec.disks if disks is None else disks, rng=spec.rng, acpi=spec.acpi, eventfds=spec.kvm_eventfds,
+            kvm_device=spec.kvm_device, net=spec.net if net is None else net, timeout=timeout,
+            boot_timeout=boot_timeout, agent_timeout=agent_timeout, agent_port=agent_port, console=console,
+            console_tail=console_tail, cold=True,
+        )  # fmt: skip
+        vm._restore_from = Path(path)
+        return vm
 
     def wait_ready(self, timeout: float | None = None) -> float:
         """Wait for the guest agent (timeout: the boot_timeout by default): the seconds it took. BootTimeout if
@@ -459,6 +581,41 @@ class VM:
         """Wait for the VM to stop by itself (the guest powers off or resets): its Stop, or None after timeout."""
         runtime = self._started()
         return runtime.stop if runtime.done.wait(timeout) else None
+
+    # --- pause, resume, snapshots
+
+    def pause(self) -> None:
+        """Stop the guest between two instructions, its devices held (popek.vm.Vm.pause); resume() goes on."""
+        self._machine().pause()
+
+    def resume(self) -> None:
+        self._machine().resume()
+
+    @property
+    def paused(self) -> bool:
+        vm = None if self._runtime is None else self._runtime.vm
+        return vm is not None and vm.state is RunState.PAUSED
+
+    def snapshot(self, path: str | os.PathLike[str], *, diff: bool = False) -> Path:
+        """Write the VM into the snapshot directory `path` (popek.snapshot): a running VM is paused for the time
+        it takes and resumed after, a paused one stays paused. diff: only the pages written since this VM's last
+        full snapshot into `path`. VM.restore(path) starts a clone of it."""
+        vm = self._machine()
+        running = vm.state is RunState.RUNNING
+        if running:
+            vm.pause()
+        try:
+            vm.snapshot(path, diff=diff)
+        finally:
+            if running:
+                vm.resume()
+        return Path(path)
+
+    def _machine(self) -> Vm:
+        runtime = self._started()
+        if runtime.done.is_set() or runtime.vm is None:
+            raise VMStopped(_describe(runtime.stop), runtime.stop, self.console_tail)
+        return runtime.vm
 
     # --- state
 

@@ -150,7 +150,33 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "-t", "--tty", action="store_true", help="with the agent: run the command (default: sh) on a pseudo-terminal"
     )
+    run.add_argument(
+        "--cold", action="store_true", help="with the agent: boot, even where the default guest's warm snapshot exists"
+    )
     run.add_argument("guest_command", nargs=argparse.REMAINDER, help="-- COMMAND...: run it in the default guest")
+    snap = sub.add_parser("snapshot", help="VM snapshots: create one of the default guest, show or verify one")
+    snap_sub = snap.add_subparsers(dest="snapshot_command", required=True)
+    create = snap_sub.add_parser("create", help="boot the default guest, wait for its agent, snapshot it into DIR")
+    create.add_argument("snapshot", metavar="DIR")
+    create.add_argument("--append", default=None, help="kernel command line (added to the default guest's)")
+    create.add_argument("--mem", default="512M", help="guest memory (default 512M)")
+    create.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
+    create.add_argument("--accel", default="kvm", help="backend: kvm (default) or soft")
+    create.add_argument("--rng", action="store_true", help="a virtio-rng device")
+    create.add_argument("--boot-timeout", type=float, default=None, help="how long to wait for the agent")
+    create.add_argument("--console", action="store_true", help="copy the guest's console to stderr")
+    info = snap_sub.add_parser("info", help="what a snapshot holds (every field checked)")
+    info.add_argument("snapshot", metavar="DIR")
+    info.add_argument("--verify", action="store_true", help="also check the memory file's checksum (reads it all)")
+    restore = sub.add_parser("restore", help="start a clone of a snapshot and run a command in it")
+    restore.add_argument("snapshot", metavar="DIR")
+    restore.add_argument("--timeout", type=float, default=None, help="stop the VM after this many seconds")
+    restore.add_argument("--stats", action="store_true", help="print exit, port, MMIO and assist counts at the end")
+    restore.add_argument("--console", action="store_true", help="copy the guest's console to stderr")
+    restore.add_argument("--boot-timeout", type=float, default=None, help="how long to wait for the agent")
+    restore.add_argument("-i", "--interactive", action="store_true", help="feed stdin to the command")
+    restore.add_argument("-t", "--tty", action="store_true", help="run the command (default: sh) on a pseudo-terminal")
+    restore.add_argument("guest_command", nargs=argparse.REMAINDER, help="-- COMMAND...: run it in the clone")
     image = sub.add_parser("image", help="the default guest image")
     image_sub = image.add_subparsers(dest="image_command", required=True)
     build = image_sub.add_parser("build", help="build (or reuse) the default guest kernel and initramfs")
@@ -176,9 +202,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from popek.devices.virtio.vsock import VsockSpec
     from popek.vm import Vm, VmSpec
 
-    command = list(args.guest_command)
-    if command and command[0] == "--":
-        command = command[1:]
+    command = _guest_command(args)
     disks = [DiskSpec.parse(text) for text in args.disk]  # before a default guest build: bad options fail fast
     vsock = VsockSpec.parse(args.vsock) if args.vsock is not None else None
     net = net_spec(args.net, args.port)
@@ -260,6 +284,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return exit_status(stop, guest_status)
 
 
+def _guest_command(args: argparse.Namespace) -> list[str]:
+    command = list(args.guest_command)
+    return command[1:] if command and command[0] == "--" else command
+
+
+def _cmd_snapshot(args: argparse.Namespace) -> int:
+    from popek import cli_agent, snapshot, vm_snapshot
+
+    if args.snapshot_command == "create":
+        return cli_agent.create_snapshot(args)
+    saved = snapshot.read(args.snapshot, verify_memory=args.verify)
+    top = vm_snapshot.parse_state(saved.state)
+    spec = vm_snapshot.spec_from_state(top["spec"])
+    m = saved.manifest
+    kind = f"diff of {m.parent} ({sum(n for _, n in m.diff_pages or ())} pages)" if m.parent else "full"
+    print(f"snapshot {args.snapshot}: format {snapshot.FORMAT} {snapshot.VERSION}, generation {m.generation}, {kind}")
+    print(f"machine: --accel {spec.accel}, {spec.cpus} vCPU(s), {spec.mem >> 20} MiB, cpu template {spec.cpu_template}")
+    devices = [key for key in top["devices"] if key != "platform"]
+    print(f"devices: {', '.join(devices)}")
+    print(f"kernel: {spec.kernel}" + (f", initrd {spec.initrd}" if spec.initrd else ""))
+    print("memory: checksum verified" if args.verify else "memory: size checked (--verify reads and checks it all)")
+    return 0
+
+
 def _cmd_image(args: argparse.Namespace) -> int:
     from popek import image
 
@@ -285,6 +333,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _cmd_run(args)
             if args.command == "init":
                 return _cmd_init(args)
+            if args.command == "snapshot":
+                return _cmd_snapshot(args)
+            if args.command == "restore":
+                from popek import cli_agent
+
+                return cli_agent.restore(args, _guest_command(args))
             return _cmd_image(args)
     except HostSignal as e:  # before or after the VM ran: Vm.run turns one that comes while it runs into a Stop
         print(f"popek: stopped by {signal.Signals(e.signum).name}", file=sys.stderr)

@@ -19,10 +19,11 @@ import termios
 import threading
 import tty
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from popek.accel.exits import StopReason
 from popek.agent import CommandTimeout
-from popek.api import DEFAULT_BOOT_TIMEOUT, VM, BootTimeout, VMError, VMStopped
+from popek.api import DEFAULT_BOOT_TIMEOUT, DEFAULT_RESTORE_TIMEOUT, VM, BootTimeout, VMError, VMStopped
 from popek.devices.virtio.blk import DiskSpec
 from popek.devices.virtio.net import NetSpec
 from popek.devices.virtio.vsock import VsockSpec
@@ -125,9 +126,9 @@ def _interactive(
 def run(
     args: argparse.Namespace, command: list[str], disks: list[DiskSpec], vsock: VsockSpec | None, net: NetSpec | None
 ) -> int:
-    """Boot the default guest, run the command through its agent, stop the VM: the command's exit status. With
-    --vsock the agent is reached through that device (so other host programs can use it too)."""
-    console_out = _writer(2) if args.console else None
+    """Boot the default guest (or restore its warm snapshot: popek.warm; --cold boots), run the command through
+    its agent, stop the VM: the command's exit status. With --vsock the agent is reached through that device (so
+    other host programs can use it too)."""
     vm = VM(
         append=args.append,
         mem=args.mem,
@@ -144,9 +145,28 @@ def run(
         net=net,
         timeout=args.timeout,
         boot_timeout=args.boot_timeout if args.boot_timeout is not None else DEFAULT_BOOT_TIMEOUT,
-        console=console_out,
+        console=_writer(2) if args.console else None,
+        console_tail=64 << 10,
+        cold=args.cold,
+    )
+    return drive(vm, args, command)
+
+
+def restore(args: argparse.Namespace, command: list[str]) -> int:
+    """``popek restore DIR -- CMD``: a clone of the snapshot in DIR runs the command through its agent."""
+    vm = VM.restore(
+        args.snapshot,
+        timeout=args.timeout,
+        boot_timeout=args.boot_timeout if args.boot_timeout is not None else DEFAULT_RESTORE_TIMEOUT,
+        console=_writer(2) if args.console else None,
         console_tail=64 << 10,
     )
+    return drive(vm, args, command)
+
+
+def drive(vm: VM, args: argparse.Namespace, command: list[str]) -> int:
+    """Start `vm`, run the command (a shell on a pty with -t), stop the VM: the command's exit status, or the
+    status that says why there was none (the VM stopped, the agent never answered)."""
     try:
         with vm:
             if args.tty or args.interactive:
@@ -175,4 +195,37 @@ def run(
         print(f"popek: error: {e}", file=sys.stderr)
         if not args.console:
             print(_console_tail(e.console_tail), end="", file=sys.stderr)
+        return EXIT_TIMEOUT if isinstance(e, BootTimeout) else EXIT_VMM_FAILURE
+
+
+def create_snapshot(args: argparse.Namespace) -> int:
+    """``popek snapshot create DIR``: boot the default guest (always cold), wait for its agent, snapshot it into
+    DIR, stop it; prints what was written and how long each step took."""
+    import time
+
+    from popek import snapshot
+
+    vm = VM(
+        append=args.append, mem=args.mem, cpus=args.cpus, accel=args.accel, rng=args.rng,
+        boot_timeout=args.boot_timeout if args.boot_timeout is not None else DEFAULT_BOOT_TIMEOUT,
+        console=_writer(2) if args.console else None, console_tail=64 << 10, cold=True,
+    )  # fmt: skip
+    try:
+        started = time.monotonic()
+        with vm:
+            booted = time.monotonic()
+            vm.pause()
+            vm.snapshot(args.snapshot)
+            written = time.monotonic()
+        manifest = snapshot.read_manifest(args.snapshot)
+        disk = sum(f.stat().st_blocks * 512 for f in Path(args.snapshot).iterdir() if f.is_file())
+        print(
+            f"snapshot {args.snapshot}: generation {manifest.generation}, {manifest.memory_bytes >> 20} MiB of guest "
+            f"memory in {disk / (1 << 20):.1f} MiB on disk; boot {booted - started:.1f} s, snapshot "
+            f"{written - booted:.2f} s"
+        )
+        return 0
+    except (BootTimeout, VMError) as e:
+        print(f"popek: error: {e}", file=sys.stderr)
+        print(_console_tail(e.console_tail), end="", file=sys.stderr)
         return EXIT_TIMEOUT if isinstance(e, BootTimeout) else EXIT_VMM_FAILURE

@@ -216,9 +216,29 @@ def restore_vm(vm: VmFd, state: object, *, apply: bool = True) -> None:
     vm.set_pit2(pit)
 
 
+# CPUID bits KVM rewrites while the guest runs (arch/x86/kvm/cpuid.c, kvm_update_cpuid_runtime), from state a
+# snapshot restores anyway: leaf 1 EDX.APIC (IA32_APIC_BASE's enable), ECX.OSXSAVE (CR4.OSXSAVE) and ECX.MONITOR
+# (IA32_MISC_ENABLE), leaf 7 ECX.OSPKE (CR4.PKE), leaf 0xD subleaves 0 and 1 EBX (the XSAVE size of the features
+# XCR0 and IA32_XSS enable). (function, index, register) -> the bits a comparison ignores.
+RUNTIME_CPUID_BITS = {
+    (1, 0, 6): 1 << 9,
+    (1, 0, 5): (1 << 27) | (1 << 3),
+    (7, 0, 5): 1 << 4,
+    (0xD, 0, 4): 0xFFFFFFFF,
+    (0xD, 1, 4): 0xFFFFFFFF,
+}
+
+
 def _cpuid(vcpu: VcpuFd) -> list[list[int]]:
-    """The vCPU's CPUID as KVM holds it (KVM_GET_CPUID2), sorted, as JSON lists."""
-    return sorted([e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] for e in vcpu.get_cpuid2())
+    """The vCPU's CPUID as KVM holds it (KVM_GET_CPUID2), sorted, as JSON lists, without the bits KVM rewrites
+    from the vCPU's own state (RUNTIME_CPUID_BITS): a vCPU that enabled XSAVE has the CPU model it was created with."""
+    rows = []
+    for e in vcpu.get_cpuid2():
+        row = [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx]
+        for register in range(3, 7):
+            row[register] &= ~RUNTIME_CPUID_BITS.get((e.function, e.index, register), 0)
+        rows.append(row)
+    return sorted(rows)
 
 
 def xsave2_size(kvm: Kvm | VmFd) -> int | None:

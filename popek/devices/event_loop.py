@@ -181,10 +181,11 @@ class EventLoop:
         wait in their fds (an ioeventfd counts), and run after resume()."""
         if self._thread is None or self._thread.ident == threading.get_ident():
             return True  # not started (nothing runs), or called from a callback (which is the only one running)
-        self._go.clear()
-        self._held.clear()
-        self._hold = True
-        os.eventfd_write(self._wake, 1)
+        if not self._hold:  # a pause that timed out is still asked for: wait on for the same park
+            self._go.clear()
+            self._held.clear()
+            self._hold = True
+            os.eventfd_write(self._wake, 1)
         return self._held.wait(timeout) or not self._thread.is_alive()
 
     def resume(self) -> None:

@@ -118,3 +118,47 @@ def test_a_closed_watch_is_never_called_and_its_fd_number_can_be_watched_again()
         os.close(second)
     finally:
         loop.stop()
+
+
+def test_a_paused_loop_runs_no_callback_until_resumed_and_then_runs_what_came_meanwhile() -> None:
+    loop = EventLoop("test-loop")
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    calls: list[int] = []
+    called = threading.Event()
+    in_callback = threading.Event()
+    release = threading.Event()
+
+    def on_ready() -> None:
+        in_callback.set()
+        release.wait(WAIT)
+        calls.append(drain_eventfd(fd))
+        called.set()
+
+    try:
+        loop.watch(fd, on_ready)
+        loop.start(lambda message: None)
+        os.eventfd_write(fd, 1)
+        assert in_callback.wait(WAIT)
+        assert not loop.pause(0.2), "pause returned while a callback was still running"
+        release.set()
+        assert called.wait(WAIT)
+        assert loop.pause(WAIT)  # the callback ended: the loop is parked now
+        called.clear()
+        os.eventfd_write(fd, 2)
+        assert not called.wait(0.3), "a paused loop ran a callback"
+        loop.resume()
+        assert called.wait(WAIT)
+        assert calls == [1, 2]
+    finally:
+        release.set()
+        loop.stop()
+        os.close(fd)
+
+
+def test_a_paused_loop_still_stops() -> None:
+    loop = EventLoop("test-loop")
+    loop.start(lambda message: None)
+    assert loop.pause(WAIT)
+    thread = loop._thread
+    loop.stop()
+    assert thread is not None and not thread.is_alive()
