@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, ParamSpec, TypeVar
 
+from popek import migrate as popek_migrate
 from popek import snapshot, warm
 from popek.accel.exits import Stop, StopReason
 from popek.agent import AgentClient, ExecResult, Process, protocol, vsock_unix_connector
@@ -341,6 +342,7 @@ class VM:
         self._start_lock = threading.Lock()
         self.cold = bool(cold)
         self._restore_from: Path | None = None  # VM.restore's snapshot
+        self._incoming: socket.socket | None = None  # VM.incoming's listening socket
         self.restored = False  # this VM started from a snapshot (VM.restore, or a warm start)
         self.warm_started = False  # ... from the default guest's warm snapshot (popek.warm)
         self._check_spec()
@@ -441,7 +443,17 @@ class VM:
         try:
             vsock = self.vsock or VsockSpec(GUEST_CID, workdir / "vsock.sock")
             uds = self._uds = vsock.uds_path
-            if source is None:
+            if self._incoming is not None:
+                listener, self._incoming = self._incoming, None
+                with listener:
+                    conn, _ = listener.accept()
+                with conn:
+                    # the same machine on the same host: its own vsock socket, the source's disks and network kind
+                    own = functools.partial(self._own_vsock, vsock)
+                    runtime.vm = popek_migrate.receive(conn, self._console, own)
+                spec = runtime.vm.spec
+                self.mem, self.cpus, self.accel, self.cpu_template = spec.mem, spec.cpus, spec.accel, spec.cpu_template
+            elif source is None:
                 kernel, initrd, cmdline = self._guest()
                 runtime.vm = Vm(self._spec(kernel, initrd, cmdline, vsock), console=self._console)
             else:
@@ -465,6 +477,9 @@ class VM:
     def _adjust(self, vsock: VsockSpec, saved: VmSpec) -> VmSpec:
         """A restored VM's spec: the snapshot's machine, with this VM's own host resources and limits."""
         return dataclasses.replace(saved, vsock=vsock, timeout=self.timeout, disks=list(self.disks), net=self.net)
+
+    def _own_vsock(self, vsock: VsockSpec, saved: VmSpec) -> VmSpec:
+        return dataclasses.replace(saved, vsock=vsock, timeout=self.timeout)
 
     def _warm_key(self) -> str | None:
         """The warm snapshot key of this VM, or None if it cannot start warm (see popek.warm)."""
@@ -500,6 +515,39 @@ class VM:
         if refresh is not None:
             with self._guard():
                 refresh(time_ns=time.time_ns(), entropy=os.urandom(REFRESH_ENTROPY))
+
+    def migrate(self, address: str) -> popek_migrate.MigrationStats:
+        """Move this running VM to the popek waiting in VM.incoming(address) (a Unix socket path, or
+        tcp:HOST:PORT): pre-copy while the guest runs, then a short stop-and-copy (popek.migrate). On success this
+        VM has stopped (StopReason.MIGRATED) and the guest goes on there, its processes included; on failure
+        (MigrationError) it runs on here."""
+        stats = popek_migrate.send(self._machine(), popek_migrate.connect(address))
+        runtime = self._started()
+        runtime.done.wait(JOIN_TIMEOUT)
+        return stats
+
+    @classmethod
+    def incoming(
+        cls,
+        address: str,
+        *,
+        timeout: float | None = None,
+        boot_timeout: float = DEFAULT_RESTORE_TIMEOUT,
+        agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
+        agent_port: int = AGENT_PORT,
+        console: Callable[[bytes], object] | None = None,
+        console_tail: int = DEFAULT_CONSOLE_TAIL,
+    ) -> VM:
+        """A VM that, on start(), waits for one migration on `address` (VM.migrate from another popek) and runs
+        the guest it receives, with a vsock socket of its own. The listening socket exists when this returns, so
+        the source can connect at once."""
+        vm = cls(
+            timeout=timeout, boot_timeout=boot_timeout, agent_timeout=agent_timeout, agent_port=agent_port,
+            console=console, console_tail=console_tail, cold=True,
+        )  # fmt: skip
+        vm._incoming = popek_migrate.listen(address)
+        vm.kernel = Path("migrated")  # not the default guest: never a warm start, never a build
+        return vm
 
     @classmethod
     def restore(
@@ -596,20 +644,20 @@ class VM:
         vm = None if self._runtime is None else self._runtime.vm
         return vm is not None and vm.state is RunState.PAUSED
 
-    def snapshot(self, path: str | os.PathLike[str], *, diff: bool = False) -> Path:
+    def snapshot(self, path: str | os.PathLike[str], *, diff: bool = False) -> snapshot.Manifest:
         """Write the VM into the snapshot directory `path` (popek.snapshot): a running VM is paused for the time
         it takes and resumed after, a paused one stays paused. diff: only the pages written since this VM's last
-        full snapshot into `path`. VM.restore(path) starts a clone of it."""
+        full snapshot into `path`. VM.restore(path) starts a clone of it. Returns what was written (generation,
+        sizes, a diff's pages)."""
         vm = self._machine()
         running = vm.state is RunState.RUNNING
         if running:
             vm.pause()
         try:
-            vm.snapshot(path, diff=diff)
+            return vm.snapshot(path, diff=diff)
         finally:
             if running:
                 vm.resume()
-        return Path(path)
 
     def _machine(self) -> Vm:
         runtime = self._started()

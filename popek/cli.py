@@ -52,6 +52,7 @@ def exit_status(stop: Stop, guest_status: int | None) -> int:
         StopReason.RESET: 0,
         StopReason.USER_QUIT: 0,
         StopReason.HALTED: 0,
+        StopReason.MIGRATED: 0,
         StopReason.TRIPLE_FAULT: EXIT_TRIPLE_FAULT,
         StopReason.TIMEOUT: EXIT_TIMEOUT,
         StopReason.DIVERGENCE: EXIT_DIVERGENCE,

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from popek import snapshot as snapshot_files
 from popek import vm_snapshot
@@ -598,12 +599,7 @@ class Vm:
             if self._state not in (RunState.PAUSED, RunState.CREATED):
                 raise VmStateError(f"pause the VM before a snapshot: it is {self._state.value}")
         folder = Path(path).resolve()
-        state = {
-            "machine": {"backend": accel.name},
-            "spec": vm_snapshot.spec_state(self.spec),
-            "accel": accel.snapshot_state(),
-            "devices": machine_state.capture_vm(self),
-        }
+        state = self.capture_state()
         if not diff:
             accel.start_dirty_log()
             accel.collect_dirty()
@@ -622,6 +618,11 @@ class Vm:
         self._dirty.update(self.mem.dirty_pages(clear=True))
         return snapshot_files.write(folder, state, self.mem, diff_pages=self._dirty)
 
+    def forget_diff_base(self) -> None:
+        """The dirty map was consumed by something else (a migration's rounds): the next diff snapshot needs a
+        full one first."""
+        self._diff_base, self._dirty = None, set()
+
     @classmethod
     def restore(
         cls,
@@ -637,7 +638,31 @@ class Vm:
         not to the snapshot: its vsock socket, disks, network. SnapshotError for a snapshot that is damaged,
         foreign or of another machine, with nothing left open."""
         snap = snapshot_files.read(path, verify_memory=verify_memory)
-        top = vm_snapshot.parse_state(snap.state)
+        spec = cls.spec_of_state(snap.state, adjust)
+        vm = cls(spec, console, memory=snap.memory(spec.mem))
+        try:
+            vm.restore_state(snap.state)
+        except BaseException:
+            vm.close()
+            raise
+        return vm
+
+    def capture_state(self) -> dict[str, Any]:
+        """The state beside memory that a snapshot or a migration carries (popek.vm_snapshot), with the vCPUs
+        parked: the machine's record, the spec, the backend's state and every device's."""
+        assert self.accel is not None
+        return {
+            "machine": {"backend": self.accel.name},
+            "spec": vm_snapshot.spec_state(self.spec),
+            "accel": self.accel.snapshot_state(),
+            "devices": machine_state.capture_vm(self),
+        }
+
+    @staticmethod
+    def spec_of_state(state: object, adjust: Callable[[VmSpec], VmSpec] | None = None) -> VmSpec:
+        """The spec a captured state says to build (checked), changed by `adjust`; SnapshotError if it would
+        run on another backend than the one that captured it."""
+        top = vm_snapshot.parse_state(state)
         spec: VmSpec = vm_snapshot.spec_from_state(top["spec"])
         if adjust is not None:
             spec = adjust(spec)
@@ -646,17 +671,18 @@ class Vm:
                 f"the snapshot was taken on --accel {top['machine']['backend']}, and restores on it only "
                 f"(not on {spec.accel})"
             )
-        vm = cls(spec, console, memory=snap.memory(spec.mem))
-        try:
-            assert vm.accel is not None
-            vm.accel.restore_state(top["accel"])
-            machine_state.restore_vm(vm, top["devices"])
-            for slot in vm.virtio:
-                slot.transport.after_restore()
-        except BaseException:
-            vm.close()
-            raise
-        return vm
+        return spec
+
+    def restore_state(self, state: object) -> None:
+        """`capture_state`'s output into this freshly built VM (built with the memory it was captured with):
+        the backend first (KVM's irqchip and clock), then the devices, then each virtio transport's
+        after-restore step. SnapshotError for a field that is wrong; the caller discards the VM then."""
+        assert self.accel is not None
+        top = vm_snapshot.parse_state(state)
+        self.accel.restore_state(top["accel"])
+        machine_state.restore_vm(self, top["devices"])
+        for slot in self.virtio:
+            slot.transport.after_restore()
 
     def stats(self) -> str:
         """Exit counts per reason, per port and per MMIO page, and assists, as `--stats` prints them."""

@@ -68,6 +68,7 @@ class StopReason(str, Enum):
     ERROR = "error"
     DIVERGENCE = "divergence"  # lockstep: the software CPU and KVM disagreed
     HALTED = "halted"  # the guest halted with interrupts disabled: nothing can wake it
+    MIGRATED = "migrated"  # the guest goes on in another popek (popek.migrate)
 
 
 @dataclass(frozen=True)

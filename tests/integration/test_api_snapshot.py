@@ -6,6 +6,7 @@ one SnapshotError and starts nothing; a warm start restores the default guest's 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 import popek
 from popek import snapshot
+from popek.accel.exits import StopReason
 from popek.api import VM
 from popek.snapshot import SnapshotError
 
@@ -28,6 +30,8 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, VM]]
     vm = popek.VM(mem="256M", cold=True)
     with vm:
         vm.exec(["sh", "-c", "echo before > /root/marker"], check=True)
+        # a clock far in the past: a clone that still shows it was not refreshed (whatever KVM's clock does)
+        vm.exec(["date", "-u", "-s", "@1000000000"], check=True)
         vm.snapshot(folder)
         yield folder, vm
 
@@ -50,7 +54,8 @@ def test_two_clones_of_one_snapshot_are_independent_and_refreshed(saved: tuple[P
             assert clone.exec(["cat", "/root/marker"], check=True).stdout == b"before\n"
         first.exec(["sh", "-c", "echo first > /root/only-first"], check=True)
         assert second.exec(["test", "-e", "/root/only-first"]).exit_code == 1
-        draws = [c.exec(["sh", "-c", "head -c 32 /dev/urandom | od -An -tx1"], check=True).stdout for c in (first, second)]
+        draw = ["sh", "-c", "head -c 32 /dev/urandom | od -An -tx1"]
+        draws = [c.exec(draw, check=True).stdout for c in (first, second)]
         assert draws[0] != draws[1], "two clones drew the same random numbers"
         for clone in (first, second):
             guest_now = int(clone.exec(["date", "+%s"], check=True).stdout)
@@ -93,3 +98,27 @@ def test_a_warm_start_restores_the_default_guests_snapshot(tmp_path: Path, monke
     assert time.monotonic() - started < 60
     with popek.VM(mem="256M", cold=True) as cold:
         assert not cold.warm_started and not cold.restored
+
+
+def test_a_clone_migrates_live_and_its_processes_go_on_in_the_target(saved: tuple[Path, VM], tmp_path: Path) -> None:
+    folder, _ = saved
+    address = str(tmp_path / "migrate.sock")
+    target = VM.incoming(address)
+    started = threading.Thread(target=target.start)
+    started.start()
+    try:
+        with VM.restore(folder) as source:
+            loop = "i=0; while true; do i=$((i+1)); echo $i > /root/count; sleep 0.2; done"
+            source.exec(["sh", "-c", f"setsid sh -c '{loop}' </dev/null >/dev/null 2>&1 &"], check=True)
+            time.sleep(1)
+            stats = source.migrate(address)
+            assert source.stop_reason is not None and source.stop_reason.reason is StopReason.MIGRATED
+        started.join(180)
+        assert target.running
+        first = int(target.exec(["cat", "/root/count"], check=True).stdout)
+        time.sleep(1.5)
+        assert int(target.exec(["cat", "/root/count"], check=True).stdout) > first  # the loop goes on there
+        assert target.exec(["cat", "/root/marker"], check=True).stdout == b"before\n"
+        assert stats.downtime_s < stats.total_s and stats.bytes_sent > 0
+    finally:
+        target.close()

@@ -20,6 +20,9 @@ from popek.vm import VmSpec
 
 from .state_fuzz import at, json_value, paths
 
+DISKS = hs.builds(DiskSpec, hs.just(Path("/tmp/disk.img")), hs.booleans(), hs.sampled_from(["", "d0"]))
+MACS = hs.binary(min_size=6, max_size=6).map(lambda b: bytes([b[0] & 0xFE | 2]) + b[1:])  # unicast, local
+NETS = hs.builds(NetSpec, hs.just("passt"), mac=MACS, ports=hs.just(((8080, 80),)))
 specs = hs.builds(
     VmSpec,
     kernel=hs.sampled_from(["/boot/vmlinuz", "guest.bin"]),
@@ -31,13 +34,11 @@ specs = hs.builds(
     timeout=hs.none() | hs.floats(0.5, 1e6),
     acpi=hs.booleans(),
     pc_testdev=hs.booleans(),
-    disks=hs.lists(hs.builds(DiskSpec, hs.just(Path("/tmp/disk.img")), hs.booleans(), hs.sampled_from(["", "d0"])),
-                   max_size=2),  # fmt: skip
+    disks=hs.lists(DISKS, max_size=2),
     rng=hs.booleans(),
     vsock=hs.none() | hs.builds(VsockSpec, hs.integers(3, 1000), hs.just(Path("/tmp/v.sock"))),
     kvm_eventfds=hs.booleans(),
-    net=hs.none() | hs.builds(NetSpec, hs.just("passt"), mac=hs.binary(min_size=6, max_size=6).map(
-        lambda b: bytes([b[0] & 0xFE | 2]) + b[1:]), ports=hs.just(((8080, 80),))),  # fmt: skip
+    net=hs.none() | NETS,
 )
 
 
