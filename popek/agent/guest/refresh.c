@@ -1,12 +1,14 @@
 /* REFRESH (docs/agent-protocol.md, "REFRESH"): give a guest restored from a snapshot its own identity before
  * anything runs in it. Clones of one snapshot share the clock stopped at snapshot time and the kernel's CRNG
  * state; Linux 6.1 (drivers/char/random.c) reseeds the CRNG from its input pool only every
- * CRNG_RESEED_INTERVAL, so until then every clone's /dev/urandom would give the same bytes. So:
- *   TIME_NS: clock_settime(CLOCK_REALTIME) (needs CAP_SYS_TIME);
+ * CRNG_RESEED_INTERVAL, so until then every clone's /dev/urandom would give the same bytes. So, in this order
+ * (the reseed first: a clock that cannot be set must not leave a clone with its siblings' CRNG):
  *   ENTROPY: RNDADDENTROPY mixes the host's bytes into the input pool and credits them (write_pool_user,
  *            credit_init_bits), then RNDRESEEDCRNG extracts a new base key from that pool at once (crng_reseed,
  *            which also bumps base_crng.generation so every per-CPU CRNG rekeys on its next use); both ioctls
- *            need CAP_SYS_ADMIN (random_ioctl). The agent runs as root in the guest.
+ *            need CAP_SYS_ADMIN (random_ioctl);
+ *   TIME_NS: clock_settime(CLOCK_REALTIME) (needs CAP_SYS_TIME).
+ * The agent runs as root in the guest.
  * Each step that fails is answered with ERROR OS naming it; the steps before it stay done. */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -36,16 +38,6 @@ static void step_failed(struct conn *c, int err, const char *step)
 
 void handle_refresh(struct conn *c, const struct request *r)
 {
-	if (r->has_time_ns) {
-		struct timespec ts = {
-			.tv_sec = (time_t)(r->time_ns / 1000000000u),
-			.tv_nsec = (long)(r->time_ns % 1000000000u),
-		};
-		if (clock_settime(CLOCK_REALTIME, &ts) < 0) {
-			step_failed(c, errno, "set CLOCK_REALTIME (clock_settime)");
-			return;
-		}
-	}
 	if (r->has_entropy) {
 		if (r->entropy.n < 1 || r->entropy.n > PA_MAX_ENTROPY) { /* parse_request checked it; kept local */
 			step_failed(c, EINVAL, "add entropy of this size");
@@ -76,6 +68,16 @@ void handle_refresh(struct conn *c, const struct request *r)
 			return;
 		}
 		close(fd);
+	}
+	if (r->has_time_ns) {
+		struct timespec ts = {
+			.tv_sec = (time_t)(r->time_ns / 1000000000u),
+			.tv_nsec = (long)(r->time_ns % 1000000000u),
+		};
+		if (clock_settime(CLOCK_REALTIME, &ts) < 0) {
+			step_failed(c, errno, "set CLOCK_REALTIME (clock_settime)");
+			return;
+		}
 	}
 	if (conn_send(c, PA_OK, NULL, 0, PA_IO_IDLE_MS) == 0)
 		conn_finish(c);
