@@ -1,4 +1,5 @@
-"""The host side of popek's guest agent (docs/agent-protocol.md): run commands, move files, check readiness.
+"""The host side of popek's guest agent (docs/agent-protocol.md): run commands, move files, check readiness,
+refresh a clone restored from a snapshot (its clock, its RNG).
 
 ``AgentClient(connect)`` takes a factory of connected sockets, so the transport is the caller's: a VM's vsock
 device through Firecracker's convention (``vsock_unix_connector``), a plain Unix socket or loopback TCP (the
@@ -636,6 +637,23 @@ class AgentClient:
             if frame.type != FrameType.OK:
                 raise _unexpected(frame, "PING")
         return time.monotonic() - started
+
+    def refresh(self, *, time_ns: int | None = None, entropy: bytes | None = None) -> None:
+        """REFRESH (docs/agent-protocol.md): make a guest restored from a snapshot differ from its sibling clones
+        before anything runs in it. time_ns sets the guest's CLOCK_REALTIME (ns since the Unix epoch, e.g.
+        time.time_ns()); entropy (1..512 bytes, e.g. os.urandom(64)) is mixed into the guest kernel's input pool,
+        which the CRNG then reseeds from at once (otherwise clones share the CRNG state until Linux's next
+        periodic reseed). InvalidRequest before anything is sent for values the protocol cannot carry;
+        RemoteError (kind OS, the guest's errno) naming the step that failed in the guest."""
+        request = protocol.RefreshRequest(
+            time_ns=time_ns, entropy=bytes(entropy) if isinstance(entropy, bytearray | memoryview) else entropy
+        )
+        with self._request(request.encode()) as channel:
+            frame = channel.recv_frame(channel.deadline())
+            if frame.type == FrameType.ERROR:
+                raise _error_for(protocol.ErrorReply.decode(frame.payload))
+            if frame.type != FrameType.OK:
+                raise _unexpected(frame, "REFRESH")
 
     def wait_ready(self, timeout: float = 60.0, interval: float = 0.05) -> float:
         """PING until the agent answers (e.g. while the guest boots): the seconds it took; AgentUnavailable."""

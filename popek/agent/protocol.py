@@ -24,6 +24,7 @@ MAX_ARGS = 4096
 MAX_ENV = 4096
 MAX_STRING = 128 << 10
 MAX_PATH = 4095
+MAX_ENTROPY = 512  # the bytes of one REFRESH's ENTROPY
 STDIN_WINDOW = 256 << 10
 MAX_CONNECTIONS = 128  # the agent's; more are answered with ERROR BUSY
 DEFAULT_KILL_GRACE_MS = 2000
@@ -45,6 +46,7 @@ class FrameType(enum.IntEnum):
     STAT = 0x15
     REMOVE = 0x16
     MKDIR = 0x17
+    REFRESH = 0x18
     STARTED = 0x20
     STDIN = 0x21
     STDIN_EOF = 0x22
@@ -78,6 +80,8 @@ class Tag(enum.IntEnum):
     LENGTH = 0x8012
     MODE = 0x8013
     FLAGS = 0x8014
+    TIME_NS = 0x8015
+    ENTROPY = 0x8016
 
 
 class ErrorKind(enum.IntEnum):
@@ -144,6 +148,8 @@ TAG_RULES: dict[Tag, TagRule] = {
     Tag.LENGTH: TagRule(frozenset({FrameType.READ}), False, 8, 8, False),
     Tag.MODE: TagRule(frozenset({FrameType.WRITE, FrameType.MKDIR}), False, 4, 4, False),
     Tag.FLAGS: TagRule(frozenset(KNOWN_FLAGS), False, 4, 4, False),
+    Tag.TIME_NS: TagRule(frozenset({FrameType.REFRESH}), False, 8, 8, False),
+    Tag.ENTROPY: TagRule(frozenset({FrameType.REFRESH}), False, 1, MAX_ENTROPY, False),
 }
 
 
@@ -585,10 +591,58 @@ class FileRequest:
             raise ProtocolError(f"{op.name}: {exc}") from exc
 
 
-def decode_request(frame: Frame) -> ExecRequest | FileRequest | None:
+@dataclass(frozen=True)
+class RefreshRequest:
+    """REFRESH: what a guest restored from a snapshot needs to be a clone of its own (docs/agent-protocol.md,
+    "REFRESH"): time_ns, the CLOCK_REALTIME to set (ns since the Unix epoch); entropy, 1..MAX_ENTROPY bytes the
+    agent mixes into the kernel's input pool before it reseeds the CRNG. Either may be left out."""
+
+    time_ns: int | None = None
+    entropy: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.time_ns is not None and (
+            not isinstance(self.time_ns, int) or isinstance(self.time_ns, bool) or not 0 <= self.time_ns < 1 << 64
+        ):
+            raise InvalidRequest(f"a time of {self.time_ns!r} ns is not a u64 count of nanoseconds since the epoch")
+        if self.entropy is not None:
+            if not isinstance(self.entropy, bytes):
+                raise InvalidRequest(f"entropy is bytes, not {type(self.entropy).__name__}")
+            if not 1 <= len(self.entropy) <= MAX_ENTROPY:
+                raise InvalidRequest(f"{len(self.entropy)} bytes of entropy are outside 1..{MAX_ENTROPY}")
+
+    def tlvs(self) -> list[tuple[int, bytes]]:
+        items: list[tuple[int, bytes]] = []
+        if self.time_ns is not None:
+            items.append((Tag.TIME_NS, _U64.pack(self.time_ns)))
+        if self.entropy is not None:
+            items.append((Tag.ENTROPY, self.entropy))
+        return items
+
+    def encode(self) -> bytes:
+        return encode_frame(FrameType.REFRESH, encode_tlvs(self.tlvs()))
+
+    @classmethod
+    def decode(cls, payload: bytes) -> RefreshRequest:
+        time_ns: int | None = None
+        entropy: bytes | None = None
+        for tag, value in checked_tlvs(FrameType.REFRESH, payload):  # sizes: TAG_RULES, as the agent has them
+            if tag is Tag.TIME_NS:
+                (time_ns,) = _U64.unpack(value)
+            elif tag is Tag.ENTROPY:
+                entropy = value
+        return cls(time_ns=time_ns, entropy=entropy)
+
+
+Request = ExecRequest | FileRequest | RefreshRequest
+
+
+def decode_request(frame: Frame) -> Request | None:
     """A request frame as the agent reads it (None for PING); ProtocolError for anything else."""
     if frame.type == FrameType.PING:
         return None
+    if frame.type == FrameType.REFRESH:
+        return RefreshRequest.decode(frame.payload)
     if frame.type == FrameType.EXEC:
         return ExecRequest.decode(frame.payload)
     if frame.type in FILE_REQUESTS:

@@ -1,5 +1,6 @@
 /* popek guest agent: what its files share (framing in wire.c, requests in request.c, EXEC in exec.c, file
- * operations in files.c, the listener in popek-agent.c). The protocol is docs/agent-protocol.md. */
+ * operations in files.c, REFRESH in refresh.c, the listener in popek-agent.c). The protocol is
+ * docs/agent-protocol.md. */
 #ifndef POPEK_AGENT_H
 #define POPEK_AGENT_H
 
@@ -80,6 +81,9 @@ struct request {
 	uint64_t timeout_ms, offset, length;
 	uint32_t kill_grace_ms, mode, flags;
 	uint16_t rows, cols;
+	struct bytes entropy; /* REFRESH: 1..PA_MAX_ENTROPY bytes */
+	uint64_t time_ns;     /* REFRESH: the CLOCK_REALTIME to set, ns since the epoch */
+	int has_time_ns, has_entropy;
 };
 
 /* 0, or an ERROR kind with why filled in */
@@ -96,5 +100,6 @@ void handle_list(struct conn *c, const struct request *r);
 void handle_stat(struct conn *c, const struct request *r);
 void handle_remove(struct conn *c, const struct request *r);
 void handle_mkdir(struct conn *c, const struct request *r);
+void handle_refresh(struct conn *c, const struct request *r);
 
 #endif

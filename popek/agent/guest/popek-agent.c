@@ -103,6 +103,9 @@ static void serve(int fd)
 	case PA_MKDIR:
 		handle_mkdir(&c, &request);
 		break;
+	case PA_REFRESH:
+		handle_refresh(&c, &request);
+		break;
 	}
 	conn_free(&c); /* the operations end the connection; this frees its buffers */
 	return;

@@ -13,6 +13,7 @@
 #define PA_MAX_ENV 4096
 #define PA_MAX_STRING (128u << 10)
 #define PA_MAX_PATH 4095
+#define PA_MAX_ENTROPY 512
 #define PA_STDIN_WINDOW (256u << 10)
 #define PA_HANDSHAKE_MS 10000
 #define PA_IO_IDLE_MS 30000
@@ -37,6 +38,7 @@
 #define PA_STAT 0x15
 #define PA_REMOVE 0x16
 #define PA_MKDIR 0x17
+#define PA_REFRESH 0x18
 #define PA_STARTED 0x20
 #define PA_STDIN 0x21
 #define PA_STDIN_EOF 0x22
@@ -67,6 +69,8 @@
 #define PA_TAG_LENGTH 0x8012
 #define PA_TAG_MODE 0x8013
 #define PA_TAG_FLAGS 0x8014
+#define PA_TAG_TIME_NS 0x8015
+#define PA_TAG_ENTROPY 0x8016
 
 /* ERROR kinds */
 #define PA_ERR_PROTOCOL 1

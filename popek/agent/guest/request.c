@@ -24,6 +24,7 @@ struct tag_rule {
 #define IN_STAT (1u << (PA_STAT - PA_EXEC))
 #define IN_REMOVE (1u << (PA_REMOVE - PA_EXEC))
 #define IN_MKDIR (1u << (PA_MKDIR - PA_EXEC))
+#define IN_REFRESH (1u << (PA_REFRESH - PA_EXEC))
 #define IN_FILES (IN_READ | IN_WRITE | IN_LIST | IN_STAT | IN_REMOVE | IN_MKDIR)
 
 static const struct tag_rule RULES[] = {
@@ -41,6 +42,8 @@ static const struct tag_rule RULES[] = {
 	{PA_TAG_LENGTH, "LENGTH", IN_READ, 0, 8, 8, 0},
 	{PA_TAG_MODE, "MODE", IN_WRITE | IN_MKDIR, 0, 4, 4, 0},
 	{PA_TAG_FLAGS, "FLAGS", IN_WRITE | IN_STAT | IN_REMOVE | IN_MKDIR, 0, 4, 4, 0},
+	{PA_TAG_TIME_NS, "TIME_NS", IN_REFRESH, 0, 8, 8, 0},
+	{PA_TAG_ENTROPY, "ENTROPY", IN_REFRESH, 0, 1, PA_MAX_ENTROPY, 0},
 };
 
 #define NRULES (sizeof(RULES) / sizeof(RULES[0]))
@@ -79,7 +82,7 @@ unsigned parse_request(uint8_t type, const unsigned char *p, size_t length, stru
 	memset(r, 0, sizeof(*r));
 	r->type = type;
 	r->kill_grace_ms = PA_DEFAULT_KILL_GRACE_MS;
-	if (type < PA_EXEC || type > PA_MKDIR)
+	if (type < PA_EXEC || type > PA_REFRESH)
 		return fail(why, why_size, PA_ERR_UNSUPPORTED, "frame type %#x is not a request", type);
 	unsigned bit = 1u << (type - PA_EXEC);
 	uint32_t seen = 0; /* one bit per RULES index, for the non-repeatable tags */
@@ -178,12 +181,20 @@ unsigned parse_request(uint8_t type, const unsigned char *p, size_t length, stru
 				return fail(why, why_size, PA_ERR_UNSUPPORTED, "FLAGS %#x has bits this request does not know",
 					    r->flags);
 			break;
+		case PA_TAG_TIME_NS:
+			r->time_ns = le64(value);
+			r->has_time_ns = 1;
+			break;
+		case PA_TAG_ENTROPY:
+			r->entropy = b;
+			r->has_entropy = 1;
+			break;
 		}
 	}
 	if (type == PA_EXEC) {
 		if (r->has_shell == (r->nargs > 0))
 			return fail(why, why_size, PA_ERR_PROTOCOL, "EXEC needs either SHELL or ARG items");
-	} else if (!r->has_path) {
+	} else if (type != PA_REFRESH && !r->has_path) {
 		return fail(why, why_size, PA_ERR_PROTOCOL, "the request has no PATH");
 	}
 	return 0;

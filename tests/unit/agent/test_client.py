@@ -17,7 +17,9 @@ import pytest
 from popek.agent import (
     AgentClient,
     AgentUnavailable,
+    InvalidRequest,
     ProtocolError,
+    RemoteError,
     protocol,
     unix_connector,
     vsock_unix_connector,
@@ -212,3 +214,61 @@ def test_handshake_answers_other_than_hello(reply: bytes, error: type[Exception]
 
     with peer(agent) as path, pytest.raises(error, match=match):
         AgentClient(unix_connector(path)).ping()
+
+
+def agent_answering_refresh(answer: bytes, seen: list[protocol.Request | None]) -> Script:
+    def agent(conn: socket.socket) -> None:
+        assert read_frame(conn).type == FrameType.HELLO
+        conn.sendall(protocol.Hello().encode())
+        seen.append(protocol.decode_request(read_frame(conn)))
+        conn.sendall(answer)
+
+    return agent
+
+
+def test_refresh_sends_the_time_and_the_entropy_and_takes_ok() -> None:
+    seen: list[protocol.Request | None] = []
+    with peer(agent_answering_refresh(protocol.encode_frame(FrameType.OK), seen)) as path:
+        client = AgentClient(unix_connector(path))
+        client.refresh(time_ns=1_700_000_000_123_456_789, entropy=bytearray(b"\x00\xff" * 16))
+        client.refresh(entropy=b"e")
+        client.refresh()
+    assert seen == [
+        protocol.RefreshRequest(time_ns=1_700_000_000_123_456_789, entropy=b"\x00\xff" * 16),
+        protocol.RefreshRequest(entropy=b"e"),
+        protocol.RefreshRequest(),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("answer", "error", "match"),
+    [
+        (
+            protocol.ErrorReply(ErrorKind.OS, 1, "REFRESH: cannot set CLOCK_REALTIME (clock_settime): no").encode(),
+            RemoteError,
+            r"clock_settime\): no \[EPERM\]",
+        ),
+        (protocol.ErrorReply(ErrorKind.PROTOCOL, 0, "TIME_NS has").encode(), ProtocolError, "refused the request"),
+        (protocol.encode_frame(FrameType.INFO, b""), ProtocolError, "sent INFO during REFRESH"),
+    ],
+)
+def test_refresh_failures_are_errors(answer: bytes, error: type[Exception], match: str) -> None:
+    seen: list[protocol.Request | None] = []
+    with peer(agent_answering_refresh(answer, seen)) as path, pytest.raises(error, match=match) as caught:
+        AgentClient(unix_connector(path)).refresh(time_ns=5)
+    if error is RemoteError:
+        assert isinstance(caught.value, RemoteError)
+        assert (caught.value.kind, caught.value.errno) == (ErrorKind.OS, 1)
+
+
+def test_refresh_values_the_protocol_cannot_carry_are_refused_without_connecting() -> None:
+    def connect() -> socket.socket:
+        raise AssertionError("refresh connected for a request it cannot send")
+
+    client = AgentClient(connect)
+    with pytest.raises(InvalidRequest, match="513 bytes of entropy"):
+        client.refresh(entropy=b"x" * 513)
+    with pytest.raises(InvalidRequest, match="0 bytes of entropy"):
+        client.refresh(entropy=b"")
+    with pytest.raises(InvalidRequest, match="not a u64"):
+        client.refresh(time_ns=-1)

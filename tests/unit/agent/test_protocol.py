@@ -22,6 +22,7 @@ from popek.agent.protocol import (
     Frame,
     FrameReader,
     FrameType,
+    RefreshRequest,
     Tag,
 )
 
@@ -87,7 +88,11 @@ def file_requests(draw: st.DrawFn) -> FileRequest:
     )
 
 
-requests = exec_requests() | file_requests()
+refresh_requests = st.builds(
+    RefreshRequest, time_ns=st.none() | u64, entropy=st.none() | st.binary(min_size=1, max_size=protocol.MAX_ENTROPY)
+)
+
+requests = exec_requests() | file_requests() | refresh_requests
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -95,7 +100,7 @@ requests = exec_requests() | file_requests()
 
 
 @given(requests)
-def test_requests_round_trip(request: ExecRequest | FileRequest) -> None:
+def test_requests_round_trip(request: protocol.Request) -> None:
     assert protocol.decode_request(only_frame(request.encode())) == request
 
 
@@ -135,6 +140,13 @@ def test_fixed_layouts_are_the_documented_ones() -> None:
     assert protocol.resize_frame(24, 80) == struct.pack("<IBHH", 5, 0x26, 24, 80)
     request = ExecRequest(argv=(b"ls", b"-l"), stdin=True)
     assert request.encode()[5:] == b"\x01\x80\x02\0\0\0ls\x01\x80\x02\0\0\0-l\x06\x80\0\0\0\0"
+    refresh = RefreshRequest(time_ns=0x0102030405060708, entropy=b"\xaa\xbb")
+    assert refresh.encode() == (
+        struct.pack("<IB", 1 + 14 + 8, 0x18)
+        + b"\x15\x80\x08\0\0\0\x08\x07\x06\x05\x04\x03\x02\x01"
+        + b"\x16\x80\x02\0\0\0\xaa\xbb"
+    )
+    assert RefreshRequest().encode() == b"\x01\0\0\0\x18"  # an empty REFRESH: nothing to do, OK
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,6 +218,58 @@ def test_agent_side_rules_are_enforced_on_decode() -> None:
         decode(FrameType.EXEC, [(Tag.ARG, b"x")] * (protocol.MAX_ARGS + 1))
     with pytest.raises(ProtocolError, match="not a request"):
         protocol.decode_request(Frame(FrameType.STDOUT, b""))
+
+
+def refresh_frame(items: list[tuple[int, bytes]]) -> Frame:
+    return Frame(FrameType.REFRESH, protocol.encode_tlvs(items))
+
+
+@pytest.mark.parametrize(
+    ("items", "match"),
+    [
+        ([(Tag.ENTROPY, b"")], r"ENTROPY has a value of 0 bytes, outside 1\.\.512"),
+        ([(Tag.ENTROPY, b"\x01" * 513)], r"ENTROPY has a value of 513 bytes, outside 1\.\.512"),
+        ([(Tag.TIME_NS, b"\0" * 7)], r"TIME_NS has a value of 7 bytes, outside 8\.\.8"),
+        ([(Tag.TIME_NS, b"\0" * 9)], r"TIME_NS has a value of 9 bytes"),
+        ([(Tag.TIME_NS, b"\0" * 8), (Tag.TIME_NS, b"\1" * 8)], "TIME_NS appears twice"),
+        ([(Tag.ENTROPY, b"a"), (Tag.ENTROPY, b"b")], "ENTROPY appears twice"),
+        ([(Tag.PATH, b"/")], "critical tag 0x8010 is not known in REFRESH"),  # no PATH here, unlike files
+        ([(0x8017, b"")], "critical tag 0x8017"),
+    ],
+)
+def test_refresh_sizes_and_tags_are_checked_on_decode(items: list[tuple[int, bytes]], match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        protocol.decode_request(refresh_frame(items))
+
+
+def test_refresh_decodes_what_the_agent_accepts() -> None:
+    assert protocol.decode_request(refresh_frame([])) == RefreshRequest()
+    # ENTROPY holds any bytes, NUL included (it is no string); an unknown non-critical tag is ignored
+    items = [(0x0FFF, b"later"), (Tag.ENTROPY, b"\0" * 512), (Tag.TIME_NS, struct.pack("<Q", (1 << 64) - 1))]
+    assert protocol.decode_request(refresh_frame(items)) == RefreshRequest(time_ns=(1 << 64) - 1, entropy=b"\0" * 512)
+    # and REFRESH's tags are unknown in the other requests
+    for tag in (Tag.TIME_NS, Tag.ENTROPY):
+        with pytest.raises(ProtocolError, match=f"critical tag {tag:#x} is not known in STAT"):
+            protocol.decode_request(Frame(FrameType.STAT, protocol.encode_tlvs([(Tag.PATH, b"/"), (tag, b"\0" * 8)])))
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"entropy": b""}, r"0 bytes of entropy are outside 1\.\.512"),
+        ({"entropy": b"x" * 513}, r"513 bytes of entropy are outside 1\.\.512"),
+        ({"entropy": "text"}, "entropy is bytes, not str"),
+        ({"time_ns": -1}, "not a u64"),
+        ({"time_ns": 1 << 64}, "not a u64"),  # what would need more than TIME_NS's 8 bytes
+        ({"time_ns": 1.5}, "not a u64"),
+        ({"time_ns": True}, "not a u64"),
+    ],
+)
+def test_refresh_values_the_protocol_cannot_carry_are_refused_before_sending(
+    fields: dict[str, object], match: str
+) -> None:
+    with pytest.raises(InvalidRequest, match=match):
+        RefreshRequest(**fields)  # type: ignore[arg-type]
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow])
@@ -320,6 +384,7 @@ def test_the_c_header_and_the_python_module_agree() -> None:
         "PA_MAX_ENV": protocol.MAX_ENV,
         "PA_MAX_STRING": protocol.MAX_STRING,
         "PA_MAX_PATH": protocol.MAX_PATH,
+        "PA_MAX_ENTROPY": protocol.MAX_ENTROPY,
         "PA_STDIN_WINDOW": protocol.STDIN_WINDOW,
         "PA_MAX_CONNECTIONS": protocol.MAX_CONNECTIONS,
         "PA_DEFAULT_KILL_GRACE_MS": protocol.DEFAULT_KILL_GRACE_MS,
@@ -339,6 +404,22 @@ def test_the_c_header_and_the_python_module_agree() -> None:
     types_block = text[text.index("/* frame types */") : text.index("/* TLV tags")]
     assert set(re.findall(r"#define PA_(\w+) ", types_block)) == set(FrameType.__members__)
     assert {name[7:] for name in c if name.startswith("PA_TAG_") and name != "PA_TAG_CRITICAL"} == set(Tag.__members__)
+
+
+def test_the_c_agents_tag_rules_are_the_python_ones() -> None:
+    """request.c's RULES table (which request takes a tag, repeatable, sizes, string) is TAG_RULES."""
+    source = (HEADER.parent / "request.c").read_text()
+    table = source[source.index("RULES[] = {") : source.index("};", source.index("RULES[] = {"))]
+    c = c_constants()
+    sets = {f"IN_{t.name}": {t} for t in FrameType} | {"IN_FILES": set(protocol.FILE_REQUESTS)}
+    rules = {}
+    row = r'\{PA_TAG_(\w+), "(\w+)", ([A-Z_| ]+), ([01]), (\w+), (\w+), ([01])\}'
+    for tag, name, requests, repeatable, low, high, string in re.findall(row, table):
+        assert tag == name
+        takes = set().union(*(sets[part.strip()] for part in requests.split("|")))
+        size = [int(v) if v.isdigit() else c[v] for v in (low, high)]
+        rules[Tag[tag]] = protocol.TagRule(frozenset(takes), repeatable == "1", size[0], size[1], string == "1")
+    assert rules == protocol.TAG_RULES
 
 
 def test_the_specification_documents_every_frame_and_tag() -> None:
