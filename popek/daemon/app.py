@@ -42,6 +42,7 @@ from popek.agent import (
 )
 from popek.daemon import models, supervisor
 from popek.daemon.supervisor import Supervisor, SupervisorError, VmRecord
+from popek.devices.virtio.blk import DiskSpec
 from popek.errors import ConfigError, PopekError
 
 AGENT_PORT = 1024  # the default guest's agent (popek/image/init; popek.api.AGENT_PORT)
@@ -71,8 +72,10 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
     if first.get("type") == "json_invalid":
         return _error(400, f"malformed JSON: {first.get('ctx', {}).get('error', first.get('msg'))}")
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
-    if first.get("type") == "missing" and not loc:
+    if not loc and first.get("type") == "missing":
         return _error(422, "a JSON body is needed")
+    if not loc and first.get("type") in ("model_attributes_type", "dict_type"):
+        return _error(422, "the body must be a JSON object")
     field = ".".join(loc) or None
     message = str(first.get("msg", "invalid value"))
     return _error(422, f"{field}: {message}" if field else message, field)
@@ -127,8 +130,13 @@ def _check_spec(body: models.VmCreate) -> dict[str, Any]:
         if value is not None and not Path(value).is_file():
             raise ApiError(422, f"{name}: no such file: {value}", name)
     for i, disk in enumerate(body.disks):
-        if not Path(disk.split(",")[0]).exists():
-            raise ApiError(422, f"disks.{i}: no such file: {disk.split(',')[0]}", f"disks.{i}")
+        try:
+            parsed = DiskSpec.parse(disk)
+        except ConfigError as exc:
+            raise ApiError(422, f"disks.{i}: {exc}", f"disks.{i}") from exc
+        if not parsed.path.is_absolute() or not parsed.path.exists():
+            raise ApiError(422, f"disks.{i}: no such file (an absolute path is needed): {parsed.path}", f"disks.{i}")
+    host_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     try:
         popek.VM(
             kernel=body.kernel,
@@ -149,6 +157,8 @@ def _check_spec(body: models.VmCreate) -> dict[str, Any]:
         field = next((f for f in ("mem", "cpus", "disks", "net", "ports", "accel") if message.startswith(f)), None)
         field = field or ("mem" if "size" in message or "memory" in message else None)
         raise ApiError(422, message, field) from exc
+    if spec["mem_bytes"] > host_memory:
+        raise ApiError(422, f"mem: {spec['mem_bytes']} bytes is more than the host's {host_memory} bytes of RAM", "mem")
     return spec
 
 
@@ -343,9 +353,9 @@ def create_app(sup: Supervisor) -> FastAPI:
         op: Annotated[str, Query(pattern="^(read|list|stat)$")] = "read",
     ) -> Response | dict[str, Any] | list[dict[str, Any]]:
         """op=read (the bytes), list (a directory's entries) or stat (one file)."""
+        target = _path(path)
         record = await daemon.running(ref)
         files = daemon.agent(record).files
-        target = _path(path)
         if op == "list":
             return [_file_info(info) for info in await asyncio.to_thread(files.list, target)]
         info = await asyncio.to_thread(files.stat, target)
@@ -368,9 +378,9 @@ def create_app(sup: Supervisor) -> FastAPI:
         parents: bool = False,
     ) -> dict[str, Any]:
         """kind=file: the body becomes the file; kind=dir: make a directory (parents: mkdir -p)."""
+        target = _path(path)
         record = await daemon.running(ref)
         files = daemon.agent(record).files
-        target = _path(path)
         if kind == "dir":
             await asyncio.to_thread(files.mkdir, target, parents, mode)
             return {"path": target}
@@ -388,10 +398,10 @@ def create_app(sup: Supervisor) -> FastAPI:
     async def delete_file(
         ref: str, path: Annotated[str, Query(max_length=models.MAX_PATH)], recursive: bool = False
     ) -> dict[str, Any]:
-        record = await daemon.running(ref)
         target = _path(path)
         if target == "/":
             raise ApiError(422, "path: refusing to remove the guest's root", "path")
+        record = await daemon.running(ref)
         await asyncio.to_thread(daemon.agent(record).files.remove, target, recursive)
         return {"removed": target}
 

@@ -65,6 +65,8 @@ class VmRecord:
     started: float | None = None
     cause: str | None = None
     cgroup: str | None = None
+    adopted: bool = False
+    stopping: bool = False
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     pidfd: int | None = field(default=None, repr=False)
     exited: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
@@ -233,7 +235,7 @@ class Supervisor:
                     dir=record_file.parent,
                     created=float(data["created"]),
                     state=str(data["state"]),
-                    pid=data.get("pid"),
+                    pid=None if data.get("pid") is None else int(data["pid"]),
                     started=data.get("started"),
                     cause=data.get("cause"),
                     cgroup=data.get("cgroup"),
@@ -241,14 +243,15 @@ class Supervisor:
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # a record this daemon cannot read is left for a person to look at
             self.vms[record.id] = record
-            if record.state in LIVE_STATES and record.pid is not None:
+            if record.state not in LIVE_STATES:
+                record.exited.set()
+                continue
+            if record.pid is not None:
                 if str(record.dir) in _cmdline(record.pid)[-1:]:
+                    record.adopted = True
                     self._watch(record)
-                    record.state = "running"
                     continue
-                self._ended(record, None, adopted=True)
-            elif record.state in LIVE_STATES:
-                self._ended(record, None, adopted=True)
+            self._ended(record, f"the VM process (pid {record.pid}) ended while no daemon watched it")
 
     async def close(self) -> None:
         """The daemon stops: its VM processes run on (a restarted daemon adopts them); only the watches end."""
@@ -307,6 +310,7 @@ class Supervisor:
         record.started = time.time()
         record.cause = None
         record.state = "starting"
+        record.adopted = False
         record.exited = asyncio.Event()
         mem = record.spec.get("mem_bytes", 512 << 20)
         record.cgroup = self.cgroups.attach(record.id, popen.pid, int(mem), int(record.spec.get("cpus", 1)))
@@ -318,7 +322,7 @@ class Supervisor:
         try:
             fd = os.pidfd_open(record.pid)
         except ProcessLookupError:
-            self._ended(record, self._reap(record), adopted=record.popen is None)
+            self._ended(record, self._cause(record, self._reap(record)))
             return
         record.pidfd = fd
         self._loop.add_reader(fd, self._on_exit, record)
@@ -339,9 +343,18 @@ class Supervisor:
 
     def _on_exit(self, record: VmRecord) -> None:
         self._unwatch(record)
-        self._ended(record, self._reap(record), adopted=record.popen is None)
+        self._ended(record, self._cause(record, self._reap(record)))
 
-    def _ended(self, record: VmRecord, status: int | None, *, adopted: bool) -> None:
+    @staticmethod
+    def _cause(record: VmRecord, status: int | None) -> str:
+        if record.adopted:
+            return (
+                f"the VM process (pid {record.pid}) ended; it was adopted from an earlier daemon, so its exit "
+                "status is unknown"
+            )
+        return _describe_status(status)
+
+    def _ended(self, record: VmRecord, crash_cause: str) -> None:
         """The VM's process is gone: stopped (it wrote exit.json) or crashed (it did not), and why."""
         exit_info: dict[str, Any] | None = None
         with contextlib.suppress(OSError, ValueError):
@@ -349,11 +362,12 @@ class Supervisor:
         if exit_info is not None and isinstance(exit_info.get("cause"), str):
             record.state = "failed" if exit_info.get("failed") else "stopped"
             record.cause = exit_info["cause"]
+        elif record.stopping:  # the stop came before the VM process had set itself up
+            record.state = "stopped"
+            record.cause = f"stopped on request ({crash_cause})"
         else:
             record.state = "crashed"
-            record.cause = _describe_status(status) if not adopted else (
-                f"the VM process (pid {record.pid}) ended while no daemon watched it, without saying why"
-            )
+            record.cause = crash_cause
         tail = record.console_tail(512).decode(errors="replace").strip().splitlines()[-3:]
         if record.state != "stopped" and tail:
             record.cause += " | console: " + " / ".join(tail)
@@ -363,6 +377,8 @@ class Supervisor:
         self.cgroups.remove(record.cgroup)
         record.cgroup = None
         record.popen = None
+        record.adopted = False
+        record.stopping = False
         record.exited.set()
         with contextlib.suppress(OSError):
             record.persist()
@@ -371,6 +387,7 @@ class Supervisor:
         """SIGTERM (vmproc stops the VM and writes its exit file), SIGKILL after timeout."""
         if not record.live or record.pid is None:
             return
+        record.stopping = True
         with contextlib.suppress(ProcessLookupError):
             os.kill(record.pid, signal.SIGTERM)
         try:

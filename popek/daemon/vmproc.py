@@ -46,16 +46,17 @@ class ConsoleFile:
         self.file = path.open("ab", buffering=0)
         self.limit = limit
         self.written = 0
+        self.cut = False
         self.lock = threading.Lock()
 
     def __call__(self, data: bytes) -> None:
         with self.lock:
-            if self.written >= self.limit:
+            if self.cut:
                 return
-            room = self.limit - self.written
-            chunk = data[:room]
+            chunk = data[: self.limit - self.written]
             if len(chunk) < len(data):
                 chunk += b"\n[popek: console log limit reached; further output dropped]\n"
+                self.cut = True
             self.file.write(chunk)
             self.written += len(chunk)
 
