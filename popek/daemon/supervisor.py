@@ -246,11 +246,10 @@ class Supervisor:
             if record.state not in LIVE_STATES:
                 record.exited.set()
                 continue
-            if record.pid is not None:
-                if str(record.dir) in _cmdline(record.pid)[-1:]:
-                    record.adopted = True
-                    self._watch(record)
-                    continue
+            if record.pid is not None and str(record.dir) in _cmdline(record.pid)[-1:]:
+                record.adopted = True
+                self._watch(record)
+                continue
             self._ended(record, f"the VM process (pid {record.pid}) ended while no daemon watched it")
 
     async def close(self) -> None:

@@ -10,6 +10,7 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -112,7 +113,8 @@ def test_unknown_vm_is_404(client: TestClient) -> None:
 
 
 def test_exec_on_a_stopped_vm_is_409(client: TestClient, stopped: str) -> None:
-    assert "not running" in str(assert_error(client.post(f"/vms/{stopped}/exec", json={"argv": ["echo"]}), 409)["error"])
+    answer = client.post(f"/vms/{stopped}/exec", json={"argv": ["echo"]})
+    assert "not running" in str(assert_error(answer, 409)["error"])
     assert_error(client.post(f"/vms/{stopped}/actions", json={"action": "stop"}), 409)
     assert_error(client.post(f"/vms/{stopped}/actions", json={"action": "pause"}), 409)
     assert_error(client.get(f"/vms/{stopped}/files", params={"path": "/etc"}), 409)
@@ -139,7 +141,9 @@ def test_bad_exec_body_is_422(client: TestClient, stopped: str, body: dict[str, 
     assert_error(client.post(f"/vms/{stopped}/exec", json=body), 422)
 
 
-@pytest.mark.parametrize("path", ["relative/x", "/etc/../root/.ssh/id_rsa", "../../etc/passwd", "/a\u0000b", "/" + "a" * 5000])
+@pytest.mark.parametrize(
+    "path", ["relative/x", "/etc/../root/.ssh/id_rsa", "../../etc/passwd", "/a\u0000b", "/" + "a" * 5000]
+)
 def test_file_path_traversal_and_absurd_paths_are_422(client: TestClient, stopped: str, path: str) -> None:
     for method in ("GET", "PUT", "DELETE"):
         assert_error(client.request(method, f"/vms/{stopped}/files", params={"path": path}), 422)
@@ -211,7 +215,8 @@ spec_keys = st.sampled_from(["name", "cpus", "mem", "kernel", "initrd", "cmdline
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=st.dictionaries(spec_keys, json_values, max_size=5))
 def test_fuzzed_specs_never_fail_with_500(client: TestClient, body: dict[str, object]) -> None:
-    answer = client.post("/vms", content=json.dumps({**body, "start": False}), headers={"content-type": "application/json"})
+    content = json.dumps({**body, "start": False})
+    answer = client.post("/vms", content=content, headers={"content-type": "application/json"})
     assert answer.status_code in (201, 409, 422), answer.text
     assert isinstance(answer.json(), dict)
     if answer.status_code == 201:
@@ -231,9 +236,9 @@ def test_fuzzed_bytes_are_4xx(client: TestClient, stopped: str, raw: bytes, rout
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ref=st.text(min_size=1, max_size=40).filter(lambda s: s not in ("idle",) and "/" not in s and s not in (".", "..")))
+@given(ref=st.text(min_size=1, max_size=40).filter(lambda s: s != "idle" and "/" not in s and s not in (".", "..")))
 def test_fuzzed_ids_are_404(client: TestClient, stopped: str, ref: str) -> None:
-    answer = client.get("/vms/" + __import__("urllib.parse").parse.quote(ref, safe=""))
+    answer = client.get("/vms/" + quote(ref, safe=""))
     if ref == stopped:
         assert answer.status_code == 200
     else:
