@@ -40,9 +40,9 @@ class Daemon:
     b: RemoteVM
 
 
-def _popek(socket: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _popek(socket: Path, verb: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "popek", *args, "--socket", str(socket)],
+        [sys.executable, "-m", "popek", verb, "--socket", str(socket), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -74,6 +74,8 @@ def daemon(guest: image.GuestImage, tmp_path_factory: pytest.TempPathFactory) ->
                 pytest.fail(f"VM {vm.name} did not boot to its agent: {e}\nconsole:\n{tail}")
         yield Daemon(process, sock, sock.with_name(sock.name + ".d"), client, a, b)
     finally:
+        for vm in client.list() if process.poll() is None else []:  # a failed test's VMs: the daemon keeps them
+            client.get(vm["id"]).delete()
         client.close()
         process.send_signal(signal.SIGTERM)
         try:
