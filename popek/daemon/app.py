@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -49,6 +49,47 @@ AGENT_PORT = 1024  # the default guest's agent (popek/image/init; popek.api.AGEN
 AGENT_TIMEOUT = 60.0
 MAX_FILE = 256 << 20  # a file moved in one request
 FOLLOW_POLL = 0.25
+
+
+MAX_JSON_BODY = 32 << 20  # an exec request with its largest inline stdin (models.MAX_STDIN, base64) fits
+
+
+class BodyTooLarge(HTTPException):
+    """A request body over its route's limit: 413 before it is all read into memory (an HTTPException, which
+    FastAPI's body parsing passes on as it is)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than {limit} bytes")
+
+
+class BodyLimit:
+    """ASGI middleware: bodies are bounded (MAX_FILE for file uploads, MAX_JSON_BODY for the rest), checked on
+    Content-Length and again as the body arrives (a chunked body has none)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = MAX_FILE if scope["method"] == "PUT" else MAX_JSON_BODY
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await JSONResponse({"error": BodyTooLarge(limit).detail}, status_code=413)(scope, receive, send)
+                return
+        seen = 0
+
+        async def bounded() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, bounded, send)
 
 
 class ApiError(Exception):
@@ -244,6 +285,8 @@ def create_app(sup: Supervisor) -> FastAPI:
     @app.exception_handler(Exception)
     async def on_other(request: Request, exc: Exception) -> JSONResponse:
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    app.add_middleware(BodyLimit)
 
     # --- VMs
 

@@ -100,6 +100,21 @@ def test_body_must_be_an_object(client: TestClient) -> None:
     assert_error(client.post("/vms", json="cpus"), 422)
 
 
+def test_huge_bodies_are_413_without_being_read(client: TestClient) -> None:
+    from popek.daemon.app import MAX_JSON_BODY
+
+    declared = client.post("/vms", content=b"{}", headers={"content-length": str(MAX_JSON_BODY + 1)})
+    assert_error(declared, 413)
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"name": "'
+        for _ in range(MAX_JSON_BODY // (1 << 20) + 1):
+            yield b"a" * (1 << 20)
+        yield b'"}'
+
+    assert_error(client.post("/vms", content=chunks(), headers={"content-type": "application/json"}), 413)
+
+
 def test_unknown_vm_is_404(client: TestClient) -> None:
     for method, url in [
         ("GET", "/vms/nope"),
