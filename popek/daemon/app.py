@@ -301,7 +301,7 @@ def create_app(sup: Supervisor) -> FastAPI:
 
     @app.get("/vms")
     async def list_vms() -> list[dict[str, Any]]:
-        return [await daemon.info(record) for record in list(sup.vms.values())]
+        return list(await asyncio.gather(*(daemon.info(record) for record in list(sup.vms.values()))))
 
     @app.get("/vms/{ref}")
     async def get_vm(ref: str) -> dict[str, Any]:
@@ -376,7 +376,7 @@ def create_app(sup: Supervisor) -> FastAPI:
                         "duration": result.duration,
                     }
                 ).encode() + b"\n"
-            except PopekError as exc:
+            except (PopekError, OSError) as exc:
                 yield json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode() + b"\n"
             finally:
                 process.close()
@@ -484,8 +484,8 @@ def create_app(sup: Supervisor) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> dict[str, Any]:
         """Per VM: state, uptime, RSS of its process, and its exit and assist counts (popek.VM.stats)."""
-        vms = []
-        for record in list(sup.vms.values()):
+
+        async def one(record: VmRecord) -> dict[str, Any]:
             entry = await daemon.info(record)
             entry.pop("spec", None)
             entry["rss"] = supervisor.rss_bytes(record.pid) if record.live and record.pid else None
@@ -495,7 +495,9 @@ def create_app(sup: Supervisor) -> FastAPI:
                     entry["stats"] = (await sup.control(record, {"op": "stats"}, timeout=5)).get("stats")
                 except SupervisorError:
                     pass
-            vms.append(entry)
+            return entry
+
+        vms = list(await asyncio.gather(*(one(record) for record in list(sup.vms.values()))))
         return {
             "daemon": {
                 "pid": os.getpid(),

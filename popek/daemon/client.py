@@ -87,9 +87,11 @@ class Client:
         return response
 
     def _unavailable(self, exc: Exception) -> DaemonUnavailable:
+        from popek.daemon.server import default_socket
+
+        option = "" if self.socket_path == default_socket() else f" --socket {self.socket_path}"
         return DaemonUnavailable(
-            f"no popek daemon answers on {self.socket_path} ({exc}); start one with: popek serve "
-            f"--socket {self.socket_path} &"
+            f"no popek daemon answers on {self.socket_path} ({exc}); start one: popek serve{option} &"
         )
 
     @contextlib.contextmanager

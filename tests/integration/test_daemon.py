@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -38,6 +39,7 @@ class Daemon:
     client: Client
     a: RemoteVM
     b: RemoteVM
+    log: IO[bytes]
 
 
 def _popek(socket: Path, verb: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -49,20 +51,44 @@ def _popek(socket: Path, verb: str, *args: str, timeout: float = 120) -> subproc
     )
 
 
-@pytest.fixture(scope="module")
-def daemon(guest: image.GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    run = tmp_path_factory.mktemp("daemon")
-    sock = run / "popek.sock"
-    log = (run / "daemon.log").open("wb")
+def _serve(sock: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         [sys.executable, "-m", "popek", "serve", "--socket", str(sock)], stdout=log, stderr=subprocess.STDOUT
     )
     deadline = time.monotonic() + 30
     while not sock.exists():
-        assert process.poll() is None, (run / "daemon.log").read_text()
+        assert process.poll() is None, "the daemon ended at once (see daemon.log)"
         assert time.monotonic() < deadline, "the daemon did not create its socket"
         time.sleep(0.1)
+    return process
+
+
+def _stop(process: subprocess.Popen[bytes]) -> int:
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (an adopted VM process's new parent may be slow to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.fixture(scope="module")
+def daemon(guest: image.GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    run = tmp_path_factory.mktemp("daemon")
+    sock = run / "popek.sock"
+    log = (run / "daemon.log").open("wb")
+    process = _serve(sock, log)
     client = Client(sock)
+    state: Daemon | None = None
     try:
         a = client.create(name="a", mem="256M", boot_timeout=BOOT_TIMEOUT)
         b = client.create(name="b", mem="256M", boot_timeout=BOOT_TIMEOUT)
@@ -72,18 +98,17 @@ def daemon(guest: image.GuestImage, tmp_path_factory: pytest.TempPathFactory) ->
             except ApiError as e:
                 tail = vm.console().decode(errors="replace")[-6000:]
                 pytest.fail(f"VM {vm.name} did not boot to its agent: {e}\nconsole:\n{tail}")
-        yield Daemon(process, sock, sock.with_name(sock.name + ".d"), client, a, b)
+        state = Daemon(process, sock, sock.with_name(sock.name + ".d"), client, a, b, log)
+        yield state
     finally:
+        if state is not None:  # a test may have restarted the daemon
+            process, client = state.process, state.client
         for vm in client.list() if process.poll() is None else []:  # a failed test's VMs: the daemon keeps them
             client.get(vm["id"]).delete()
         client.close()
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        status = _stop(process)
         log.close()
-    assert process.returncode == 0, (run / "daemon.log").read_text()
+    assert status == 0, (run / "daemon.log").read_text()
     assert not sock.exists(), "the daemon left its socket behind"
 
 
@@ -141,13 +166,28 @@ def test_kill_9_of_one_vm_process_leaves_the_daemon_and_the_other_vm(daemon: Dae
     assert isinstance(by_name["b"]["stats"], str) and by_name["b"]["stats"]  # popek.VM.stats(): exit counts
 
 
+def test_a_restarted_daemon_adopts_the_live_vm_and_keeps_the_dead_ones_cause(daemon: Daemon) -> None:
+    pid_b = daemon.b.info()["pid"]
+    daemon.client.close()
+    assert _stop(daemon.process) == 0
+    assert not daemon.socket.exists()
+    assert _alive(pid_b)  # the VM process outlives its daemon
+    daemon.process = _serve(daemon.socket, daemon.log)
+    daemon.client = Client(daemon.socket)
+    daemon.a, daemon.b = daemon.client.get("a"), daemon.client.get("b")
+    info = daemon.b.info()
+    assert info["pid"] == pid_b and info["state"] == "running", info
+    assert daemon.b.exec(["echo", "adopted"]).stdout == b"adopted\n"
+    a = daemon.a.info()
+    assert a["state"] == "crashed" and "killed by SIGKILL" in a["cause"]
+
+
 def test_delete_both_leaves_nothing(daemon: Daemon) -> None:
     pid_b = daemon.b.info()["pid"]
     daemon.a.delete()
     daemon.b.delete()
     assert daemon.client.list() == []
     assert list((daemon.state / "vms").iterdir()) == []
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid_b, 0)
+    assert not _alive(pid_b)
     rm = _popek(daemon.socket, "rm", "a")
     assert rm.returncode == 1 and "no VM" in rm.stderr
