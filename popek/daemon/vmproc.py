@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import signal
@@ -178,7 +179,15 @@ def build_vm(spec: dict[str, Any], workdir: Path, console: ConsoleFile) -> Any:
         restore = getattr(popek.VM, "restore", None)
         if restore is None:
             raise RuntimeError("restoring a snapshot is not supported by this popek (popek.VM has no restore())")
-        return restore(spec["snapshot"], vsock=vsock, console=console)
+        # restore(path, *, console=, boot_timeout=, ...) returns a VM to start; its vsock socket must be in workdir,
+        # where the daemon reaches the agent: passed if restore takes it, else set before start() (which reads it)
+        params = inspect.signature(restore).parameters
+        offered = {"console": console, "boot_timeout": spec.get("boot_timeout", 600.0), "vsock": vsock}
+        vm = restore(spec["snapshot"], **{key: value for key, value in offered.items() if key in params})
+        if "vsock" not in params:
+            vm.vsock = vsock
+        vm.start(wait=False)  # restore() returns a VM that starts from the snapshot instead of booting
+        return vm
     vm = popek.VM(
         kernel=spec.get("kernel"),
         initrd=spec.get("initrd"),
