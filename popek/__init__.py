@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         RemoteFileError,
     )
     from popek.api import VM, BootTimeout, GuestFiles, GuestProcess, VMError, VMStopped
+    from popek.daemon.client import ApiError, Client, DaemonUnavailable, RemoteVM
     from popek.devices.virtio.blk import DiskSpec
     from popek.errors import ConfigError, PopekError
 
@@ -35,6 +36,10 @@ _EXPORTS = {
     "BootTimeout": "popek.api",
     "GuestFiles": "popek.api",
     "GuestProcess": "popek.api",
+    "Client": "popek.daemon.client",
+    "RemoteVM": "popek.daemon.client",
+    "ApiError": "popek.daemon.client",
+    "DaemonUnavailable": "popek.daemon.client",
     "ExecResult": "popek.agent",
     "FileInfo": "popek.agent",
     "AgentError": "popek.agent",
@@ -55,11 +60,14 @@ __all__ = [
     "AgentDisconnected",
     "AgentError",
     "AgentUnavailable",
+    "ApiError",
     "BootTimeout",
+    "Client",
     "CommandFailed",
     "CommandStartError",
     "CommandTimeout",
     "ConfigError",
+    "DaemonUnavailable",
     "DiskSpec",
     "ExecResult",
     "FileInfo",
@@ -68,6 +76,7 @@ __all__ = [
     "PopekError",
     "RemoteError",
     "RemoteFileError",
+    "RemoteVM",
     "VMError",
     "VMStopped",
 ]

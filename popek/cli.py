@@ -25,6 +25,7 @@ EXIT_DIVERGENCE = 5
 EXIT_NO_STATUS = 125
 EXIT_TIMEOUT = 124
 
+DAEMON_COMMANDS = ("serve", "ps", "create", "exec", "stop", "rm", "logs")
 _SIZE = re.compile(r"^\s*(\d{1,30})\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)  # VmSpec bounds the value
 
 
@@ -186,7 +187,130 @@ def _parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init", help="write a commented popek.toml (the VM file) in a folder")
     init.add_argument("folder", nargs="?", default=".", help="where to write it (default: here)")
     init.add_argument("--force", action="store_true", help="overwrite an existing popek.toml")
+    _daemon_parsers(sub)
     return p
+
+
+def _daemon_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """The daemon (`popek serve`) and the verbs that drive it through popek.Client (docs/daemon.md)."""
+    from popek.daemon.server import default_socket
+
+    def with_socket(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser.add_argument(
+            "--socket", type=Path, default=default_socket(), help=f"the daemon's socket (default {default_socket()})"
+        )
+        return parser
+
+    serve = with_socket(sub.add_parser("serve", help="run the popek daemon (REST API on a Unix socket, mode 0600)"))
+    serve.add_argument("--state-dir", type=Path, default=None, help="where VM records live (default: SOCKET.d)")
+    with_socket(sub.add_parser("ps", help="list the daemon's VMs"))
+    create = with_socket(sub.add_parser("create", help="create and boot a VM in the daemon"))
+    create.add_argument("--name", default=None)
+    create.add_argument("--cpus", type=int, default=1)
+    create.add_argument("--mem", default="512M")
+    create.add_argument("--accel", default="kvm")
+    create.add_argument("--kernel", default=None)
+    create.add_argument("--initrd", default=None)
+    create.add_argument("--append", default=None, help="kernel command line (added to the default guest's)")
+    create.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]")
+    create.add_argument("--rng", action="store_true")
+    create.add_argument("--snapshot", default=None, help="restore this snapshot instead of booting")
+    create.add_argument("--wait", action="store_true", help="wait until the guest agent answers")
+    exe = with_socket(sub.add_parser("exec", help="run a command in a daemon's VM: popek exec NAME -- CMD..."))
+    exe.add_argument("name")
+    exe.add_argument("--timeout", type=float, default=None)
+    exe.add_argument("vm_command", nargs=argparse.REMAINDER, help="-- COMMAND...")
+    for verb, text in (("stop", "stop a daemon's VM"), ("rm", "stop and delete a daemon's VM")):
+        with_socket(sub.add_parser(verb, help=text)).add_argument("name")
+    logs = with_socket(sub.add_parser("logs", help="a daemon's VM's console log"))
+    logs.add_argument("name")
+    logs.add_argument("-f", "--follow", action="store_true", help="then follow it as it grows")
+
+
+def _cmd_daemon(args: argparse.Namespace) -> int:
+    """popek serve, ps, create, exec, stop, rm, logs."""
+    if args.command == "serve":
+        from popek.daemon import server
+
+        return server.serve(args.socket, args.state_dir)
+    from popek.daemon.client import Client
+
+    with Client(args.socket) as client:
+        if args.command == "ps":
+            _print_table(client.list())
+            return 0
+        if args.command == "create":
+            spec: dict[str, object] = {"cpus": args.cpus, "mem": args.mem, "accel": args.accel, "rng": args.rng}
+            for key, value in (
+                ("name", args.name),
+                ("kernel", args.kernel),
+                ("initrd", args.initrd),
+                ("cmdline", args.append),
+                ("snapshot", args.snapshot),
+            ):
+                if value is not None:
+                    spec[key] = str(Path(value).resolve()) if key in ("kernel", "initrd", "snapshot") else value
+            if args.disk:
+                spec["disks"] = [str(Path(d.split(",")[0]).resolve()) + d[len(d.split(",")[0]) :] for d in args.disk]
+            vm = client.create(**spec)
+            if args.wait:
+                vm.wait_ready()
+            print(f"{vm.id} {vm.name}")
+            return 0
+        vm = client.get(args.name)
+        if args.command == "exec":
+            command = list(args.vm_command)
+            if command and command[0] == "--":
+                command = command[1:]
+            if not command:
+                raise ConfigError("popek exec NAME -- COMMAND...: no command given")
+            result = vm.exec(
+                command,
+                timeout=args.timeout,
+                on_stdout=lambda data: (sys.stdout.buffer.write(data), sys.stdout.buffer.flush()),
+                on_stderr=lambda data: (sys.stderr.buffer.write(data), sys.stderr.buffer.flush()),
+            )
+            if result.signal is not None:
+                return 128 + result.signal
+            return EXIT_TIMEOUT if result.timed_out else (result.exit_code or 0) & 0xFF
+        if args.command == "stop":
+            vm.stop()
+            return 0
+        if args.command == "rm":
+            vm.delete()
+            return 0
+        # logs
+        if args.follow:
+            for data in vm.follow_console():
+                sys.stdout.buffer.write(data)
+                sys.stdout.buffer.flush()
+        else:
+            sys.stdout.buffer.write(vm.console())
+        return 0
+
+
+def _print_table(vms: list[dict[str, object]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for column in ("ID", "NAME", "STATE", "PID", "CPUS", "MEM", "UPTIME", "CAUSE"):
+        table.add_column(column, overflow="fold")
+    for vm in vms:
+        spec = vm.get("spec")
+        spec = spec if isinstance(spec, dict) else {}
+        uptime = vm.get("uptime")
+        table.add_row(
+            str(vm["id"]),
+            str(vm["name"]),
+            str(vm["state"]),
+            str(vm.get("pid") or "-"),
+            str(spec.get("cpus", "-")),
+            str(spec.get("mem", "-")),
+            f"{uptime:.0f}s" if isinstance(uptime, int | float) else "-",
+            str(vm.get("cause") or ""),
+        )
+    Console(soft_wrap=False).print(table)
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -326,6 +450,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"popek: error: {e} (try {e.prog} --help)", file=sys.stderr)
         return EXIT_ERROR
+    if args.command in DAEMON_COMMANDS:
+        try:
+            return _cmd_daemon(args)
+        except KeyboardInterrupt:
+            return 128 + signal.SIGINT
+        except PopekError as e:
+            print(f"popek: error: {e}", file=sys.stderr)
+            return EXIT_ERROR
     from popek.vm import HostSignal, stop_on_signals
 
     try:

@@ -1,1 +1,3 @@
-"""Many VMs on one host: the VM file (`popek.toml`, vmfile.py); the daemon and its REST API come next (issue 9)."""
+"""Many VMs on one host (issue 9): the VM file (`popek.toml`, vmfile.py) and the daemon: its REST API (app.py,
+models.py), its Unix socket (server.py), one process per VM (vmproc.py) supervised by supervisor.py, and the
+Python client (client.py, exported as popek.Client). docs/daemon.md describes the API and the process model."""

@@ -1,0 +1,193 @@
+"""The popek daemon with two default-guest VMs (ONE daemon, a module fixture; the two boot in parallel, ~4-6 min
+on this nested KVM): create → exec → files → kill -9 of one VM's process (the daemon stays up, the other VM still
+answers, the dead one is reported crashed with its cause) → delete both → nothing is left. Each VM's console log
+stays in the daemon's state dir under pytest's tmp_path, and a failed boot prints its tail."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+from popek import image
+from popek.daemon.client import ApiError, Client, RemoteVM
+
+BOOT_TIMEOUT = 1200  # as test_api_linux: two guests booting at once on 2 shared cores
+
+pytestmark = [
+    pytest.mark.timeout(BOOT_TIMEOUT + 600),
+    pytest.mark.kvm,
+    pytest.mark.linux,
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs a usable /dev/kvm"),
+]
+
+
+@dataclass
+class Daemon:
+    process: subprocess.Popen[bytes]
+    socket: Path
+    state: Path
+    client: Client
+    a: RemoteVM
+    b: RemoteVM
+    log: IO[bytes]
+
+
+def _popek(socket: Path, verb: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "popek", verb, "--socket", str(socket), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _serve(sock: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "popek", "serve", "--socket", str(sock)], stdout=log, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert process.poll() is None, "the daemon ended at once (see daemon.log)"
+        assert time.monotonic() < deadline, "the daemon did not create its socket"
+        time.sleep(0.1)
+    return process
+
+
+def _stop(process: subprocess.Popen[bytes]) -> int:
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (an adopted VM process's new parent may be slow to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.fixture(scope="module")
+def daemon(guest: image.GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    run = tmp_path_factory.mktemp("daemon")
+    sock = run / "popek.sock"
+    log = (run / "daemon.log").open("wb")
+    process = _serve(sock, log)
+    client = Client(sock)
+    state: Daemon | None = None
+    try:
+        a = client.create(name="a", mem="256M", boot_timeout=BOOT_TIMEOUT)
+        b = client.create(name="b", mem="256M", boot_timeout=BOOT_TIMEOUT)
+        for vm in (a, b):
+            try:
+                vm.wait_ready(timeout=BOOT_TIMEOUT)
+            except ApiError as e:
+                tail = vm.console().decode(errors="replace")[-6000:]
+                pytest.fail(f"VM {vm.name} did not boot to its agent: {e}\nconsole:\n{tail}")
+        state = Daemon(process, sock, sock.with_name(sock.name + ".d"), client, a, b, log)
+        yield state
+    finally:
+        if state is not None:  # a test may have restarted the daemon
+            process, client = state.process, state.client
+        for vm in client.list() if process.poll() is None else []:  # a failed test's VMs: the daemon keeps them
+            client.get(vm["id"]).delete()
+        client.close()
+        status = _stop(process)
+        log.close()
+    assert status == 0, (run / "daemon.log").read_text()
+    assert not sock.exists(), "the daemon left its socket behind"
+
+
+def test_exec_streams_output_and_exit_code_in_both_vms(daemon: Daemon) -> None:
+    for vm in (daemon.a, daemon.b):
+        r = vm.exec(["sh", "-c", f"echo hello from {vm.name}; echo err >&2; exit 3"])
+        assert (r.stdout, r.stderr, r.exit_code, r.signal) == (f"hello from {vm.name}\n".encode(), b"err\n", 3, None)
+    r = daemon.a.exec("cat; echo $GREETING", stdin=b"in\n", env={"GREETING": "hi"})
+    assert r.stdout == b"in\nhi\n" and r.exit_code == 0
+    cli = _popek(daemon.socket, "exec", "b", "--", "uname", "-s")
+    assert (cli.returncode, cli.stdout) == (0, "Linux\n"), cli.stderr
+    ps = _popek(daemon.socket, "ps")
+    assert ps.returncode == 0 and " a " in ps.stdout and " b " in ps.stdout and "running" in ps.stdout, ps.stdout
+
+
+def test_files_round_trip(daemon: Daemon) -> None:
+    files = daemon.a.files
+    files.mkdir("/tmp/d/e", parents=True)
+    data = bytes(range(256)) * 300
+    assert files.write("/tmp/d/e/blob", data, mode=0o600) == len(data)
+    assert files.read("/tmp/d/e/blob") == data
+    info = files.stat("/tmp/d/e/blob")
+    assert info.size == len(data) and info.permissions == 0o600 and info.is_file
+    assert [entry.name for entry in files.list("/tmp/d/e")] == ["blob"]
+    with pytest.raises(ApiError) as missing:
+        files.read("/tmp/d/e/none")
+    assert missing.value.status == 404
+    with pytest.raises(ApiError) as traversal:
+        files.read("/tmp/../etc/passwd")
+    assert traversal.value.status == 422
+    files.remove("/tmp/d", recursive=True)
+    with pytest.raises(ApiError):
+        files.stat("/tmp/d")
+    assert b"Linux version" in daemon.a.console()
+
+
+def test_kill_9_of_one_vm_process_leaves_the_daemon_and_the_other_vm(daemon: Daemon) -> None:
+    pid = daemon.a.info()["pid"]
+    assert isinstance(pid, int)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while (info := daemon.a.info())["state"] != "crashed":
+        assert time.monotonic() < deadline, info
+        time.sleep(0.2)
+    assert "killed by SIGKILL" in info["cause"]
+    assert daemon.process.poll() is None
+    assert daemon.b.exec(["echo", "still here"]).stdout == b"still here\n"
+    with pytest.raises(ApiError) as stopped:
+        daemon.a.exec(["true"])
+    assert stopped.value.status == 409
+    metrics = daemon.client.metrics()
+    by_name = {vm["name"]: vm for vm in metrics["vms"]}
+    assert by_name["a"]["state"] == "crashed" and by_name["a"]["rss"] is None
+    assert by_name["b"]["state"] == "running" and by_name["b"]["rss"] > 10 << 20
+    assert isinstance(by_name["b"]["stats"], str) and by_name["b"]["stats"]  # popek.VM.stats(): exit counts
+
+
+def test_a_restarted_daemon_adopts_the_live_vm_and_keeps_the_dead_ones_cause(daemon: Daemon) -> None:
+    pid_b = daemon.b.info()["pid"]
+    daemon.client.close()
+    assert _stop(daemon.process) == 0
+    assert not daemon.socket.exists()
+    assert _alive(pid_b)  # the VM process outlives its daemon
+    daemon.process = _serve(daemon.socket, daemon.log)
+    daemon.client = Client(daemon.socket)
+    daemon.a, daemon.b = daemon.client.get("a"), daemon.client.get("b")
+    info = daemon.b.info()
+    assert info["pid"] == pid_b and info["state"] == "running", info
+    assert daemon.b.exec(["echo", "adopted"]).stdout == b"adopted\n"
+    a = daemon.a.info()
+    assert a["state"] == "crashed" and "killed by SIGKILL" in a["cause"]
+
+
+def test_delete_both_leaves_nothing(daemon: Daemon) -> None:
+    pid_b = daemon.b.info()["pid"]
+    daemon.a.delete()
+    daemon.b.delete()
+    assert daemon.client.list() == []
+    assert list((daemon.state / "vms").iterdir()) == []
+    assert not _alive(pid_b)
+    rm = _popek(daemon.socket, "rm", "a")
+    assert rm.returncode == 1 and "no VM" in rm.stderr
