@@ -483,7 +483,8 @@ class VM:
 
     def _warm_key(self) -> str | None:
         """The warm snapshot key of this VM, or None if it cannot start warm (see popek.warm)."""
-        own_devices_only = not self.disks and self.net is None and self.console2 is None and self.vsock is None
+        # a vsock socket of the caller's is fine: every restored VM gets its own socket (and CID) anyway
+        own_devices_only = not self.disks and self.net is None and self.console2 is None
         default_guest = self.kernel is None and self.initrd is None
         if self.cold or self._restore_from is not None or not default_guest or not own_devices_only:
             return None
@@ -511,10 +512,8 @@ class VM:
         generator is the snapshot's, as every other clone's. The agent sets the clock to the host's and
         reseeds the generator from fresh host entropy (docs/agent-protocol.md, REFRESH) before any command."""
         assert self._client is not None
-        refresh = getattr(self._client, "refresh", None)
-        if refresh is not None:
-            with self._guard():
-                refresh(time_ns=time.time_ns(), entropy=os.urandom(REFRESH_ENTROPY))
+        with self._guard():
+            self._client.refresh(time_ns=time.time_ns(), entropy=os.urandom(REFRESH_ENTROPY))
 
     def migrate(self, address: str) -> popek_migrate.MigrationStats:
         """Move this running VM to the popek waiting in VM.incoming(address) (a Unix socket path, or

@@ -67,13 +67,27 @@ class RunningAgent:
         return self.process.poll() is None
 
 
+# The agent runs on the host here, as root in CI: a REFRESH it takes (the fuzz tests below flip bytes of valid
+# requests until one parses) would set the host's clock or reseed its RNG. Without CAP_SYS_TIME and CAP_SYS_ADMIN
+# (bounding and inheritable sets, so an exec as root does not get them back) it answers EPERM instead.
+_WITHOUT_HOST_CAPS = (
+    ["setpriv", "--bounding-set=-sys_time,-sys_admin", "--inh-caps=-sys_time,-sys_admin", "--"]
+    if os.geteuid() == 0 and shutil.which("setpriv")
+    else []
+)
+
+
 @contextlib.contextmanager
 def run_agent(
     agent_path: Path, *args: str, cwd: Path | None = None, pass_fds: tuple[int, ...] = ()
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """The agent started with args; yields it and its 'listening on' line (stopped by its pid afterwards)."""
     process = subprocess.Popen(
-        [str(agent_path), *args], stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=cwd, pass_fds=pass_fds
+        [*_WITHOUT_HOST_CAPS, str(agent_path), *args],
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+        pass_fds=pass_fds,
     )
     try:
         assert process.stderr is not None
@@ -755,3 +769,11 @@ def test_struct_sizes_on_the_wire_match_the_c_side(agent: RunningAgent, work: Pa
     mode, uid, gid, length, mtime_ns = struct.unpack("<IIIQq", frames[1].payload)
     local = (work / "f").stat()
     assert (mode, uid, gid, length, mtime_ns) == (local.st_mode, local.st_uid, local.st_gid, size, local.st_mtime_ns)
+
+
+@pytest.mark.skipif(not _WITHOUT_HOST_CAPS, reason="not root, or no setpriv: the agent cannot set the clock anyway")
+def test_the_host_run_agent_cannot_set_the_hosts_clock(agent: RunningAgent) -> None:
+    from popek.agent.errors import RemoteError
+
+    with pytest.raises(RemoteError, match="CLOCK_REALTIME"):
+        agent.client.refresh(time_ns=time.time_ns())  # the current time: harmless even if the drop failed
