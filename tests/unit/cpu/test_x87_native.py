@@ -242,7 +242,14 @@ def compare(body: str, state: tuple[int, int, list[int], int, int, int], fsw_mas
     state = masked_if_needed(body, state)
     data = image(state)
     n, i = run_both(body, data)
-    assert fields(i, fsw_mask, flag_mask) == fields(n, fsw_mask, flag_mask), f"{body}\n  {describe(state)}"
+    native_view, interp_view = fields(n, fsw_mask, flag_mask), fields(i, fsw_mask, flag_mask)
+    if native_view["fop"] == native_view["fdp"] == "0x0":
+        # every native run lost the last instruction's pointers: on AMD they survive a context switch only with
+        # an exception pending (X86_BUG_FXSAVE_LEAK), and a nested or loaded host switches the vCPU often; a
+        # zero here is the switch's, not the instruction's, so the pointers are not compared
+        for view in (native_view, interp_view):
+            view["fop"] = view["fdp"] = "lost"
+    assert interp_view == native_view, f"{body}\n  {describe(state)}"
 
 
 def run_family(bodies: list[str], batch: list[tuple[int, int, list[int], int, int, int]], fsw_mask: int) -> None:
