@@ -3288,7 +3288,7 @@ class Interpreter:
     @handles(M.FPREM, M.FPREM1)
     def _fprem(self, ins: Instruction) -> None:
         ieee = ins.mnemonic == M.FPREM1
-        self._x87_st0_st1(ins, lambda a, b, fcw: x87.prem(a, b, fcw, ieee), 0, 0, x87.CC)
+        self._x87_st0_st1(ins, lambda a, b, fcw: x87.prem(a, b, fcw, ieee, not self.intel), 0, 0, x87.CC)
 
     @handles(M.FPATAN)
     def _fpatan(self, ins: Instruction) -> None:

@@ -573,17 +573,19 @@ def xtract(a: int, fcw: int) -> tuple[int, int, int]:
     return from_int(top), _encode80(s, m, -(m.bit_length() - 1)), exc
 
 
-def prem(a: int, b: int, fcw: int, ieee: bool) -> tuple[int, int]:
-    """FPREM (truncating quotient) / FPREM1 (nearest quotient): the (partial) remainder and C0/C1/C2/C3."""
+def prem(a: int, b: int, fcw: int, ieee: bool, amd: bool = False) -> tuple[int, int]:
+    """FPREM (truncating quotient) / FPREM1 (nearest quotient): the (partial) remainder and C0/C1/C2/C3. `amd`:
+    the one case the vendors differ in (a denormal dividend over an infinity, below)."""
     res, exc = _screen(a, b, fcw)
     if res is not None:
         return res, exc
     ka, kb = classify(a), classify(b)
     if ka == Kind.INFINITY or kb == Kind.ZERO:
         return INDEFINITE, IE
-    if kb == Kind.INFINITY and ka in DENORMALS:
-        # the remainder is the dividend, a tiny result: with UE unmasked it is delivered rebiased (§8.5.5), as
-        # the hardware does (checked against the host in tests/unit/cpu/test_x87_native.py)
+    if kb == Kind.INFINITY and ka in DENORMALS and amd:
+        # the remainder is the dividend, a tiny result: AMD processors deliver it rebiased with UE unmasked
+        # (§8.5.5), Intel ones return the dividend as it is with DE alone (both checked against their hosts in
+        # tests/unit/cpu/test_x87_native.py)
         value, more = round_ext(*exact(a), fcw, 64)
         return value, exc | (more & UE)
     if kb == Kind.INFINITY or ka == Kind.ZERO:
