@@ -130,6 +130,7 @@ def run(
     console_out = _writer(2) if args.console else None
     vm = VM(
         append=args.append,
+        image=args.image,
         mem=args.mem,
         cpus=args.cpus,
         accel=args.accel,
