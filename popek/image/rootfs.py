@@ -295,6 +295,10 @@ def ensure_rootfs(name: str = "debian", progress: bool = True, force: bool = Fal
             "building the Debian root disk needs root here (mmdebstrap --mode=root, then mke2fs -d copies the "
             "tree's owners); run `popek image build --rootfs debian` as root once, the image is then cached"
         )
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ImageError(f"cannot create the cache directory {root}: {exc}") from exc
     with build._key_lock(root, inputs.key, progress, prefix=ROOTFS_PREFIX):
         if not force and (image := _entry_image(entry, inputs.key, guest)) is not None:
             return image
