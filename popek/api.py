@@ -33,7 +33,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, ParamSpec, TypeVar
+from typing import IO, TYPE_CHECKING, ParamSpec, TypeVar
 
 from popek import migrate as popek_migrate
 from popek import snapshot, warm
@@ -46,6 +46,9 @@ from popek.devices.virtio.net import NetSpec, net_spec
 from popek.devices.virtio.vsock import VsockSpec
 from popek.errors import ConfigError, PopekError
 from popek.vm import ACCELS, VIRTIO_IRQS, RunState, Vm, VmSpec
+
+if TYPE_CHECKING:
+    from popek.image.rootfs import RootfsImage
 
 AGENT_PORT = 1024  # where the default guest's init starts the agent (popek/image/init)
 GUEST_CID = 3  # the first CID a guest may have (virtio 1.2 §5.10.4: 0-2 are reserved); each VM has its own socket
@@ -251,7 +254,9 @@ class GuestProcess:
 
 class VM:
     """A guest VM driven from Python. The arguments mirror ``popek run``'s options; kernel=None boots popek's
-    default guest (built into the cache first if needed), whose command line ``append`` extends. The VM boots on
+    default guest (built into the cache first if needed), whose command line ``append`` extends; image="debian"
+    boots it into popek's Debian 12 root disk instead of its busybox initramfs (popek/image/rootfs.py: built on
+    first use, each VM on its own copy-on-write clone, the first disk /dev/vda). The VM boots on
     ``with`` (or start()) and is stopped by close(); a VM never closed is stopped when it is garbage-collected or
     at interpreter exit (weakref.finalize)."""
 
@@ -260,6 +265,7 @@ class VM:
         *,
         kernel: str | os.PathLike[str] | None = None,
         initrd: str | os.PathLike[str] | None = None,
+        image: str = "default",
         append: str | None = None,
         mem: int | str = "512M",
         cpus: int = 1,
@@ -299,6 +305,11 @@ class VM:
             raise ConfigError("console must be a callable taking bytes")
         if append is not None and not isinstance(append, str):
             raise ConfigError(f"append must be a string, not {type(append).__name__}")
+        from popek.image import rootfs
+
+        self.image = rootfs.check_image_name(image)
+        if self.image != rootfs.DEFAULT_IMAGE and (kernel is not None or initrd is not None):
+            raise ConfigError(f"image={self.image!r} boots the default kernel and initramfs: give no kernel or initrd")
         self.kernel = None if kernel is None else Path(kernel)
         self.initrd = None if initrd is None else Path(initrd)
         self.append = append
@@ -349,18 +360,33 @@ class VM:
 
     # --- the VM's description
 
-    def _guest(self) -> tuple[Path, Path | None, str]:
-        """Kernel, initrd and command line: the default guest's (with append) unless a kernel was given."""
+    def _guest(self) -> tuple[Path, Path | None, str, RootfsImage | None]:
+        """Kernel, initrd, command line and root disk: the default guest's (with append) unless a kernel was
+        given; with image="debian" the cached Debian root disk (built first if need be) and its command line."""
         if self.kernel is not None:
-            return self.kernel, self.initrd, self.append or ""
+            return self.kernel, self.initrd, self.append or "", None
         from popek import image
+        from popek.image import rootfs
 
-        guest = image.ensure_default_guest(progress=False)
-        cmdline = " ".join(part for part in (guest.cmdline, self.append) if part)
-        return guest.kernel, self.initrd or guest.initrd, cmdline
+        root = None
+        if self.image == "debian":
+            root = rootfs.ensure_rootfs(self.image, progress=False)
+            guest, base = root.guest, root.cmdline
+        else:
+            guest = image.ensure_default_guest(progress=False)
+            base = guest.cmdline
+        cmdline = " ".join(part for part in (base, self.append) if part)
+        return guest.kernel, self.initrd or guest.initrd, cmdline, root
 
-    def _spec(self, kernel: Path, initrd: Path | None, cmdline: str, vsock: VsockSpec | None) -> VmSpec:
-        """The VmSpec, with the vsock device the agent is reached through."""
+    def _spec(
+        self, kernel: Path, initrd: Path | None, cmdline: str, vsock: VsockSpec | None, root_disk: Path | None = None
+    ) -> VmSpec:
+        """The VmSpec, with the vsock device the agent is reached through and the root disk (vda) if any."""
+        from popek.image import rootfs
+
+        disks = list(self.disks)
+        if root_disk is not None:
+            disks.insert(0, DiskSpec(root_disk, serial=rootfs.ROOT_SERIAL))
         return VmSpec(
             kernel=kernel,
             initrd=initrd,
@@ -372,7 +398,7 @@ class VM:
             timeout=self.timeout,
             kvm_device=self.kvm_device,
             acpi=self.acpi,
-            disks=list(self.disks),
+            disks=disks,
             rng=self.rng,
             console2=self.console2,
             kvm_eventfds=self.eventfds,
@@ -382,7 +408,7 @@ class VM:
 
     def _check_spec(self) -> None:
         """What VmSpec.validate refuses, refused here, before anything is built or booted."""
-        spec = self._spec(Path("unused"), None, "", None)
+        spec = self._spec(Path("unused"), None, "", None, Path("unused") if self.image == "debian" else None)
         spec.validate()
         if spec.virtio_devices + 1 > len(VIRTIO_IRQS):  # the vsock device is one more
             raise ConfigError(
@@ -454,8 +480,12 @@ class VM:
                 spec = runtime.vm.spec
                 self.mem, self.cpus, self.accel, self.cpu_template = spec.mem, spec.cpus, spec.accel, spec.cpu_template
             elif source is None:
-                kernel, initrd, cmdline = self._guest()
-                runtime.vm = Vm(self._spec(kernel, initrd, cmdline, vsock), console=self._console)
+                from popek.image import rootfs
+
+                kernel, initrd, cmdline, root = self._guest()
+                # the run's own copy-on-write clone (in workdir, removed with it): the cached disk stays pristine
+                root_disk = rootfs.clone_disk(root, workdir) if root is not None else None
+                runtime.vm = Vm(self._spec(kernel, initrd, cmdline, vsock, root_disk), console=self._console)
             else:
                 runtime.vm = Vm.restore(source, self._console, adjust=functools.partial(self._adjust, vsock))
                 self.restored = True
@@ -483,9 +513,11 @@ class VM:
 
     def _warm_key(self) -> str | None:
         """The warm snapshot key of this VM, or None if it cannot start warm (see popek.warm)."""
+        from popek.image import rootfs
+
         # a vsock socket of the caller's is fine: every restored VM gets its own socket (and CID) anyway
         own_devices_only = not self.disks and self.net is None and self.console2 is None
-        default_guest = self.kernel is None and self.initrd is None
+        default_guest = self.kernel is None and self.initrd is None and self.image == rootfs.DEFAULT_IMAGE
         if self.cold or self._restore_from is not None or not default_guest or not own_devices_only:
             return None
         from popek import image

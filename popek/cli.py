@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from popek.accel.exits import Stop, StopReason
 from popek.errors import ConfigError, PopekError
 from popek.kvm import KvmError
+
+if TYPE_CHECKING:
+    from popek.devices.virtio.blk import DiskSpec
+    from popek.devices.virtio.net import NetSpec
+    from popek.devices.virtio.vsock import VsockSpec
 
 EXIT_ERROR = 1
 EXIT_TRIPLE_FAULT = 3
@@ -81,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="boot a VM (the default guest unless --kernel is given)")
     run.add_argument("--kernel", help="bzImage, ELF vmlinux (PVH), Multiboot kernel or boot sector")
     run.add_argument("--initrd", help="initial ramdisk")
+    run.add_argument(
+        "--image",
+        default="default",
+        metavar="default|debian",
+        help="the default guest's userspace: its busybox initramfs (default), or a Debian 12 root disk "
+        "(built on first use; each run writes a copy-on-write clone of it)",
+    )
     run.add_argument("--append", default=None, help="kernel command line (added to the default guest's)")
     run.add_argument("--mem", default="512M", help="guest memory, e.g. 512M or 2G (default 512M)")
     run.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
@@ -183,6 +197,11 @@ def _parser() -> argparse.ArgumentParser:
     image_sub = image.add_subparsers(dest="image_command", required=True)
     build = image_sub.add_parser("build", help="build (or reuse) the default guest kernel and initramfs")
     build.add_argument("--force", action="store_true", help="rebuild even if a cached image matches")
+    build.add_argument(
+        "--rootfs",
+        metavar="debian",
+        help="also build (or reuse) a root disk: debian (Debian 12 with python3, by mmdebstrap; needs the mirror)",
+    )
     image_sub.add_parser("info", help="say what is cached and where it came from")
     init = sub.add_parser("init", help="write a commented popek.toml (the VM file) in a folder")
     init.add_argument("folder", nargs="?", default=".", help="where to write it (default: here)")
@@ -321,40 +340,73 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from popek.console import HostConsole
     from popek.devices.virtio.blk import DiskSpec
     from popek.devices.virtio.net import net_spec
     from popek.devices.virtio.vsock import VsockSpec
-    from popek.vm import Vm, VmSpec
+    from popek.image import rootfs
 
     command = _guest_command(args)
+    image_name = rootfs.check_image_name(args.image)
     disks = [DiskSpec.parse(text) for text in args.disk]  # before a default guest build: bad options fail fast
     vsock = VsockSpec.parse(args.vsock) if args.vsock is not None else None
     net = net_spec(args.net, args.port)
     default_guest = args.kernel is None
     # the default guest's own initramfs starts the agent; a custom one may not: it keeps the serial protocol
     agent = default_guest and args.initrd is None and not args.no_agent
+    if image_name != rootfs.DEFAULT_IMAGE and (not default_guest or args.initrd is not None):
+        raise ConfigError(f"--image {image_name} boots the default kernel and initramfs: drop --kernel and --initrd")
     if (args.tty or args.interactive) and not agent:
         raise ConfigError("-t and -i need the guest agent: the default guest without --initrd or --no-agent")
     if agent and (command or args.tty or args.interactive):
         from popek import cli_agent
 
         return cli_agent.run(args, command, disks, vsock, net)
+    workdir = None
     if default_guest:
         from popek import image
 
         guest = image.ensure_default_guest(progress=sys.stderr.isatty())
         kernel, initrd = guest.kernel, args.initrd or guest.initrd
         parts = [guest.cmdline]
+        if image_name == "debian":
+            root = rootfs.ensure_rootfs(image_name, progress=sys.stderr.isatty())
+            workdir = Path(tempfile.mkdtemp(prefix="popek-run-"))
+            disks.insert(0, DiskSpec(rootfs.clone_disk(root, workdir), serial=rootfs.ROOT_SERIAL))
+            parts = [root.cmdline]
         if args.append:
             parts.append(args.append)
         if command:
             parts.append(image.command_parameter(command))
         cmdline = " ".join(parts)
+        if len(cmdline) > image.COMMAND_LINE_SIZE - 1:  # the kernel would cut it silently (protocol.py)
+            raise ConfigError(
+                f"the kernel command line would be {len(cmdline)} bytes, over Linux's {image.COMMAND_LINE_SIZE - 1}"
+            )
     else:
         if command:
             raise ConfigError("a guest command (after --) needs the default guest; with --kernel use --append")
         kernel, initrd, cmdline = args.kernel, args.initrd, args.append or ""
+    try:
+        return _run_vm(args, command, default_guest, kernel, initrd, cmdline, disks, vsock, net)
+    finally:
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_vm(
+    args: argparse.Namespace,
+    command: list[str],
+    default_guest: bool,
+    kernel: str | Path,
+    initrd: str | Path | None,
+    cmdline: str,
+    disks: list[DiskSpec],
+    vsock: VsockSpec | None,
+    net: NetSpec | None,
+) -> int:
+    from popek.console import HostConsole
+    from popek.vm import Vm, VmSpec
+
     spec = VmSpec(
         kernel=kernel,
         initrd=initrd,
@@ -437,8 +489,15 @@ def _cmd_image(args: argparse.Namespace) -> int:
     from popek import image
 
     if args.image_command == "build":
+        from popek.image import rootfs
+
+        if args.rootfs is not None and rootfs.check_image_name(args.rootfs) != "debian":
+            raise ConfigError(f"--rootfs {args.rootfs}: the root disk popek builds is debian")
         guest = image.ensure_default_guest(progress=sys.stderr.isatty(), force=args.force)
         print(f"kernel: {guest.kernel}\ninitrd: {guest.initrd}\ncmdline: {guest.cmdline}")
+        if args.rootfs is not None:
+            root = rootfs.ensure_rootfs(args.rootfs, progress=sys.stderr.isatty(), force=args.force)
+            print(f"rootfs: {root.disk}\ncmdline with it: {root.cmdline}")
         return 0
     print(image.image_info())
     return 0

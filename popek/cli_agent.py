@@ -131,6 +131,7 @@ def run(
     other host programs can use it too)."""
     vm = VM(
         append=args.append,
+        image=args.image,
         mem=args.mem,
         cpus=args.cpus,
         accel=args.accel,

@@ -2,7 +2,8 @@
 
 ``popek run`` boots it to a shell, ``popek run -- CMD`` to run CMD once and return its output and exit status.
 The recipe and the cache are in build.py, the guest <-> host protocol (kernel parameter in, console markers out)
-in protocol.py, the initramfs in initramfs.py and cpio.py, the kernel config check in kconfig.py.
+in protocol.py, the initramfs in initramfs.py and cpio.py, the kernel config check in kconfig.py, and the Debian
+root disk (``--image debian``) in rootfs.py.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from popek.image.build import (
 from popek.image.errors import ImageError
 from popek.image.protocol import (
     BASE_CMDLINE,
+    COMMAND_LINE_SIZE,
     EXIT_STATUS_PREFIX,
     READY_MARKER,
     command_parameter,
@@ -25,6 +27,7 @@ from popek.image.protocol import (
 
 __all__ = [
     "BASE_CMDLINE",
+    "COMMAND_LINE_SIZE",
     "EXIT_STATUS_PREFIX",
     "READY_MARKER",
     "GuestImage",

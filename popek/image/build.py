@@ -305,14 +305,15 @@ def ensure_default_guest(progress: bool = True, force: bool = False) -> GuestIma
 
 
 @contextlib.contextmanager
-def _key_lock(root: Path, key: str, progress: bool) -> Iterator[None]:
-    path = root / f".{ENTRY_PREFIX}{key}.lock"
+def _key_lock(root: Path, key: str, progress: bool, prefix: str = ENTRY_PREFIX) -> Iterator[None]:
+    """The lock of one cache entry (prefix: which kind of entry, the default guest's or a root disk's)."""
+    path = root / f".{prefix}{key}.lock"
     with open(path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if progress:
-                print("popek: waiting for another popek that is building the same guest", file=sys.stderr)
+                print("popek: waiting for another popek that is building the same image", file=sys.stderr)
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             # holding the lock means any staging folder of this key belongs to a popek that died mid-build
@@ -589,13 +590,7 @@ def _build(inputs: Inputs, root: Path, entry: Path, show_progress: bool, reuse_k
             )
     progress = Progress(show_progress, phases=4 if donor is None else 2)
     started = time.monotonic()
-    staging = root / f"{STAGING_PREFIX}{inputs.key}-{os.getpid()}"
-    failed_log = root / f"{ENTRY_PREFIX}{inputs.key}.failed.log"
-    shutil.rmtree(staging, ignore_errors=True)
-    out = staging / "out"
-    out.mkdir(parents=True)
-    log = _Log(out / BUILD_LOG)
-    try:
+    with _staging(root, ENTRY_PREFIX, inputs.key, "the default guest", progress) as (staging, out, log):
         log.note(f"popek default guest, recipe {RECIPE_VERSION}, key {inputs.key}")
         log.write(json.dumps(inputs.describe(), indent=2) + "\n")
         (out / "guest.config").write_bytes(inputs.fragment)
@@ -637,8 +632,23 @@ def _build(inputs: Inputs, root: Path, entry: Path, show_progress: bool, reuse_k
         log.note(f"done in {seconds} s")
         log.close()
         _publish(out, entry, staging)
-        failed_log.unlink(missing_ok=True)
         progress.done(f"built the default guest ({entry})")
+
+
+@contextlib.contextmanager
+def _staging(root: Path, prefix: str, key: str, what: str, progress: Progress) -> Iterator[tuple[Path, Path, _Log]]:
+    """A build's staging folder, its ``out`` folder (what _publish makes the entry) and its log. A failure becomes
+    one ImageError that names the kept log (``<prefix><key>.failed.log``) and quotes its end; the staging folder
+    (an unpacked kernel tree, a Debian tree) is removed in every case."""
+    staging = root / f"{STAGING_PREFIX}{key}-{os.getpid()}"
+    failed_log = root / f"{prefix}{key}.failed.log"
+    shutil.rmtree(staging, ignore_errors=True)
+    out = staging / "out"
+    out.mkdir(parents=True)
+    log = _Log(out / BUILD_LOG)
+    try:
+        yield staging, out, log
+        failed_log.unlink(missing_ok=True)
     except (_BuildFailed, ImageError, OSError) as exc:
         progress.abort()
         log.note(f"FAILED: {exc}")
@@ -648,14 +658,13 @@ def _build(inputs: Inputs, root: Path, entry: Path, show_progress: bool, reuse_k
             shutil.move(str(out / BUILD_LOG), failed_log)
         detail = exc if isinstance(exc, _BuildFailed | ImageError) else f"{type(exc).__name__}: {exc}"
         raise ImageError(
-            f"building the default guest failed: {detail}\nthe full build log is {failed_log}; its end:\n{tail}"
+            f"building {what} failed: {detail}\nthe full build log is {failed_log}; its end:\n{tail}"
         ) from exc
     except BaseException:
         progress.abort()
         log.close()
         raise
     finally:
-        # the unpacked tree and objects (~1.5 GB) are not kept: the artefacts, .config and log are
         shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -717,4 +726,7 @@ def image_info() -> str:
     failed = sorted(root.glob(f"{ENTRY_PREFIX}*.failed.log")) if root.is_dir() else []
     for log in failed:
         lines.append(f"failed build log: {log}")
+    from popek.image import rootfs  # it imports this module
+
+    lines.extend(rootfs.rootfs_info())
     return "\n".join(lines)

@@ -21,7 +21,10 @@ def _elapsed(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, enabled: bool, stream: TextIO | None = None, phases: int = 4) -> None:
+    def __init__(
+        self, enabled: bool, stream: TextIO | None = None, phases: int = 4, label: str = "the default guest"
+    ) -> None:
+        self._label = label  # what is being built, as the phase lines name it
         self._stream = stream if stream is not None else sys.stderr
         self._enabled = enabled
         self._tty = enabled and self._stream.isatty()
@@ -39,7 +42,7 @@ class Progress:
         self._name = name
         self._phase_started = time.monotonic()
         if self._enabled and not self._tty:
-            print(f"popek: building the default guest [{self._index}/{self._phases}]: {name}", file=self._stream)
+            print(f"popek: building {self._label} [{self._index}/{self._phases}]: {name}", file=self._stream)
             self._stream.flush()
         self.update(force=True)
 
@@ -59,7 +62,7 @@ class Progress:
         if not force and now - self._last_draw < _REDRAW_SECONDS:
             return
         self._last_draw = now
-        head = f"popek guest [{self._index}/{self._phases}] {self._name:<10}"
+        head = f"popek {self._label.removeprefix('the ')} [{self._index}/{self._phases}] {self._name:<10}"
         if done is not None and total:
             # 100% is for the next phase to say: a count may reach its (estimated) total before the work ends
             fraction = min(done / total, 0.99)
