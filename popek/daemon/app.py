@@ -160,8 +160,6 @@ def _check_spec(body: models.VmCreate) -> dict[str, Any]:
 
     spec = body.model_dump()
     if body.snapshot is not None:
-        if getattr(popek.VM, "restore", None) is None:
-            raise ApiError(501, "restoring a snapshot is not supported by this popek (popek.VM has no restore())")
         if not Path(body.snapshot).exists():
             raise ApiError(422, f"snapshot: no such file: {body.snapshot}", "snapshot")
         spec["mem_bytes"] = 0

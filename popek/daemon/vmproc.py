@@ -12,15 +12,14 @@ only its own VM down. The process keeps to its directory:
 - ``exit.json``: written as the process ends, why the VM stopped (the daemon reads it; a process that is killed
   writes none, which is how the daemon tells a crash from a stop).
 
-Pause, resume and snapshot call popek.VM's methods of those names through getattr: a popek without them answers
-``{"error": ..., "status": 501}``, which the daemon passes on.
+Pause, resume and snapshot call popek.VM's methods of those names; a VM in the wrong state answers
+``{"error": ..., "status": 409}``, which the daemon passes on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import os
 import signal
@@ -63,11 +62,8 @@ class ConsoleFile:
 
 
 def method_call(target: object, op: str, *args: object) -> dict[str, Any]:
-    """Call target.<op>(*args) if this popek has it: the answer, or a 501 error when popek.VM lacks the method
-    (pause, resume, snapshot arrive in popek/api.py separately from the daemon)."""
-    method = getattr(target, op, None)
-    if not callable(method):
-        return {"error": f"{op} is not supported by this popek (popek.VM has no {op}())", "status": 501}
+    """Call popek.VM's pause, resume or snapshot: the answer, or the VM's own error as a 409 (the wrong state)."""
+    method = getattr(target, op)
     try:
         method(*args)
     except Exception as exc:  # the VM's own errors are the client's answer, not this process's end
@@ -176,16 +172,8 @@ def build_vm(spec: dict[str, Any], workdir: Path, console: ConsoleFile) -> Any:
 
     vsock = VsockSpec(GUEST_CID, workdir / VSOCK)
     if spec.get("snapshot"):
-        restore = getattr(popek.VM, "restore", None)
-        if restore is None:
-            raise RuntimeError("restoring a snapshot is not supported by this popek (popek.VM has no restore())")
-        # restore(path, *, console=, boot_timeout=, ...) returns a VM to start; its vsock socket must be in workdir,
-        # where the daemon reaches the agent: passed if restore takes it, else set before start() (which reads it)
-        params = inspect.signature(restore).parameters
-        offered = {"console": console, "boot_timeout": spec.get("boot_timeout", 600.0), "vsock": vsock}
-        vm = restore(spec["snapshot"], **{key: value for key, value in offered.items() if key in params})
-        if "vsock" not in params:
-            vm.vsock = vsock
+        vm = popek.VM.restore(spec["snapshot"], console=console, boot_timeout=spec.get("boot_timeout", 600.0))
+        vm.vsock = vsock  # in workdir, where the daemon reaches the agent (start() gives the clone this socket)
         vm.start(wait=False)  # restore() returns a VM that starts from the snapshot instead of booting
         return vm
     vm = popek.VM(
