@@ -26,6 +26,7 @@ from pathlib import Path
 
 from popek import snapshot as snapshot_files
 from popek import vm_snapshot
+from popek.accel import portable
 from popek.accel.backend import Backend
 from popek.accel.exits import Stop, StopReason
 from popek.accel.kvm import KvmAccel
@@ -634,21 +635,29 @@ class Vm:
         """A VM built from a snapshot, ready to run() from the instruction where it was paused. Guest memory is
         the snapshot's memory file mapped privately (restore time does not grow with guest memory; clones share
         the pages they do not write). `adjust` changes the saved spec first, for what belongs to the new VM and
-        not to the snapshot: its vsock socket, disks, network. SnapshotError for a snapshot that is damaged,
-        foreign or of another machine, with nothing left open."""
+        not to the snapshot: its vsock socket, disks, network; or the backend: a snapshot of `--accel kvm`
+        restores on `soft` and the reverse, converted by `popek.accel.portable` (which refuses, naming it,
+        what cannot cross: a CPUID the other backend lacks, AVX state in use, kvm-clock enabled, ...).
+        SnapshotError for a snapshot that is damaged, foreign or of another machine, with nothing left open."""
         snap = snapshot_files.read(path, verify_memory=verify_memory)
         top = vm_snapshot.parse_state(snap.state)
         spec: VmSpec = vm_snapshot.spec_from_state(top["spec"])
         if adjust is not None:
             spec = adjust(spec)
-        if spec.accel != top["machine"]["backend"]:
+        source = top["machine"]["backend"]
+        if spec.accel != source and {spec.accel, source} != {"kvm", "soft"}:
             raise snapshot_files.SnapshotError(
-                f"the snapshot was taken on --accel {top['machine']['backend']}, and restores on it only "
-                f"(not on {spec.accel})"
+                f"the snapshot was taken on --accel {source}, and restores on it only, or on the other of kvm and "
+                f"soft (not on {spec.accel})"
             )
         vm = cls(spec, console, memory=snap.memory(spec.mem))
         try:
             assert vm.accel is not None
+            if spec.accel != source:
+                # across backends (popek.accel.portable): the new VM's own state, taken before it ran, gives the
+                # conversion the target's structures, CPUID and reset values
+                fresh = {"accel": vm.accel.snapshot_state(), "devices": machine_state.capture_vm(vm)}
+                top = portable.convert(top, spec.accel, fresh=fresh)
             vm.accel.restore_state(top["accel"])
             machine_state.restore_vm(vm, top["devices"])
             for slot in vm.virtio:
