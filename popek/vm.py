@@ -631,13 +631,15 @@ class Vm:
         *,
         adjust: Callable[[VmSpec], VmSpec] | None = None,
         verify_memory: bool = False,
+        check_cpuid: bool = True,
     ) -> Vm:
         """A VM built from a snapshot, ready to run() from the instruction where it was paused. Guest memory is
         the snapshot's memory file mapped privately (restore time does not grow with guest memory; clones share
         the pages they do not write). `adjust` changes the saved spec first, for what belongs to the new VM and
         not to the snapshot: its vsock socket, disks, network; or the backend: a snapshot of `--accel kvm`
         restores on `soft` and the reverse, converted by `popek.accel.portable` (which refuses, naming it,
-        what cannot cross: a CPUID the other backend lacks, AVX state in use, kvm-clock enabled, ...).
+        what cannot cross: a CPUID the other backend lacks, AVX state in use, kvm-clock enabled, ...;
+        `check_cpuid=False` waives the CPUID rule, for a guest known never to have run CPUID).
         SnapshotError for a snapshot that is damaged, foreign or of another machine, with nothing left open."""
         snap = snapshot_files.read(path, verify_memory=verify_memory)
         top = vm_snapshot.parse_state(snap.state)
@@ -657,7 +659,7 @@ class Vm:
                 # across backends (popek.accel.portable): the new VM's own state, taken before it ran, gives the
                 # conversion the target's structures, CPUID and reset values
                 fresh = {"accel": vm.accel.snapshot_state(), "devices": machine_state.capture_vm(vm)}
-                top = portable.convert(top, spec.accel, fresh=fresh)
+                top = portable.convert(top, spec.accel, fresh=fresh, check_cpuid=check_cpuid)
             vm.accel.restore_state(top["accel"])
             machine_state.restore_vm(vm, top["devices"])
             for slot in vm.virtio:
