@@ -492,7 +492,7 @@ def _vcpu_to_soft(
         raise SnapshotError(f"{what}: the software CPU has no {', '.join(lost[:6])}")
     out = soft_snapshot.state_dict(cpu, 0, nmi_pending, 0, pdptes)
     apic_base = msrs.get(MSR_APIC_BASE, int(sregs.apic_base))
-    return out, mp == MpState.INIT_RECEIVED, apic_base, msrs.get(MSR_TSC_DEADLINE, 0), bytes(lapic.regs)
+    return out, mp == MpState.INIT_RECEIVED, apic_base, msrs.get(MSR_TSC_DEADLINE, 0), bytes(lapic)
 
 
 def _vcpu_to_kvm(
@@ -560,7 +560,7 @@ def _vcpu_to_kvm(
     out.update(
         mp_state=int(MpState.INIT_RECEIVED if waiting else MpState.HALTED if cpu.halted else MpState.RUNNABLE),
         regs=_pack(regs), xcrs=_pack(xcrs), debugregs=_pack(debugregs), vcpu_events=_pack(events),
-        lapic=_pack(s.kvm_lapic_state.from_buffer_copy(_lapic_to_kvm(apic, bytes(lapic_page.regs)))),
+        lapic=_pack(s.kvm_lapic_state.from_buffer_copy(_lapic_to_kvm(apic, bytes(lapic_page)))),
         msrs=[[index, values[index]] for index, _ in template["msrs"]],
     )  # fmt: skip
     out["sregs2" if "sregs2" in template else "sregs"] = _pack(sregs)
