@@ -335,7 +335,11 @@ def _pic_to_kvm(chip: Any, template: s.kvm_pic_state, name: str) -> s.kvm_pic_st
             "does not implement (arch/x86/kvm/i8259.c takes the trigger from ELCR and is always cascaded)"
         )
     out = s.kvm_pic_state.from_buffer_copy(bytes(template))
-    out.last_irr, out.irr, out.imr, out.isr = chip.lines, chip.irr, chip.imr, chip.isr
+    # KVM's PIT pulses IRQ0 (i8254.c kvm_pit_inject raises and lowers it at once) where popek's drives OUT as a
+    # level: a master last_irr with IRQ0 high would swallow KVM's next pulse, which is never acknowledged, and
+    # KVM's PIT then injects no more (reinject mode waits for that acknowledge)
+    lines = chip.lines & ~1 if chip.master else chip.lines
+    out.last_irr, out.irr, out.imr, out.isr = lines, chip.irr, chip.imr, chip.isr
     out.priority_add, out.irq_base = (chip.lowest + 1) & 7, chip.vector_base
     out.read_reg_select, out.poll, out.special_mask = int(chip.read_isr), int(chip.poll), int(chip.special_mask)
     out.init_state = 0 if chip.init_step == 0 else chip.init_step - 1

@@ -22,7 +22,7 @@ from .test_vm_snapshot import GUEST, Console, expected_hash, finish, start
 pytestmark = KVM_MARKS
 
 TOTAL = 150_000  # the soft CPU counts about 60 000 a second, KVM (real mode emulated on nested hosts) more
-TICKS = 300
+TICKS = 80
 
 DIRECTIONS = [("kvm", "soft"), ("soft", "kvm")]
 
@@ -70,9 +70,9 @@ count:
     mov [0x6000], ebx
     cmp ebx, {total}
     jne count
-wait:
+spin:
     cmp dword [0x6004], {ticks}
-    jb wait
+    jb spin
     cli
     call hex
     mov ecx, [0x6004]
@@ -89,9 +89,9 @@ hex:
     and al, 0xf
     add al, '0'
     cmp al, '9'
-    jbe .out
+    jbe .put
     add al, 7
-.out:
+.put:
     out dx, al
     dec si
     jnz .digit
