@@ -550,6 +550,9 @@ def _vcpu_to_kvm(
     events.flags = VcpuEventsValid.NMI_PENDING | VcpuEventsValid.SHADOW
     targets = {index for index, _ in template["msrs"]}
     values = dict((index, value) for index, value in template["msrs"])
+    for index in targets & SOFT_MSRS:  # what RDMSR reads on the soft CPU, stored or its reset value
+        if index not in READ_ONLY_MSRS:
+            values[index] = cpu.msrs.get(index, _soft_msr_default(index))
     lost = []
     for index, value in cpu.msrs.items():
         if index in targets:
