@@ -21,7 +21,6 @@ from popek.kvm import structs as s
 from popek.snapshot import SnapshotError
 from tests.unit.state_fuzz import at, json_value, paths
 
-
 SOFT_ROWS = [
     [leaf, 0, 0, *default_cpuid(leaf, 0)]
     for leaf in (0, 1, 7, 0x80000000, 0x80000001)
@@ -54,7 +53,7 @@ def kvm_template(rows: list[list[int]] | None = None) -> dict[str, Any]:
         "vcpu_events": _pack(s.kvm_vcpu_events()),
     }  # fmt: skip
     vm = {"irqchip": chips, "pit2": _pack(pit), "clock_ns": 0}
-    return {"kvm": {"vm": vm, "vcpus": [vcpu], "cpuid": [rows or SOFT_ROWS]}, "time_ns": 0}
+    return {"kvm": {"vm": vm, "vcpus": [vcpu], "cpuid": [copy.deepcopy(rows or SOFT_ROWS)]}, "time_ns": 0}
 
 
 def soft_state(cpu: CpuState, platform: SoftPlatform | None = None) -> dict[str, Any]:
@@ -90,7 +89,8 @@ def cpu_states(draw: hs.DrawFn) -> CpuState:
     cpu.dr = [*draw(hs.lists(u64, min_size=4, max_size=4)), 0xFFFF0FF0, 0x400, 0xFFFF0FF0, draw(u64)]
     cpu.xmm = draw(hs.lists(hs.integers(0, (1 << 128) - 1), min_size=16, max_size=16))
     cpu.st = draw(hs.lists(hs.integers(0, (1 << 80) - 1), min_size=8, max_size=8))
-    cpu.mxcsr, cpu.fcw, cpu.fsw = draw(hs.integers(0, 0xFFFF)), draw(hs.integers(0, 0xFFFF)), draw(hs.integers(0, 0xFFFF))
+    u16 = hs.integers(0, 0xFFFF)
+    cpu.mxcsr, cpu.fcw, cpu.fsw = draw(u16), draw(u16), draw(u16)
     cpu.ftw, cpu.fop, cpu.fip, cpu.fdp = draw(hs.integers(0, 255)), draw(hs.integers(0, 0x7FF)), draw(u64), draw(u64)
     cpu.xcr0 = draw(hs.sampled_from([1, 3]))
     cpu.tsc_offset = draw(u64)
@@ -170,7 +170,9 @@ def set_xsave(kvm: dict[str, Any], bv: int) -> None:
 
 
 def set_msr(kvm: dict[str, Any], index: int, value: int) -> None:
-    kvm["vcpus"][0]["msrs"] = [[i, value if i == index else v] for i, v in kvm["vcpus"][0]["msrs"]]
+    msrs = {i: v for i, v in kvm["vcpus"][0]["msrs"]}
+    msrs[index] = value
+    kvm["vcpus"][0]["msrs"] = [[i, v] for i, v in msrs.items()]
 
 
 def latch(kvm: dict[str, Any]) -> None:
@@ -206,7 +208,7 @@ def test_what_cannot_cross_to_kvm_is_named() -> None:
         portable.convert(soft_state(cpu), "kvm", fresh={"accel": kvm_template(), "devices": {}})
     platform = SoftPlatform(1)
     platform.pic.master_port.write(0, bytes([0x1B]))  # ICW1: LTIM, single, ICW4
-    with pytest.raises(SnapshotError, match="LTIM|single"):
+    with pytest.raises(SnapshotError, match=r"LTIM|single"):
         portable.convert(soft_state(CpuState(), platform), "kvm", fresh={"accel": kvm_template(), "devices": {}})
     no_pks = copy.deepcopy(SOFT_ROWS)
     no_pks[2][5] &= ~(1 << 31)
