@@ -5,6 +5,12 @@ Templates, like Firecracker's CPU templates:
   to execute (probed at run time, see `popek.accel.kvm_probe`), minus VMX/SVM and performance monitoring, plus
   the hypervisor bit and KVM's paravirtual leaves so Linux uses kvm-clock.
 - `host`: the supported set as reported, for hosts known to run everything.
+- `soft`: `portable` cut down to what the software CPU implements (`popek.cpu.interp.default_cpuid`): the
+  feature flags of leaves 1, 7.0 and 0x80000001 ANDed with the soft CPU's (so no XSAVE, AVX, AVX2, AVX-512, AMX,
+  FMA, F16C, VAES, ...), no XSAVE leaf 0xD, no leaf 7.1, and no KVM paravirtual features (leaf 0x40000001 EAX
+  0: no kvm-clock, async PF, PV EOI, steal time). A KVM snapshot of a guest that saw it restores on
+  `--accel soft` (popek.accel.portable, whose `cpuid_problems` is the rule); on the soft backend the CPUID is
+  its own whichever the template.
 Per-vCPU fields (APIC IDs, topology) are filled in by `for_vcpu`.
 """
 
@@ -16,7 +22,7 @@ from dataclasses import replace
 from popek.errors import ConfigError
 from popek.kvm import CpuidEntry
 
-TEMPLATES = ("portable", "host")
+TEMPLATES = ("portable", "host", "soft")
 
 # leaf 1 ECX
 ECX_VMX = 1 << 5
@@ -136,6 +142,31 @@ def apply_template(
         _edit(entries, 0x80000001, ecx=ext.ecx & ~EXT_ECX_SVM)
     # no architectural performance monitoring: its MSRs are not virtualised for the guest
     entries = [e for e in entries if e.function != 0xA]
+    if template == "soft":
+        entries = _soft_subset(entries)
+    return entries
+
+
+# the feature-flag registers the soft template cuts: (leaf, subleaf, register name)
+SOFT_FEATURE_REGS = ((1, 0, "ecx"), (1, 0, "edx"), (7, 0, "ebx"), (7, 0, "ecx"), (7, 0, "edx"),
+                     (0x80000001, 0, "ecx"), (0x80000001, 0, "edx"))  # fmt: skip
+# what the soft backend adds per vCPU (popek.accel.soft `_cpuid_for`) or what promises nothing it lacks
+SOFT_EXTRA = {(1, 0, "ecx"): ECX_X2APIC | ECX_TSC_DEADLINE | ECX_HYPERVISOR, (1, 0, "edx"): EDX_APIC | EDX_HTT}
+
+
+def _soft_subset(entries: list[CpuidEntry]) -> list[CpuidEntry]:
+    """The `soft` template's cut (module docstring): only what the software CPU implements."""
+    from popek.cpu.interp import default_cpuid
+
+    names = ("eax", "ebx", "ecx", "edx")
+    for leaf, subleaf, register in SOFT_FEATURE_REGS:
+        entry = _get(entries, leaf, subleaf)
+        if entry is not None:
+            soft = default_cpuid(leaf, subleaf)[names.index(register)] | SOFT_EXTRA.get((leaf, subleaf, register), 0)
+            _edit(entries, leaf, subleaf, **{register: getattr(entry, register) & soft})
+    entries = [e for e in entries if e.function != 0xD and not (e.function == 7 and e.index == 1)]
+    if _get(entries, KVM_FEATURES_LEAF) is not None:
+        _edit(entries, KVM_FEATURES_LEAF, eax=0, edx=0)
     return entries
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from popek import snapshot as snapshot_files
 from popek import vm_snapshot
+from popek.accel import portable
 from popek.accel.backend import Backend
 from popek.accel.exits import Stop, StopReason
 from popek.accel.kvm import KvmAccel
@@ -631,17 +632,21 @@ class Vm:
         *,
         adjust: Callable[[VmSpec], VmSpec] | None = None,
         verify_memory: bool = False,
+        check_cpuid: bool = True,
     ) -> Vm:
         """A VM built from a snapshot, ready to run() from the instruction where it was paused. Guest memory is
         the snapshot's memory file mapped privately (restore time does not grow with guest memory; clones share
         the pages they do not write). `adjust` changes the saved spec first, for what belongs to the new VM and
-        not to the snapshot: its vsock socket, disks, network. SnapshotError for a snapshot that is damaged,
-        foreign or of another machine, with nothing left open."""
+        not to the snapshot: its vsock socket, disks, network; or the backend: a snapshot of `--accel kvm`
+        restores on `soft` and the reverse, converted by `popek.accel.portable` (which refuses, naming it,
+        what cannot cross: a CPUID the other backend lacks, AVX state in use, kvm-clock enabled, ...;
+        `check_cpuid=False` waives the CPUID rule, for a guest known never to have run CPUID).
+        SnapshotError for a snapshot that is damaged, foreign or of another machine, with nothing left open."""
         snap = snapshot_files.read(path, verify_memory=verify_memory)
         spec = cls.spec_of_state(snap.state, adjust)
         vm = cls(spec, console, memory=snap.memory(spec.mem))
         try:
-            vm.restore_state(snap.state)
+            vm.restore_state(snap.state, check_cpuid=check_cpuid)
         except BaseException:
             vm.close()
             raise
@@ -661,24 +666,31 @@ class Vm:
     @staticmethod
     def spec_of_state(state: object, adjust: Callable[[VmSpec], VmSpec] | None = None) -> VmSpec:
         """The spec a captured state says to build (checked), changed by `adjust`; SnapshotError if it would
-        run on another backend than the one that captured it."""
+        run on a backend the state cannot be converted to (kvm and soft convert into each other)."""
         top = vm_snapshot.parse_state(state)
         spec: VmSpec = vm_snapshot.spec_from_state(top["spec"])
         if adjust is not None:
             spec = adjust(spec)
-        if spec.accel != top["machine"]["backend"]:
+        source = top["machine"]["backend"]
+        if spec.accel != source and {spec.accel, source} != {"kvm", "soft"}:
             raise snapshot_files.SnapshotError(
-                f"the snapshot was taken on --accel {top['machine']['backend']}, and restores on it only "
-                f"(not on {spec.accel})"
+                f"the snapshot was taken on --accel {source}, and restores on it only, or on the other of kvm and "
+                f"soft (not on {spec.accel})"
             )
         return spec
 
-    def restore_state(self, state: object) -> None:
+    def restore_state(self, state: object, *, check_cpuid: bool = True) -> None:
         """`capture_state`'s output into this freshly built VM (built with the memory it was captured with):
         the backend first (KVM's irqchip and clock), then the devices, then each virtio transport's
-        after-restore step. SnapshotError for a field that is wrong; the caller discards the VM then."""
+        after-restore step; a state of the other backend is converted first (popek.accel.portable).
+        SnapshotError for a field that is wrong; the caller discards the VM then."""
         assert self.accel is not None
         top = vm_snapshot.parse_state(state)
+        if top["machine"]["backend"] != self.accel.name:
+            # across backends: the new VM's own state, taken before it ran, gives the conversion the target's
+            # structures, CPUID and reset values
+            fresh = {"accel": self.accel.snapshot_state(), "devices": machine_state.capture_vm(self)}
+            top = portable.convert(top, self.accel.name, fresh=fresh, check_cpuid=check_cpuid)
         self.accel.restore_state(top["accel"])
         machine_state.restore_vm(self, top["devices"])
         for slot in self.virtio:

@@ -49,7 +49,7 @@ from popek.cpu.state import (
     Vector,
 )
 from popek.cpu.state import Segment as CpuSegment
-from popek.cpuid import ECX_X2APIC, EDX_APIC
+from popek.cpuid import ECX_X2APIC, EDX_APIC, TEMPLATES
 from popek.devices.event_loop import FdWatch, Watch
 from popek.devices.irq import IrqLine, Pulse
 from popek.devices.lapic import REG_TPR, ApicAccessError, LocalApic
@@ -205,8 +205,8 @@ class SoftAccel:
     def __init__(self, mem: GuestMemory, cpus: int, cpu_template: str = "portable") -> None:
         if not 1 <= cpus <= MAX_CPUS:
             raise ConfigError(f"--cpus must be between 1 and {MAX_CPUS} with --accel soft, not {cpus}")
-        if cpu_template not in ("portable", "host"):
-            raise ConfigError(f"unknown CPU template {cpu_template!r}: choose portable or host")
+        if cpu_template not in TEMPLATES:
+            raise ConfigError(f"unknown CPU template {cpu_template!r}: choose one of {', '.join(TEMPLATES)}")
         self.mem = mem
         self.platform = SoftPlatform(cpus)
         self.clock = self.platform.clock

@@ -89,7 +89,14 @@ def _segment(seg: Segment) -> dict[str, int]:
 
 def capture_cpu(cpu: Cpu) -> dict[str, Any]:
     """One vCPU's complete state as JSON-able values (MSRs as [index, value] pairs, JSON keys being strings)."""
-    s = cpu.state
+    pdptes = None if cpu.mmu.pdptes is None else list(cpu.mmu.pdptes)
+    return state_dict(cpu.state, cpu.instructions, cpu.nmi_pending, cpu.db_pending, pdptes)
+
+
+def state_dict(
+    s: CpuState, instructions: int, nmi_pending: bool, db_pending: int, pdptes: list[int] | None
+) -> dict[str, Any]:
+    """`capture_cpu` of a vCPU with this state (also what `popek.accel.portable` builds from another backend's)."""
     out: dict[str, Any] = {name: getattr(s, name) for name in _INT_FIELDS}
     out.update({name: bool(getattr(s, name)) for name in _BOOL_FIELDS})
     out.update({name: list(getattr(s, name)) for name in _LISTS})
@@ -99,10 +106,10 @@ def capture_cpu(cpu: Cpu) -> dict[str, Any]:
     out["gdtr"] = {"base": s.gdtr.base, "limit": s.gdtr.limit}
     out["idtr"] = {"base": s.idtr.base, "limit": s.idtr.limit}
     out["msrs"] = [[index, value] for index, value in sorted(s.msrs.items())]
-    out["instructions"] = cpu.instructions
-    out["nmi_pending"] = cpu.nmi_pending
-    out["db_pending"] = cpu.db_pending
-    out["pdptes"] = None if cpu.mmu.pdptes is None else list(cpu.mmu.pdptes)
+    out["instructions"] = instructions
+    out["nmi_pending"] = nmi_pending
+    out["db_pending"] = db_pending
+    out["pdptes"] = pdptes
     return out
 
 
@@ -155,7 +162,7 @@ def _parse_table(value: object, what: str) -> TableRegister:
     return TableRegister(_int(data["base"], 64, f"{what}.base"), _int(data["limit"], 16, f"{what}.limit"))
 
 
-def _parse_cpu(value: object, what: str) -> tuple[CpuState, int, bool, int, list[int] | None]:
+def parse_cpu(value: object, what: str) -> tuple[CpuState, int, bool, int, list[int] | None]:
     """(state, instructions, nmi_pending, db_pending, pdptes), every field checked."""
     data = _dict(value, _CPU_KEYS, what)
     s = CpuState()
@@ -224,7 +231,7 @@ def restore(accel: SoftAccel, state: object) -> None:
     n = len(accel.cpus)
     if not isinstance(data["vcpus"], list) or len(data["vcpus"]) != n:
         raise SnapshotError(f"soft.vcpus: {n} vCPUs here, the snapshot has another number")
-    parsed = [_parse_cpu(v, f"soft.vcpus[{i}]") for i, v in enumerate(data["vcpus"])]
+    parsed = [parse_cpu(v, f"soft.vcpus[{i}]") for i, v in enumerate(data["vcpus"])]
     sipi = _list(data["waiting_for_sipi"], n, "soft.waiting_for_sipi")
     waiting = [_bool(v, f"soft.waiting_for_sipi[{i}]") for i, v in enumerate(sipi)]
     if waiting[0]:

@@ -43,3 +43,23 @@ def test_hidden_avx_without_other_components_leaves_the_legacy_area_and_header()
 def test_nothing_hidden_where_everything_runs_and_the_host_template_is_the_host() -> None:
     assert leaf(apply_template(HOST, "portable", frozenset()), 0xD) == HOST[2]
     assert apply_template(HOST, "host", frozenset({"avx", "xsave"})) == HOST
+
+
+def test_the_soft_template_offers_only_what_the_software_cpu_implements() -> None:
+    from popek.accel.portable import cpuid_problems
+    from popek.cpuid import KVM_FEATURES_LEAF
+
+    supported = [
+        CpuidEntry(1, 0, 0, 0x00A50F00, 0, 0xFFFFFFFF, 0xFFFFFFFF),
+        CpuidEntry(7, 0, SIGNIFICANT_INDEX, 0, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF),
+        CpuidEntry(0xD, 0, SIGNIFICANT_INDEX, 0x207, 0x340, 0x988, 0),
+        CpuidEntry(0x80000001, 0, 0, 0, 0, 0xFFFFFFFF, 0xFFFFFFFF),
+        CpuidEntry(KVM_FEATURES_LEAF, 0, 0, 0x1FFFFFF, 0, 0, 0),
+    ]
+    entries = apply_template(supported, "soft")
+    assert not [e for e in entries if e.function == 0xD]
+    leaf1 = next(e for e in entries if e.function == 1)
+    assert not leaf1.ecx & (ECX_XSAVE | ECX_AVX | ECX_FMA)
+    rows = [[e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] for e in entries]
+    assert cpuid_problems([rows], "to_soft") == []
+    assert cpuid_problems([[[e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] for e in supported]], "to_soft")
