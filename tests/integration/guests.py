@@ -17,6 +17,12 @@ KVM_MARKS = [
     pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs a usable /dev/kvm"),
 ]
 BACKENDS = [pytest.param("kvm", marks=KVM_MARKS), "soft"]
+LINUX_BOOT_TIMEOUT = 1200  # a default-guest boot: ~2 min alone on a nested host, many more beside other guests
+
+
+def linux_marks(boot_timeout: float = LINUX_BOOT_TIMEOUT) -> list[pytest.MarkDecorator]:
+    """A module of tests that boot the default Linux guest on KVM: slow, bounded by the boot's own limit."""
+    return [pytest.mark.timeout(boot_timeout + 600), *KVM_MARKS, pytest.mark.linux, pytest.mark.slow]
 
 
 def nasm(tmp: Path, source: str, name: str = "guest") -> Path:

@@ -20,15 +20,11 @@ import pytest
 from popek import image
 from popek.daemon.client import ApiError, Client, RemoteVM
 
+from .guests import linux_marks
+
 BOOT_TIMEOUT = 1200  # as test_api_linux: two guests booting at once on 2 shared cores
 
-pytestmark = [
-    pytest.mark.timeout(BOOT_TIMEOUT + 600),
-    pytest.mark.kvm,
-    pytest.mark.linux,
-    pytest.mark.slow,
-    pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs a usable /dev/kvm"),
-]
+pytestmark = linux_marks(BOOT_TIMEOUT)
 
 
 @dataclass

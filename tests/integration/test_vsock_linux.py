@@ -7,7 +7,6 @@ One boot serves the module; the VM is stopped from inside the guest at the end, 
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import shutil
 import subprocess
@@ -24,17 +23,13 @@ import pytest
 from popek import image
 from popek.agent import AgentClient, AgentUnavailable, vsock_unix_connector
 
+from .guests import linux_marks
+
 BOOT_TIMEOUT = 1200
 PORT = 1024
 STOP_FILE = "/tmp/popek-stop"
 
-pytestmark = [
-    pytest.mark.timeout(BOOT_TIMEOUT + 600),
-    pytest.mark.kvm,
-    pytest.mark.linux,
-    pytest.mark.slow,
-    pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs a usable /dev/kvm"),
-]
+pytestmark = linux_marks(BOOT_TIMEOUT)
 
 
 @dataclass
