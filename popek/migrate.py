@@ -25,6 +25,7 @@ count u32` then count pages), STATE (the state, popek.snapshot's JSON encoding),
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import time
@@ -259,7 +260,17 @@ def connect(address: str) -> socket.socket:
 
 
 def listen(address: str) -> socket.socket:
+    """A listening socket for one incoming migration; a Unix socket file nobody listens on any more (a target
+    that ended) is replaced, one that a live target holds is refused."""
     family, target = parse_address(address)
+    if family == socket.AF_UNIX and os.path.exists(target):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(target)
+            except ConnectionRefusedError:
+                os.unlink(target)  # stale: its listener is gone
+            except OSError:
+                pass  # not a socket, or not ours to judge: bind says what is wrong
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         if family == socket.AF_INET:

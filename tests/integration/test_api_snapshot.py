@@ -6,6 +6,8 @@ one SnapshotError and starts nothing; a warm start restores the default guest's 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -122,3 +124,17 @@ def test_a_clone_migrates_live_and_its_processes_go_on_in_the_target(saved: tupl
         assert stats.downtime_s < stats.total_s and stats.bytes_sent > 0
     finally:
         target.close()
+
+
+def test_the_cli_shows_and_restores_a_snapshot(saved: tuple[Path, VM]) -> None:
+    folder, _ = saved
+    info = subprocess.run([sys.executable, "-m", "popek", "snapshot", "info", str(folder), "--verify"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert info.returncode == 0, info.stderr
+    assert "256 MiB" in info.stdout and "checksum verified" in info.stdout and "virtio-vsock" in info.stdout
+    run = subprocess.run([sys.executable, "-m", "popek", "restore", str(folder), "--", "cat", "/root/marker"],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert (run.returncode, run.stdout) == (0, "before\n"), run.stderr
+    broken = subprocess.run([sys.executable, "-m", "popek", "restore", str(folder / "nope"), "--", "true"],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert broken.returncode == 1 and broken.stderr.count("\n") == 1 and "not a snapshot" in broken.stderr

@@ -146,3 +146,12 @@ def test_addresses_are_checked() -> None:
         migrate.parse_address("127.0.0.1:70000")
     with pytest.raises(MigrationError):
         migrate.connect(f"/nonexistent/{time.time()}")
+
+
+def test_a_stale_unix_socket_is_replaced_and_a_live_one_refused(tmp_path: Path) -> None:
+    path = str(tmp_path / "m.sock")
+    first = migrate.listen(path)
+    with pytest.raises(MigrationError, match="in use"):
+        migrate.listen(path)  # a live listener keeps its address
+    first.close()
+    migrate.listen(path).close()  # the file of a listener that ended is replaced
