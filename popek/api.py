@@ -356,6 +356,8 @@ class VM:
         self._incoming: socket.socket | None = None  # VM.incoming's listening socket
         self.restored = False  # this VM started from a snapshot (VM.restore, or a warm start)
         self.warm_started = False  # ... from the default guest's warm snapshot (popek.warm)
+        self._refreshed = False
+        self._take_warm: tuple[Path, str] | None = None  # where this cold-booted VM's warm snapshot goes
         self._check_spec()
 
     # --- the VM's description
@@ -423,12 +425,12 @@ class VM:
         Without wait, the guest boots on while this returns; wait_ready() waits for the agent later.
 
         The default guest with popek's own devices only starts warm (popek.warm): restored from a snapshot taken
-        once after its agent first answered (unless cold=True); the first such VM boots and takes it."""
+        once after its agent first answered (unless cold=True); the first such VM boots, and takes it when its
+        agent first answers (in wait_ready)."""
         with self._start_lock:
             if self._runtime is not None:
                 raise VMError("this popek.VM was already started (a VM boots once; make a new one)")
-            warm_key = self._warm_key() if wait else None
-            cache = None
+            warm_key = self._warm_key()
             if warm_key is not None:
                 from popek import image
 
@@ -437,9 +439,9 @@ class VM:
                 if source is not None:
                     try:
                         self._launch(source)
-                        self.wait_ready(timeout=min(self.boot_timeout, WARM_READY_TIMEOUT))
-                        self._refresh_identity()
                         self.warm_started = True
+                        if wait:
+                            self.wait_ready(timeout=min(self.boot_timeout, WARM_READY_TIMEOUT))
                         return self
                     except (snapshot.SnapshotError, VMError, AgentUnavailable, AgentDisconnected):
                         self._abandon()  # a snapshot of another host CPU, a damaged one: boot cold, replace it
@@ -447,18 +449,28 @@ class VM:
                     except BaseException:
                         self.close()
                         raise
+                self._take_warm = (cache, warm_key)
             self._launch(self._restore_from)
         if wait:
             try:
                 self.wait_ready()
-                if self.restored:
-                    self._refresh_identity()
-                elif warm_key is not None and cache is not None:
-                    self._save_warm(cache, warm_key)
             except BaseException:
                 self.close()
                 raise
         return self
+
+    def _ready(self) -> None:
+        """Once the agent first answers: a restored guest is refreshed (`_refresh_identity`), and a freshly
+        booted one that can start others warm takes the warm snapshot. A warm snapshot that cannot be written
+        (a full disk) only costs the next VM its warm start."""
+        if self.restored and not self._refreshed:
+            self._refresh_identity()
+            self._refreshed = True
+        if self._take_warm is not None:
+            cache, warm_key = self._take_warm
+            self._take_warm = None
+            with contextlib.suppress(PopekError, OSError):
+                self._save_warm(cache, warm_key)
 
     def _launch(self, source: Path | None) -> None:
         """Build the VM (booted from its kernel, or restored from `source`) and start its thread."""
@@ -502,7 +514,7 @@ class VM:
         """Stop and forget a VM that did not start right, so that start() can build another."""
         self.close()
         self._runtime = self._client = self._files = self._finalizer = None
-        self.restored = False
+        self.restored = self.warm_started = self._refreshed = False
 
     def _adjust(self, vsock: VsockSpec, saved: VmSpec) -> VmSpec:
         """A restored VM's spec: the snapshot's machine, with this VM's own host resources and limits."""
@@ -638,6 +650,7 @@ class VM:
                     runtime.connector(vsock_unix_connector(self._uds, self.agent_port, wait)), timeout=wait
                 )
                 probe.wait_ready(timeout=min(1.0, remaining), interval=0.1)
+                self._ready()
                 return time.monotonic() - started
             except (AgentUnavailable, AgentDisconnected):
                 continue
