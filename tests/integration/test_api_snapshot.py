@@ -110,7 +110,9 @@ def test_a_clone_migrates_live_and_its_processes_go_on_in_the_target(saved: tupl
     started.start()
     try:
         with VM.restore(folder) as source:
-            loop = "i=0; while true; do i=$((i+1)); echo $i > /root/count; sleep 0.2; done"
+            # each count written whole (a rename), so a read never sees a file the loop is halfway through
+            step = "echo $i > /root/count.new; mv /root/count.new /root/count"
+            loop = f"i=0; while true; do i=$((i+1)); {step}; sleep 0.2; done"
             source.exec(["sh", "-c", f"setsid sh -c '{loop}' </dev/null >/dev/null 2>&1 &"], check=True)
             time.sleep(1)
             stats = source.migrate(address)
