@@ -530,7 +530,8 @@ class VM:
         # a vsock socket of the caller's is fine: every restored VM gets its own socket (and CID) anyway
         own_devices_only = not self.disks and self.net is None and self.console2 is None
         default_guest = self.kernel is None and self.initrd is None and self.image == rootfs.DEFAULT_IMAGE
-        if self.cold or self._restore_from is not None or not default_guest or not own_devices_only:
+        elsewhere = self._restore_from is not None or self._incoming is not None  # a snapshot's, a migration's
+        if self.cold or elsewhere or not default_guest or not own_devices_only:
             return None
         from popek import image
 
@@ -589,7 +590,6 @@ class VM:
             console=console, console_tail=console_tail, cold=True,
         )  # fmt: skip
         vm._incoming = popek_migrate.listen(address)
-        vm.kernel = Path("migrated")  # not the default guest: never a warm start, never a build
         return vm
 
     @classmethod

@@ -485,6 +485,18 @@ def _expected_steps(root: Path) -> int:
     return best[1] if best else EXPECTED_COMPILE_STEPS
 
 
+def manifest_head(key: str, inputs: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """What every cache entry's manifest.json starts with: its format, key, inputs, and when and how fast it was
+    built (the default guest's, and the root disks' in rootfs.py)."""
+    return {
+        "format": 1,
+        "key": key,
+        "inputs": inputs,
+        "built": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "build_seconds": seconds,
+    }
+
+
 def _artefact(path: Path) -> dict[str, Any]:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -613,11 +625,7 @@ def _build(inputs: Inputs, root: Path, entry: Path, show_progress: bool, reuse_k
 
         seconds = round(time.monotonic() - started, 1)
         manifest = {
-            "format": 1,
-            "key": inputs.key,
-            "inputs": inputs.describe(),
-            "built": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "build_seconds": seconds,
+            **manifest_head(inputs.key, inputs.describe(), seconds),
             "toolchain": {"gcc": _first_line(["gcc", "--version"]), "make": _first_line(["make", "--version"])},
             "kernel": kernel,
             "initramfs": {"busybox_applets": len(applets), "agent_size": len(agent)},

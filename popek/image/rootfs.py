@@ -21,7 +21,6 @@ copy of the ~300 MB the tree uses), removed with the run, so every run starts fr
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import os
@@ -347,11 +346,7 @@ def _build(inputs: RootfsInputs, agent: bytes, root: Path, entry: Path, show_pro
         build._run(mke2fs_command(tree, out / DISK, size, inputs.key), staging, log, env, "mke2fs")
         seconds = round(time.monotonic() - started, 1)
         manifest = {
-            "format": 1,
-            "key": inputs.key,
-            "inputs": inputs.describe(),
-            "built": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "build_seconds": seconds,
+            **build.manifest_head(inputs.key, inputs.describe(), seconds),
             "tree_bytes": content,
             "installed": installed,
             "artefacts": {"disk": build._artefact(out / DISK)},
