@@ -213,6 +213,12 @@ async def amain(workdir: Path) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    # The VM is built on a worker thread (its boot blocks), where a backend cannot install a signal handler: the
+    # KVM backend's vCPU kick (SIGUSR1, whose default action ends the process) is made harmless here, on the main
+    # thread, before any vCPU thread exists.
+    from popek.accel.kvm import install_kick_handler
+
+    install_kick_handler()
     console = ConsoleFile(workdir / CONSOLE)
     try:
         vm = await asyncio.to_thread(build_vm, spec, workdir, console)
