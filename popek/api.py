@@ -42,7 +42,7 @@ from popek.agent import AgentClient, ExecResult, Process, protocol, vsock_unix_c
 from popek.agent.client import Command, OutputCallback, PathLike
 from popek.agent.errors import AgentDisconnected, AgentUnavailable
 from popek.devices.virtio.blk import DiskSpec
-from popek.devices.virtio.net import NetSpec, net_spec
+from popek.devices.virtio.net import NetSpec, net_spec, random_mac
 from popek.devices.virtio.vsock import VsockSpec
 from popek.errors import ConfigError, PopekError
 from popek.vm import ACCELS, VIRTIO_IRQS, RunState, Vm, VmSpec
@@ -353,6 +353,7 @@ class VM:
         self._start_lock = threading.Lock()
         self.cold = bool(cold)
         self._restore_from: Path | None = None  # VM.restore's snapshot
+        self._snapshot_mac: bytes | None = None  # the MAC of the snapshot's virtio-net, which the guest still has
         self._incoming: socket.socket | None = None  # VM.incoming's listening socket
         self.restored = False  # this VM started from a snapshot (VM.restore, or a warm start)
         self.warm_started = False  # ... from the default guest's warm snapshot (popek.warm)
@@ -518,7 +519,9 @@ class VM:
 
     def _adjust(self, vsock: VsockSpec, saved: VmSpec) -> VmSpec:
         """A restored VM's spec: the snapshot's machine, with this VM's own host resources and limits."""
-        return dataclasses.replace(saved, vsock=vsock, timeout=self.timeout, disks=list(self.disks), net=self.net)
+        return dataclasses.replace(
+            saved, vsock=vsock, timeout=self.timeout, disks=list(self.disks), net=self.net, accel=self.accel
+        )
 
     def _own_vsock(self, vsock: VsockSpec, saved: VmSpec) -> VmSpec:
         return dataclasses.replace(saved, vsock=vsock, timeout=self.timeout)
@@ -555,10 +558,15 @@ class VM:
     def _refresh_identity(self) -> None:
         """A restored guest is a clone: its clock says when the snapshot was taken and its kernel's random
         generator is the snapshot's, as every other clone's. The agent sets the clock to the host's and
-        reseeds the generator from fresh host entropy (docs/agent-protocol.md, REFRESH) before any command."""
+        reseeds the generator from fresh host entropy (docs/agent-protocol.md, REFRESH) before any command. A
+        clone's network device has a MAC of its own (VM.restore), which the guest's interface takes here: Linux
+        read the snapshot's at probe time."""
         assert self._client is not None
+        mac = None
+        if self._snapshot_mac is not None and self.net is not None and self.net.mac != self._snapshot_mac:
+            mac = (self._snapshot_mac, self.net.mac)
         with self._guard():
-            self._client.refresh(time_ns=time.time_ns(), entropy=os.urandom(REFRESH_ENTROPY))
+            self._client.refresh(time_ns=time.time_ns(), entropy=os.urandom(REFRESH_ENTROPY), mac=mac)
 
     def migrate(self, address: str) -> popek_migrate.MigrationStats:
         """Move this running VM to the popek waiting in VM.incoming(address) (a Unix socket path, or
@@ -599,6 +607,7 @@ class VM:
         *,
         disks: Sequence[DiskArg] | None = None,
         net: str | NetSpec | None = None,
+        accel: str | None = None,
         timeout: float | None = None,
         boot_timeout: float = DEFAULT_RESTORE_TIMEOUT,
         agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
@@ -609,19 +618,26 @@ class VM:
         """A VM that starts (``with``, or start()) from the snapshot in `path` (VM.snapshot, ``popek snapshot``)
         instead of booting: the same machine, with a vsock socket of its own, the disks and network given here
         (by default the snapshot's disk paths and network kind; the disks must hold what the guest expects),
-        its clock and RNG refreshed. popek.snapshot.SnapshotError for a snapshot that cannot restore."""
+        its clock and RNG refreshed. A clone is a machine of its own on the network too: its virtio-net device
+        gets a random MAC (unless `net` names one) and the guest's interface takes it when the agent first
+        answers, so clones on one bridge do not answer ARP with one address. `accel` restores the snapshot on
+        another backend (kvm <-> soft, docs/snapshot-state.md "Across backends"): what the other backend cannot
+        take is a SnapshotError naming it. popek.snapshot.SnapshotError for a snapshot that cannot restore."""
         from popek import vm_snapshot
 
         saved = snapshot.read(path)
         spec: VmSpec = vm_snapshot.spec_from_state(vm_snapshot.parse_state(saved.state)["spec"])
+        if net is None and spec.net is not None:
+            net = dataclasses.replace(spec.net, mac=random_mac())  # the snapshot's network kind, a MAC of its own
         vm = cls(
-            kernel=spec.kernel, mem=spec.mem, cpus=spec.cpus, accel=spec.accel, cpu_template=spec.cpu_template,
-            disks=spec.disks if disks is None else disks, rng=spec.rng, acpi=spec.acpi, eventfds=spec.kvm_eventfds,
-            kvm_device=spec.kvm_device, net=spec.net if net is None else net, timeout=timeout,
+            kernel=spec.kernel, mem=spec.mem, cpus=spec.cpus, accel=spec.accel if accel is None else accel,
+            cpu_template=spec.cpu_template, disks=spec.disks if disks is None else disks, rng=spec.rng,
+            acpi=spec.acpi, eventfds=spec.kvm_eventfds, kvm_device=spec.kvm_device, net=net, timeout=timeout,
             boot_timeout=boot_timeout, agent_timeout=agent_timeout, agent_port=agent_port, console=console,
             console_tail=console_tail, cold=True,
         )  # fmt: skip
         vm._restore_from = Path(path)
+        vm._snapshot_mac = spec.net.mac if spec.net is not None else None
         return vm
 
     def wait_ready(self, timeout: float | None = None) -> float:

@@ -186,6 +186,12 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--verify", action="store_true", help="also check the memory file's checksum (reads it all)")
     restore = sub.add_parser("restore", help="start a clone of a snapshot and run a command in it")
     restore.add_argument("snapshot", metavar="DIR")
+    restore.add_argument(
+        "--accel",
+        choices=("kvm", "soft"),
+        default=None,
+        help="restore on this backend (default: the snapshot's); a snapshot that cannot cross says why",
+    )
     restore.add_argument("--timeout", type=float, default=None, help="stop the VM after this many seconds")
     restore.add_argument("--stats", action="store_true", help="print exit, port, MMIO and assist counts at the end")
     restore.add_argument("--console", action="store_true", help="copy the guest's console to stderr")

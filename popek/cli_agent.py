@@ -157,6 +157,7 @@ def restore(args: argparse.Namespace, command: list[str]) -> int:
     """``popek restore DIR -- CMD``: a clone of the snapshot in DIR runs the command through its agent."""
     vm = VM.restore(
         args.snapshot,
+        accel=args.accel,
         timeout=args.timeout,
         boot_timeout=args.boot_timeout if args.boot_timeout is not None else DEFAULT_RESTORE_TIMEOUT,
         console=_writer(2) if args.console else None,

@@ -638,15 +638,21 @@ class AgentClient:
                 raise _unexpected(frame, "PING")
         return time.monotonic() - started
 
-    def refresh(self, *, time_ns: int | None = None, entropy: bytes | None = None) -> None:
+    def refresh(
+        self, *, time_ns: int | None = None, entropy: bytes | None = None, mac: tuple[bytes, bytes] | None = None
+    ) -> None:
         """REFRESH (docs/agent-protocol.md): make a guest restored from a snapshot differ from its sibling clones
         before anything runs in it. time_ns sets the guest's CLOCK_REALTIME (ns since the Unix epoch, e.g.
         time.time_ns()); entropy (1..512 bytes, e.g. os.urandom(64)) is mixed into the guest kernel's input pool,
         which the CRNG then reseeds from at once (otherwise clones share the CRNG state until Linux's next
-        periodic reseed). InvalidRequest before anything is sent for values the protocol cannot carry;
-        RemoteError (kind OS, the guest's errno) naming the step that failed in the guest."""
+        periodic reseed); mac (old, new) gives the interface whose address is old the address new (a clone's
+        virtio-net device reports its own MAC, but Linux read the snapshot's at probe time and keeps it).
+        InvalidRequest before anything is sent for values the protocol cannot carry; RemoteError (kind OS, the
+        guest's errno; ENODEV when no interface has the old MAC) naming the step that failed in the guest."""
         request = protocol.RefreshRequest(
-            time_ns=time_ns, entropy=bytes(entropy) if isinstance(entropy, bytearray | memoryview) else entropy
+            time_ns=time_ns,
+            entropy=bytes(entropy) if isinstance(entropy, bytearray | memoryview) else entropy,
+            mac=mac,
         )
         with self._request(request.encode()) as channel:
             frame = channel.recv_frame(channel.deadline())

@@ -82,6 +82,7 @@ class Tag(enum.IntEnum):
     FLAGS = 0x8014
     TIME_NS = 0x8015
     ENTROPY = 0x8016
+    MAC = 0x8017
 
 
 class ErrorKind(enum.IntEnum):
@@ -150,6 +151,7 @@ TAG_RULES: dict[Tag, TagRule] = {
     Tag.FLAGS: TagRule(frozenset(KNOWN_FLAGS), False, 4, 4, False),
     Tag.TIME_NS: TagRule(frozenset({FrameType.REFRESH}), False, 8, 8, False),
     Tag.ENTROPY: TagRule(frozenset({FrameType.REFRESH}), False, 1, MAX_ENTROPY, False),
+    Tag.MAC: TagRule(frozenset({FrameType.REFRESH}), False, 12, 12, False),
 }
 
 
@@ -595,10 +597,13 @@ class FileRequest:
 class RefreshRequest:
     """REFRESH: what a guest restored from a snapshot needs to be a clone of its own (docs/agent-protocol.md,
     "REFRESH"): time_ns, the CLOCK_REALTIME to set (ns since the Unix epoch); entropy, 1..MAX_ENTROPY bytes the
-    agent mixes into the kernel's input pool before it reseeds the CRNG. Either may be left out."""
+    agent mixes into the kernel's input pool before it reseeds the CRNG; mac, (old, new): the interface whose
+    address is old (the snapshot's) gets new, the clone's own, which its virtio-net device now reports. Any may
+    be left out."""
 
     time_ns: int | None = None
     entropy: bytes | None = None
+    mac: tuple[bytes, bytes] | None = None
 
     def __post_init__(self) -> None:
         if self.time_ns is not None and (
@@ -610,6 +615,15 @@ class RefreshRequest:
                 raise InvalidRequest(f"entropy is bytes, not {type(self.entropy).__name__}")
             if not 1 <= len(self.entropy) <= MAX_ENTROPY:
                 raise InvalidRequest(f"{len(self.entropy)} bytes of entropy are outside 1..{MAX_ENTROPY}")
+        if self.mac is not None:
+            if (
+                not isinstance(self.mac, tuple)
+                or len(self.mac) != 2
+                or not all(isinstance(m, bytes) and len(m) == 6 for m in self.mac)
+            ):
+                raise InvalidRequest(f"a MAC change is (old, new), two 6-byte addresses, not {self.mac!r}")
+            if self.mac[1][0] & 1 or self.mac[1] == bytes(6):
+                raise InvalidRequest(f"{self.mac[1].hex(':')} is not a unicast address an interface can take")
 
     def tlvs(self) -> list[tuple[int, bytes]]:
         items: list[tuple[int, bytes]] = []
@@ -617,6 +631,8 @@ class RefreshRequest:
             items.append((Tag.TIME_NS, _U64.pack(self.time_ns)))
         if self.entropy is not None:
             items.append((Tag.ENTROPY, self.entropy))
+        if self.mac is not None:
+            items.append((Tag.MAC, self.mac[0] + self.mac[1]))
         return items
 
     def encode(self) -> bytes:
@@ -626,12 +642,18 @@ class RefreshRequest:
     def decode(cls, payload: bytes) -> RefreshRequest:
         time_ns: int | None = None
         entropy: bytes | None = None
+        mac: tuple[bytes, bytes] | None = None
         for tag, value in checked_tlvs(FrameType.REFRESH, payload):  # sizes: TAG_RULES, as the agent has them
             if tag is Tag.TIME_NS:
                 (time_ns,) = _U64.unpack(value)
             elif tag is Tag.ENTROPY:
                 entropy = value
-        return cls(time_ns=time_ns, entropy=entropy)
+            elif tag is Tag.MAC:
+                mac = (value[:6], value[6:])
+        try:
+            return cls(time_ns=time_ns, entropy=entropy, mac=mac)
+        except InvalidRequest as exc:
+            raise ProtocolError(f"REFRESH: {exc}") from exc
 
 
 Request = ExecRequest | FileRequest | RefreshRequest

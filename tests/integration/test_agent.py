@@ -68,10 +68,16 @@ class RunningAgent:
 
 
 # The agent runs on the host here, as root in CI: a REFRESH it takes (the fuzz tests below flip bytes of valid
-# requests until one parses) would set the host's clock or reseed its RNG. Without CAP_SYS_TIME and CAP_SYS_ADMIN
+# requests until one parses) would set the host's clock, reseed its RNG or change a MAC. Without CAP_SYS_TIME,
+# CAP_SYS_ADMIN and CAP_NET_ADMIN
 # (bounding and inheritable sets, so an exec as root does not get them back) it answers EPERM instead.
 _WITHOUT_HOST_CAPS = (
-    ["setpriv", "--bounding-set=-sys_time,-sys_admin", "--inh-caps=-sys_time,-sys_admin", "--"]
+    [
+        "setpriv",
+        "--bounding-set=-sys_time,-sys_admin,-net_admin",
+        "--inh-caps=-sys_time,-sys_admin,-net_admin",
+        "--",
+    ]
     if os.geteuid() == 0 and shutil.which("setpriv")
     else []
 )
@@ -777,3 +783,15 @@ def test_the_host_run_agent_cannot_set_the_hosts_clock(agent: RunningAgent) -> N
 
     with pytest.raises(RemoteError, match="CLOCK_REALTIME"):
         agent.client.refresh(time_ns=time.time_ns())  # the current time: harmless even if the drop failed
+
+
+def test_a_refresh_for_a_mac_no_interface_has_is_enodev_and_changes_nothing(agent: RunningAgent) -> None:
+    """The MAC step looks for the snapshot's address among the interfaces: one the host has none of (a locally
+    administered address popek never hands out as a clone's old MAC) is ENODEV, and no interface changes."""
+    from popek.agent.errors import RemoteError
+
+    before = {p.name: (p / "address").read_text() for p in Path("/sys/class/net").iterdir()}
+    with pytest.raises(RemoteError, match="find the interface with the snapshot's MAC") as caught:
+        agent.client.refresh(mac=(bytes.fromhex("fe0000c0ffee"), bytes.fromhex("020000c0ffee")))
+    assert caught.value.errno == errno.ENODEV
+    assert {p.name: (p / "address").read_text() for p in Path("/sys/class/net").iterdir()} == before

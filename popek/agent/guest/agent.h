@@ -83,7 +83,8 @@ struct request {
 	uint16_t rows, cols;
 	struct bytes entropy; /* REFRESH: 1..PA_MAX_ENTROPY bytes */
 	uint64_t time_ns;     /* REFRESH: the CLOCK_REALTIME to set, ns since the epoch */
-	int has_time_ns, has_entropy;
+	unsigned char mac_old[6], mac_new[6]; /* REFRESH: the interface with mac_old gets mac_new */
+	int has_time_ns, has_entropy, has_mac;
 };
 
 /* 0, or an ERROR kind with why filled in */

@@ -71,6 +71,7 @@
 #define PA_TAG_FLAGS 0x8014
 #define PA_TAG_TIME_NS 0x8015
 #define PA_TAG_ENTROPY 0x8016
+#define PA_TAG_MAC 0x8017
 
 /* ERROR kinds */
 #define PA_ERR_PROTOCOL 1

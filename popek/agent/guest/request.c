@@ -44,6 +44,7 @@ static const struct tag_rule RULES[] = {
 	{PA_TAG_FLAGS, "FLAGS", IN_WRITE | IN_STAT | IN_REMOVE | IN_MKDIR, 0, 4, 4, 0},
 	{PA_TAG_TIME_NS, "TIME_NS", IN_REFRESH, 0, 8, 8, 0},
 	{PA_TAG_ENTROPY, "ENTROPY", IN_REFRESH, 0, 1, PA_MAX_ENTROPY, 0},
+	{PA_TAG_MAC, "MAC", IN_REFRESH, 0, 12, 12, 0},
 };
 
 #define NRULES (sizeof(RULES) / sizeof(RULES[0]))
@@ -189,6 +190,19 @@ unsigned parse_request(uint8_t type, const unsigned char *p, size_t length, stru
 			r->entropy = b;
 			r->has_entropy = 1;
 			break;
+		case PA_TAG_MAC: {
+			static const unsigned char zero[6];
+			memcpy(r->mac_old, value, 6);
+			memcpy(r->mac_new, value + 6, 6);
+			r->has_mac = 1;
+			if ((r->mac_new[0] & 1) || memcmp(r->mac_new, zero, 6) == 0)
+				return fail(why, why_size, PA_ERR_PROTOCOL,
+					    "MAC: %02x:%02x:%02x:%02x:%02x:%02x is not a unicast address an interface "
+					    "can take",
+					    r->mac_new[0], r->mac_new[1], r->mac_new[2], r->mac_new[3], r->mac_new[4],
+					    r->mac_new[5]);
+			break;
+		}
 		}
 	}
 	if (type == PA_EXEC) {

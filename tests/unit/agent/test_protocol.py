@@ -88,8 +88,12 @@ def file_requests(draw: st.DrawFn) -> FileRequest:
     )
 
 
+unicast_macs = st.binary(min_size=6, max_size=6).filter(lambda m: not m[0] & 1 and m != bytes(6))
 refresh_requests = st.builds(
-    RefreshRequest, time_ns=st.none() | u64, entropy=st.none() | st.binary(min_size=1, max_size=protocol.MAX_ENTROPY)
+    RefreshRequest,
+    time_ns=st.none() | u64,
+    entropy=st.none() | st.binary(min_size=1, max_size=protocol.MAX_ENTROPY),
+    mac=st.none() | st.tuples(st.binary(min_size=6, max_size=6), unicast_macs),
 )
 
 requests = exec_requests() | file_requests() | refresh_requests
@@ -234,7 +238,11 @@ def refresh_frame(items: list[tuple[int, bytes]]) -> Frame:
         ([(Tag.TIME_NS, b"\0" * 8), (Tag.TIME_NS, b"\1" * 8)], "TIME_NS appears twice"),
         ([(Tag.ENTROPY, b"a"), (Tag.ENTROPY, b"b")], "ENTROPY appears twice"),
         ([(Tag.PATH, b"/")], "critical tag 0x8010 is not known in REFRESH"),  # no PATH here, unlike files
-        ([(0x8017, b"")], "critical tag 0x8017"),
+        ([(Tag.MAC, b"\x02" * 11)], r"MAC has a value of 11 bytes, outside 12\.\.12"),
+        ([(Tag.MAC, b"\x02" * 13)], r"MAC has a value of 13 bytes"),
+        ([(Tag.MAC, b"\x02" * 6 + b"\x01" * 6)], "not a unicast address"),  # a multicast new MAC
+        ([(Tag.MAC, b"\x02" * 6 + b"\0" * 6)], "not a unicast address"),
+        ([(0x8018, b"")], "critical tag 0x8018"),
     ],
 )
 def test_refresh_sizes_and_tags_are_checked_on_decode(items: list[tuple[int, bytes]], match: str) -> None:
@@ -248,7 +256,9 @@ def test_refresh_decodes_what_the_agent_accepts() -> None:
     items = [(0x0FFF, b"later"), (Tag.ENTROPY, b"\0" * 512), (Tag.TIME_NS, struct.pack("<Q", (1 << 64) - 1))]
     assert protocol.decode_request(refresh_frame(items)) == RefreshRequest(time_ns=(1 << 64) - 1, entropy=b"\0" * 512)
     # and REFRESH's tags are unknown in the other requests
-    for tag in (Tag.TIME_NS, Tag.ENTROPY):
+    mac = b"\x52\x54\x00\x12\x34\x56", b"\x02\x00\x00\xab\xcd\xef"
+    assert protocol.decode_request(refresh_frame([(Tag.MAC, mac[0] + mac[1])])) == RefreshRequest(mac=mac)
+    for tag in (Tag.TIME_NS, Tag.ENTROPY, Tag.MAC):
         with pytest.raises(ProtocolError, match=f"critical tag {tag:#x} is not known in STAT"):
             protocol.decode_request(Frame(FrameType.STAT, protocol.encode_tlvs([(Tag.PATH, b"/"), (tag, b"\0" * 8)])))
 
@@ -263,6 +273,11 @@ def test_refresh_decodes_what_the_agent_accepts() -> None:
         ({"time_ns": 1 << 64}, "not a u64"),  # what would need more than TIME_NS's 8 bytes
         ({"time_ns": 1.5}, "not a u64"),
         ({"time_ns": True}, "not a u64"),
+        ({"mac": (b"\x02" * 6,)}, "two 6-byte addresses"),
+        ({"mac": (b"\x02" * 6, b"\x02" * 5)}, "two 6-byte addresses"),
+        ({"mac": [b"\x02" * 6, b"\x02" * 6]}, "two 6-byte addresses"),
+        ({"mac": ("02:00:00:00:00:01", b"\x02" * 6)}, "two 6-byte addresses"),
+        ({"mac": (b"\x02" * 6, b"\xff" * 6)}, "ff:ff:ff:ff:ff:ff is not a unicast address"),
     ],
 )
 def test_refresh_values_the_protocol_cannot_carry_are_refused_before_sending(
