@@ -82,35 +82,193 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 # threads (the vCPU kick), time. socket, clone and clone3 have rules of their own (below).
 ALLOWED = (
     # memory
-    "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "mlock", "munlock", "msync", "membarrier",
+    "brk",
+    "mmap",
+    "munmap",
+    "mremap",
+    "mprotect",
+    "madvise",
+    "mlock",
+    "munlock",
+    "msync",
+    "membarrier",
     # files and fds (only what the root holds can be reached)
-    "read", "write", "pread64", "pwrite64", "readv", "writev", "preadv", "pwritev", "preadv2", "pwritev2",
-    "open", "openat", "close", "close_range", "lseek", "fstat", "stat", "lstat", "newfstatat", "statx",
-    "fcntl", "dup", "dup2", "dup3", "pipe", "pipe2", "ioctl", "fsync", "fdatasync", "ftruncate", "fallocate",
-    "getdents64", "getcwd", "readlink", "readlinkat", "access", "faccessat", "faccessat2", "unlink", "unlinkat",
-    "rename", "renameat", "renameat2", "mkdir", "mkdirat", "rmdir", "fchmod", "chmod", "fchmodat", "flock",
-    "utimensat", "copy_file_range", "sendfile", "splice", "fadvise64", "sync_file_range", "statfs", "fstatfs",
+    "read",
+    "write",
+    "pread64",
+    "pwrite64",
+    "readv",
+    "writev",
+    "preadv",
+    "pwritev",
+    "preadv2",
+    "pwritev2",
+    "open",
+    "openat",
+    "close",
+    "close_range",
+    "lseek",
+    "fstat",
+    "stat",
+    "lstat",
+    "newfstatat",
+    "statx",
+    "fcntl",
+    "dup",
+    "dup2",
+    "dup3",
+    "pipe",
+    "pipe2",
+    "ioctl",
+    "fsync",
+    "fdatasync",
+    "ftruncate",
+    "fallocate",
+    "getdents64",
+    "getcwd",
+    "readlink",
+    "readlinkat",
+    "access",
+    "faccessat",
+    "faccessat2",
+    "unlink",
+    "unlinkat",
+    "rename",
+    "renameat",
+    "renameat2",
+    "mkdir",
+    "mkdirat",
+    "rmdir",
+    "fchmod",
+    "chmod",
+    "fchmodat",
+    "flock",
+    "utimensat",
+    "copy_file_range",
+    "sendfile",
+    "splice",
+    "fadvise64",
+    "sync_file_range",
+    "statfs",
+    "fstatfs",
     "umask",
     # polling and event fds (the device loop, asyncio)
-    "poll", "ppoll", "select", "pselect6", "epoll_create", "epoll_create1", "epoll_ctl", "epoll_wait",
-    "epoll_pwait", "epoll_pwait2", "eventfd", "eventfd2", "timerfd_create", "timerfd_settime", "timerfd_gettime",
+    "poll",
+    "ppoll",
+    "select",
+    "pselect6",
+    "epoll_create",
+    "epoll_create1",
+    "epoll_ctl",
+    "epoll_wait",
+    "epoll_pwait",
+    "epoll_pwait2",
+    "eventfd",
+    "eventfd2",
+    "timerfd_create",
+    "timerfd_settime",
+    "timerfd_gettime",
     # Unix sockets (socket itself: AF_UNIX only, below)
-    "socketpair", "bind", "listen", "accept", "accept4", "connect", "getsockname", "getpeername", "getsockopt",
-    "setsockopt", "sendto", "recvfrom", "sendmsg", "recvmsg", "sendmmsg", "recvmmsg", "shutdown",
+    "socketpair",
+    "bind",
+    "listen",
+    "accept",
+    "accept4",
+    "connect",
+    "getsockname",
+    "getpeername",
+    "getsockopt",
+    "setsockopt",
+    "sendto",
+    "recvfrom",
+    "sendmsg",
+    "recvmsg",
+    "sendmmsg",
+    "recvmmsg",
+    "shutdown",
     # threads, futexes, signals among its own threads
-    "futex", "futex_waitv", "set_robust_list", "get_robust_list", "set_tid_address", "rseq", "sched_yield",
-    "sched_getaffinity", "sched_setaffinity", "sched_getparam", "sched_getscheduler", "getpriority",
-    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigpending", "rt_sigtimedwait", "rt_sigsuspend",
-    "rt_sigqueueinfo", "rt_tgsigqueueinfo", "sigaltstack", "tgkill", "tkill", "kill", "restart_syscall",
-    "wait4", "waitid", "exit", "exit_group", "arch_prctl", "prctl", "prlimit64", "getrlimit", "getrusage",
+    "futex",
+    "futex_waitv",
+    "set_robust_list",
+    "get_robust_list",
+    "set_tid_address",
+    "rseq",
+    "sched_yield",
+    "sched_getaffinity",
+    "sched_setaffinity",
+    "sched_getparam",
+    "sched_getscheduler",
+    "getpriority",
+    "rt_sigaction",
+    "rt_sigprocmask",
+    "rt_sigreturn",
+    "rt_sigpending",
+    "rt_sigtimedwait",
+    "rt_sigsuspend",
+    "rt_sigqueueinfo",
+    "rt_tgsigqueueinfo",
+    "sigaltstack",
+    "tgkill",
+    "tkill",
+    "kill",
+    "restart_syscall",
+    "wait4",
+    "waitid",
+    "exit",
+    "exit_group",
+    "arch_prctl",
+    "prctl",
+    "prlimit64",
+    "getrlimit",
+    "getrusage",
     # identity and time
-    "getpid", "getppid", "gettid", "getuid", "geteuid", "getgid", "getegid", "getgroups", "getresuid",
-    "getresgid", "getpgrp", "getpgid", "getsid", "uname", "sysinfo", "getrandom",
-    "clock_gettime", "clock_getres", "clock_nanosleep", "gettimeofday", "nanosleep", "time", "times",
+    "getpid",
+    "getppid",
+    "gettid",
+    "getuid",
+    "geteuid",
+    "getgid",
+    "getegid",
+    "getgroups",
+    "getresuid",
+    "getresgid",
+    "getpgrp",
+    "getpgid",
+    "getsid",
+    "uname",
+    "sysinfo",
+    "getrandom",
+    "clock_gettime",
+    "clock_getres",
+    "clock_nanosleep",
+    "gettimeofday",
+    "nanosleep",
+    "time",
+    "times",
 )
-DENIED_ALWAYS = ("execve", "execveat", "fork", "vfork", "ptrace", "mount", "umount2", "pivot_root", "chroot",
-                 "unshare", "setns", "bpf", "kexec_load", "init_module", "finit_module", "process_vm_readv",
-                 "process_vm_writev", "keyctl", "add_key", "userfaultfd", "perf_event_open")
+DENIED_ALWAYS = (
+    "execve",
+    "execveat",
+    "fork",
+    "vfork",
+    "ptrace",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "unshare",
+    "setns",
+    "bpf",
+    "kexec_load",
+    "init_module",
+    "finit_module",
+    "process_vm_readv",
+    "process_vm_writev",
+    "keyctl",
+    "add_key",
+    "userfaultfd",
+    "perf_event_open",
+)
 
 
 class JailError(Exception):
@@ -174,7 +332,9 @@ class JailSpec:
             if not os.path.lexists(text):
                 raise JailError(f"no such file to bind into the jail: {text}")
         for name, value in (("uid", self.uid), ("gid", self.gid)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32 - 1):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32 - 1
+            ):
                 raise JailError(f"jail {name} must be a number from 0 to 4294967294, not {value!r}")
         if (self.uid is None) != (self.gid is None):
             raise JailError("give both a jail uid and a jail gid, or neither")
@@ -211,7 +371,9 @@ def _check(result: int, what: str) -> None:
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    enc = (lambda s: None if s is None else s.encode())
+    def enc(text: str | None) -> bytes | None:
+        return None if text is None else text.encode()
+
     _check(_c().mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {target}")
 
 
@@ -266,13 +428,33 @@ def build_filter(tap: bool = False) -> Any:
 def preload(extra: Sequence[str] = ()) -> None:
     """Import what the VMM process needs before the pivot: after it, the interpreter finds no module files."""
     modules = [
-        "popek.api", "popek.vm", "popek.accel.kvm", "popek.accel.soft", "popek.accel.kvm_assist",
-        "popek.accel.kvm_softcpu", "popek.accel.kvm_syscall", "popek.accel.kvm_mmx", "popek.accel.kvm_avx",
-        "popek.accel.kvm_probe", "popek.devices.virtio.vsock", "popek.devices.virtio.blk",
-        "popek.devices.virtio.net", "popek.devices.virtio.rng", "popek.devices.virtio.console",
-        "popek.agent.client", "popek.snapshot", "popek.vm_snapshot", "popek.console", "popek.image",
-        "asyncio", "asyncio.unix_events", "json", "concurrent.futures.thread", "encodings.idna",
-        "iced_x86", *extra,
+        "popek.api",
+        "popek.vm",
+        "popek.accel.kvm",
+        "popek.accel.soft",
+        "popek.accel.kvm_assist",
+        "popek.accel.kvm_softcpu",
+        "popek.accel.kvm_syscall",
+        "popek.accel.kvm_mmx",
+        "popek.accel.kvm_avx",
+        "popek.accel.kvm_probe",
+        "popek.devices.virtio.vsock",
+        "popek.devices.virtio.blk",
+        "popek.devices.virtio.net",
+        "popek.devices.virtio.rng",
+        "popek.devices.virtio.console",
+        "popek.agent.client",
+        "popek.snapshot",
+        "popek.vm_snapshot",
+        "popek.console",
+        "popek.image",
+        "asyncio",
+        "asyncio.unix_events",
+        "json",
+        "concurrent.futures.thread",
+        "encodings.idna",
+        "iced_x86",
+        *extra,
     ]
     for name in modules:
         try:
@@ -337,10 +519,11 @@ def _build_root(spec: JailSpec) -> None:
         path = os.path.realpath(bind.path)
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
         mode = os.fstat(fd).st_mode
-        sources.append((fd, str(bind.path), stat.S_ISDIR(mode), bind.writable, stat.S_ISBLK(mode) or stat.S_ISCHR(mode)))
-    for device in spec.devices:
-        fd = os.open(device, os.O_PATH | os.O_CLOEXEC)
-        sources.append((fd, device, False, True, True))
+        node = stat.S_ISBLK(mode) or stat.S_ISCHR(mode)
+        sources.append((fd, str(bind.path), stat.S_ISDIR(mode), bind.writable, node))
+    for name in spec.devices:
+        fd = os.open(name, os.O_PATH | os.O_CLOEXEC)
+        sources.append((fd, name, False, True, True))
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     _mount("tmpfs", NEW_ROOT, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=1m")
     try:
@@ -432,3 +615,47 @@ def enter(spec: JailSpec) -> None:
         os._exit(125)
     os.write(write_end, b"1")
     os.close(write_end)
+
+
+PASST_REFUSED = (
+    "--jail cannot use --net passt: passt is a helper program the VMM would have to execute, which the jail "
+    "forbids; use --net tap:NAME (set up as root beforehand) or no network"
+)
+
+
+def confine_vm(
+    *,
+    workdir: str | os.PathLike[str],
+    kernel: str | os.PathLike[str] | None,
+    initrd: str | os.PathLike[str] | None,
+    disks: Iterable[Any] = (),
+    net: Any = None,
+    accel: str = "kvm",
+    uid: int | None = None,
+    gid: int | None = None,
+    readonly: Iterable[str | os.PathLike[str]] = (),
+) -> None:
+    """Confine this process to run one VM: `disks` are DiskSpecs (bound read-only where the VM reads them only),
+    `net` a NetSpec or None (passt is refused: PASST_REFUSED; a TAP keeps the host's network namespace), and
+    `workdir` the VM's own read-write directory, also the process's tempfile directory (the runtime directory
+    popek.VM makes goes there, not to the host's /tmp, which the jail lacks). Returns in the confined process."""
+    import tempfile
+
+    if net is not None and getattr(net, "backend", None) == "passt":
+        raise JailError(PASST_REFUSED)
+    check_possible()
+    spec = JailSpec.for_vm(
+        workdir=workdir,
+        kernel=kernel,
+        initrd=initrd,
+        disks=[(disk.path, not disk.read_only) for disk in disks],
+        readonly=readonly,
+        kvm=accel != "soft",
+        tap=net is not None,
+        uid=uid,
+        gid=gid,
+    )
+    spec.validate()
+    preload()
+    tempfile.tempdir = os.fspath(workdir)
+    enter(spec)
