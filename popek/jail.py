@@ -425,46 +425,22 @@ def build_filter(tap: bool = False) -> Any:
     return filt
 
 
+SKIPPED_MODULES = ("popek.__main__", "popek.daemon.app", "popek.daemon.server", "popek.daemon.client")
+
+
 def preload(extra: Sequence[str] = ()) -> None:
-    """Import what the VMM process needs before the pivot: after it, the interpreter finds no module files."""
-    modules = [
-        "popek.api",
-        "popek.vm",
-        "popek.accel.kvm",
-        "popek.accel.soft",
-        "popek.accel.kvm_assist",
-        "popek.accel.kvm_softcpu",
-        "popek.accel.kvm_syscall",
-        "popek.accel.kvm_mmx",
-        "popek.accel.kvm_avx",
-        "popek.accel.kvm_probe",
-        "popek.devices.virtio.vsock",
-        "popek.devices.virtio.blk",
-        "popek.devices.virtio.net",
-        "popek.devices.virtio.rng",
-        "popek.devices.virtio.console",
-        "popek.agent.client",
-        "popek.snapshot",
-        "popek.vm_snapshot",
-        "popek.console",
-        "popek.image",
-        "asyncio",
-        "asyncio.unix_events",
-        "json",
-        "concurrent.futures.thread",
-        "encodings.idna",
-        "iced_x86",
-        *extra,
-    ]
-    for name in modules:
-        try:
+    """Import what the VMM process may need before the pivot: after it the interpreter finds no module files.
+    That is every popek module (they import on first use inside functions too) but the daemon's server side,
+    and the stdlib modules those import lazily."""
+    import pkgutil
+
+    import popek
+
+    names = [info.name for info in pkgutil.walk_packages(popek.__path__, "popek.")]
+    names += ["asyncio", "asyncio.unix_events", "json", "concurrent.futures.thread", "encodings.idna", "iced_x86"]
+    for name in [*names, *extra]:
+        if name not in SKIPPED_MODULES:
             importlib.import_module(name)
-        except ImportError:
-            if name.startswith("popek."):  # a module this popek lacks is one it does not use
-                continue
-            raise
-    # a module imported on first use inside a function, named in sys.modules already, is found; what is left
-    # (encodings for a new codec, ...) fails as ImportError, a clean error, never a crash
 
 
 def _capset_zero() -> None:
