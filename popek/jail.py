@@ -532,9 +532,17 @@ def _unshare(flags: int) -> None:
 
 
 def _wait_and_follow(child: int, filt: Any, spec: JailSpec, last_cap: int) -> NoReturn:
-    """The parent: forward signals, confine itself, wait, and end as the child ended."""
+    """The parent: forward signals, confine itself, wait, and end as the child ended. The child, PID 1 of its
+    namespace, cannot die by a signal it sent or was forwarded (the kernel spares init), so it exits 128 + N for a
+    forwarded signal N (_exit_on_signal), and the parent then ends by signal N itself."""
+    forwarded: set[int] = set()
+
+    def forward(signum: int, _frame: object) -> None:
+        forwarded.add(signum)
+        os.kill(child, signum)
+
     for signum in FORWARDED:
-        signal.signal(signum, lambda s, _f: os.kill(child, s))
+        signal.signal(signum, forward)
     try:
         _drop_privileges(JailSpec(uid=spec.uid, gid=spec.gid), last_cap)
         filt.load()
@@ -546,11 +554,10 @@ def _wait_and_follow(child: int, filt: Any, spec: JailSpec, last_cap: int) -> No
             _, status = os.waitpid(child, 0)
         except ChildProcessError:
             os._exit(125)
-        if os.WIFEXITED(status):
-            sys.stdout.flush()
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) - 128 not in forwarded:
             os._exit(os.WEXITSTATUS(status))
-        if os.WIFSIGNALED(status):
-            sig = os.WTERMSIG(status)
+        if os.WIFSIGNALED(status) or os.WIFEXITED(status):
+            sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status) - 128
             signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
             os.kill(os.getpid(), sig)
@@ -589,8 +596,17 @@ def enter(spec: JailSpec) -> None:
     except (JailError, OSError) as exc:
         os.write(write_end, str(exc).encode()[:4000] or b"?")
         os._exit(125)
+    for signum in FORWARDED:
+        if signal.getsignal(signum) in (signal.SIG_DFL, None):
+            signal.signal(signum, _exit_on_signal)
     os.write(write_end, b"1")
     os.close(write_end)
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    """PID 1's stand-in for a signal's default action (init ignores what it has no handler for): exit 128 + N,
+    unwinding (finally blocks and context managers run, so the VM is closed)."""
+    raise SystemExit(128 + signum)
 
 
 PASST_REFUSED = (
