@@ -79,7 +79,7 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 # What a running VMM makes (strace -f -c of `popek serve` VM processes running the default guest with exec and
 # files traffic, and of `popek run --jail`): memory, files and fds in its root, threads and their futexes, the
 # KVM ioctls, epoll/eventfd/timerfd for the device loop, Unix sockets (vsock, control), signals between its own
-# threads (the vCPU kick), time. socket, clone and clone3 have rules of their own (below).
+# threads (the vCPU kick), time. socket, clone, clone3 and ioctl have rules of their own (build_filter).
 ALLOWED = (
     # memory
     "brk",
@@ -119,7 +119,6 @@ ALLOWED = (
     "dup3",
     "pipe",
     "pipe2",
-    "ioctl",
     "fsync",
     "fdatasync",
     "ftruncate",
@@ -246,6 +245,7 @@ ALLOWED = (
     "time",
     "times",
 )
+IOCTL_TYPES = (0xAE, 0x54)  # KVMIO; 'T' (TCGETS..., TIOCGWINSZ, TUNSETIFF, FIONBIO, FIOCLEX)
 DENIED_ALWAYS = (
     "execve",
     "execveat",
@@ -421,6 +421,10 @@ def build_filter(tap: bool = False) -> Any:
     # filter cannot read, so it answers ENOSYS, on which glibc's pthread_create falls back to clone.
     filt.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, CLONE_THREAD))
     filt.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+    # ioctl by the request's type byte: KVM's (0xAE) and 'T' (terminals, TUNSETIFF, FIONBIO/FIOCLEX); no other
+    # driver's (no block-device, socket-config or SCSI ioctls). tap=True needs no more: TUNSETIFF is a 'T' ioctl.
+    for kind in IOCTL_TYPES:
+        filt.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFF00, kind << 8))
     filt.set_attr(sc.Attr.CTL_TSYNC, 1)
     return filt
 
@@ -457,16 +461,13 @@ def _capset_zero() -> None:
 
 def _drop_privileges(spec: JailSpec, last_cap: int) -> None:
     """uid/gid if given, then no capability in any set, then no_new_privs."""
+    for cap in range(last_cap + 1):  # first: dropping from the bounding set needs CAP_SETPCAP, gone after setuid
+        if _c().prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) < 0 and ctypes.get_errno() != errno.EINVAL:
+            raise JailError(f"cannot drop capability {cap}: {os.strerror(ctypes.get_errno())}")
     if spec.gid is not None and spec.uid is not None:
         os.setgroups([])
         os.setresgid(spec.gid, spec.gid, spec.gid)
         os.setresuid(spec.uid, spec.uid, spec.uid)
-    for cap in range(last_cap + 1):
-        if _c().prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) < 0 and ctypes.get_errno() not in (
-            errno.EINVAL,
-            errno.EPERM,  # after setuid there is no CAP_SETPCAP left: the bounding set no longer matters then
-        ):
-            raise JailError(f"cannot drop capability {cap}: {os.strerror(ctypes.get_errno())}")
     _c().prctl(PR_CAP_AMBIENT, ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), 0, 0, 0)
     _capset_zero()
     _prctl(PR_SET_NO_NEW_PRIVS, 1)

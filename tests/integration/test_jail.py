@@ -3,6 +3,7 @@ to the outside, execve, fork), reporting through a pipe; and a VM still runs ins
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -97,6 +98,7 @@ def test_inside_the_jail_host_files_sockets_exec_and_fork_fail(
             "execve": exec_true,
             "fork": os.fork,
             "mknod": lambda: os.mknod(str(work / "null"), 0o666 | 0o020000, os.makedev(1, 3)),
+            "fs_ioctl": lambda: fcntl.ioctl(os.open(str(work), os.O_RDONLY), 0x80086601, b"\0" * 8),  # GETFLAGS
             # what the VMM does need still works
             "write_work": lambda: (work / "console.log").write_text("hello"),
             "unix_socket": lambda: socket.socket(socket.AF_UNIX).close(),
@@ -109,12 +111,13 @@ def test_inside_the_jail_host_files_sockets_exec_and_fork_fail(
     assert results["inet"] == results["inet6"] == results["netlink"] == eperm
     assert results["connect_outside"] == enoent  # the socket file is not in the root at all
     assert results["execve"] == eperm and results["fork"] == eperm and results["mknod"] == eperm
+    assert results["fs_ioctl"] == eperm  # an ioctl of neither KVM's nor the terminal's type
     assert results["write_work"] == results["unix_socket"] == results["thread"] == results["urandom"] == "ok"
     assert (work / "console.log").read_text() == "hello"  # the work dir is the host's, bound read-write
 
 
-def test_the_jailed_process_is_pid_1_without_capabilities_and_filtered(tmp_path: Path) -> None:
-    spec = jail.JailSpec.for_vm(workdir=tmp_path, kvm=False)
+def test_the_jailed_process_is_pid_1_as_the_given_uid_without_capabilities_and_filtered(tmp_path: Path) -> None:
+    spec = jail.JailSpec.for_vm(workdir=tmp_path, kvm=False, uid=65534, gid=65534)
     spec.proc = True
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -123,7 +126,19 @@ def test_the_jailed_process_is_pid_1_without_capabilities_and_filtered(tmp_path:
         try:
             jail.enter(spec)
             fields = dict(line.split(":\t", 1) for line in Path("/proc/self/status").read_text().splitlines())
-            want = ("Pid", "CapEff", "CapPrm", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp")
+            want = (
+                "Pid",
+                "Uid",
+                "Gid",
+                "Groups",
+                "CapInh",
+                "CapEff",
+                "CapPrm",
+                "CapBnd",
+                "CapAmb",
+                "NoNewPrivs",
+                "Seccomp",
+            )
             os.write(write_end, json.dumps({k: fields[k].strip() for k in want}).encode())
         finally:
             os._exit(0)
@@ -133,7 +148,9 @@ def test_the_jailed_process_is_pid_1_without_capabilities_and_filtered(tmp_path:
     os.waitpid(pid, 0)
     assert status["Pid"] == "1"
     assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == int(status["CapBnd"], 16) == 0
-    assert int(status["CapAmb"], 16) == 0
+    assert int(status["CapAmb"], 16) == int(status["CapInh"], 16) == 0
+    assert status["Uid"].split() == ["65534"] * 4 and status["Gid"].split() == ["65534"] * 4
+    assert status["Groups"] == ""
     assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
 
 

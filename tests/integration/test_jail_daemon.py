@@ -93,3 +93,15 @@ def test_the_vm_process_has_no_capabilities_no_new_privs_seccomp_and_its_own_mou
     root = sorted(os.listdir(f"/proc/{inner}/root"))
     assert "etc" not in root and "usr" not in root and "dev" in root, root
     assert sorted(os.listdir(f"/proc/{inner}/root/dev")) == ["kvm", "null", "urandom", "zero"]
+
+
+def test_a_jailed_vm_snapshots_into_its_own_directory_only(jailed: Jailed, tmp_path: Path) -> None:
+    own = jailed.state / "vms" / jailed.vm.id / "snap"
+    jailed.vm.snapshot(own)
+    assert (own / "manifest.json").exists() or any(own.iterdir())
+    outside = tmp_path / "snap"
+    with pytest.raises(ApiError) as refused:
+        jailed.vm.snapshot(outside)
+    assert refused.value.status == 409 and not outside.exists()
+    r = jailed.vm.exec(["true"])
+    assert r.exit_code == 0  # the VM runs on after both

@@ -102,6 +102,12 @@ def test_the_filter_allows_clone_for_threads_only_and_clone3_answers_enosys() ->
     assert f"action ERRNO({errno.ENOSYS})" in _rules(pfc, "clone3")
 
 
+def test_ioctl_is_allowed_for_kvm_and_terminal_types_only() -> None:
+    rule = _rules(_pfc(), "ioctl")
+    assert rule.count("action ALLOW") == len(jail.IOCTL_TYPES) == 2
+    assert "$a1.lo32 & 0x0000ff00 == 44544" in rule and "$a1.lo32 & 0x0000ff00 == 21504" in rule  # 0xAE00, 0x5400
+
+
 def test_the_default_action_is_eperm_and_exec_fork_ptrace_mount_are_not_allowed() -> None:
     pfc = _pfc()
     assert pfc.split("# default action")[1].split()[:2] == ["action", f"ERRNO({errno.EPERM});"]
