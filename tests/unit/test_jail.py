@@ -199,3 +199,26 @@ def test_popek_run_jail_errors_are_one_line(tmp_path: Path, args: list[str], mes
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_the_vm_process_makes_the_default_guest_explicit_before_it_is_jailed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from popek import image
+    from popek.daemon import vmproc
+
+    kernel, initrd = tmp_path / "bzImage", tmp_path / "initrd"
+    monkeypatch.setattr(
+        image, "ensure_default_guest", lambda progress=False: SimpleNamespace(kernel=kernel, initrd=initrd, cmdline="q")
+    )
+    seen: list[dict[str, object]] = []
+    monkeypatch.setattr(jail, "confine_vm", lambda **kw: seen.append(kw))
+    spec = vmproc.jail({"cmdline": "extra", "disks": ["/dev/null,ro"], "accel": "kvm"}, tmp_path)
+    assert (spec["kernel"], spec["initrd"], spec["cmdline"]) == (str(kernel), str(initrd), "q extra")
+    (args,) = seen
+    assert args["workdir"] == tmp_path and args["kernel"] == str(kernel) and args["net"] is None
+    assert [(d.path, d.read_only) for d in args["disks"]] == [(Path("/dev/null"), True)]  # type: ignore[attr-defined]
+    restored = vmproc.jail({"snapshot": str(tmp_path)}, tmp_path)
+    assert restored.get("kernel") is None and seen[1]["readonly"] == [str(tmp_path)]
