@@ -517,7 +517,8 @@ def _build_root(spec: JailSpec) -> None:
         _check(_c().umount2(b".", MNT_DETACH), "umount the host's root")
         os.chdir("/")
         _mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    except OSError as exc:
+    except (OSError, JailError) as exc:
+        _c().umount2(NEW_ROOT.encode(), MNT_DETACH)  # the parent shares this namespace: give it back its /tmp
         raise JailError(f"cannot build the jail's root: {exc}") from exc
 
 

@@ -37,6 +37,7 @@ CONTROL = "control.sock"
 VSOCK = "vsock.sock"
 CONSOLE = "console.log"
 EXIT_FILE = "exit.json"
+HOST_PID: int | None = None  # a jailed VM process is PID 1 of its own namespace: the pid the daemon sees is this
 
 
 class ConsoleFile:
@@ -101,7 +102,7 @@ class Controller:
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
         if op == "status":
-            return {"state": self.state, "pid": os.getpid(), "boot_error": self.boot_error}
+            return {"state": self.state, "pid": HOST_PID or os.getpid(), "boot_error": self.boot_error}
         if op == "stats":
             try:
                 return {"stats": self.vm.stats()}
@@ -290,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     if spec.get("jail"):
         from popek.jail import JailError
 
+        global HOST_PID
+        HOST_PID = os.getpid()  # the jail's outer process, which the daemon started and watches
         try:
             spec = jail(spec, workdir)
         except Exception as exc:  # a jail that cannot be made: the VM fails, saying why (never runs unconfined)

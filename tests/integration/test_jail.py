@@ -197,3 +197,24 @@ def test_a_vm_runs_inside_the_jail_on_kvm(tmp_path: Path) -> None:
     )
     assert "hello from the jail" in result.stdout, result.stderr
     assert "halted" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_jail_that_cannot_be_built_is_a_jail_error_in_the_caller(tmp_path: Path) -> None:
+    """A bind source that vanished (a dangling symlink): the child's error reaches the caller as one JailError,
+    and the caller, unconfined, still sees the host's files."""
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    code = (
+        "import os, sys; from pathlib import Path; from popek import jail; "
+        f"spec = jail.JailSpec(binds=[jail.Bind(Path({str(tmp_path / 'gone')!r}))], kvm=False)\n"
+        "try:\n    jail.enter(spec)\nexcept jail.JailError as e:\n"
+        f"    print('refused:', e); print('tmp visible:', os.path.exists({str(tmp_path)!r}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert "refused:" in result.stdout and "No such file" in result.stdout, (result.stdout, result.stderr)
+    assert "tmp visible: True" in result.stdout and result.returncode == 0
