@@ -85,8 +85,8 @@ def test_the_vm_process_has_no_capabilities_no_new_privs_seccomp_and_its_own_mou
         assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
         ns = os.readlink(f"/proc/{process}/ns/mnt")
         assert ns != os.readlink(f"/proc/{jailed.daemon_pid}/ns/mnt")
-        assert os.readlink(f"/proc/{process}/ns/pid") == os.readlink(f"/proc/{jailed.daemon_pid}/ns/pid")
     assert os.readlink(f"/proc/{inner}/ns/pid") != os.readlink(f"/proc/{jailed.daemon_pid}/ns/pid")
+    assert os.readlink(f"/proc/{pid}/ns/pid_for_children") == os.readlink(f"/proc/{inner}/ns/pid")
     assert os.readlink(f"/proc/{inner}/ns/net") != os.readlink(f"/proc/{jailed.daemon_pid}/ns/net")
     assert _status(inner)["NSpid"].split()[-1] == "1"
     # its root holds its own directory and /dev, nothing of the host's
