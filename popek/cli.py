@@ -474,6 +474,9 @@ def _run_vm(
         return exit_status(stop, guest_status)
 
 
+JAIL_SCRATCH = "/run/popek"
+
+
 def _check_jail(args: argparse.Namespace, net: NetSpec | None, image_name: str) -> None:
     """--jail's own errors, before anything is built: one line each."""
     from popek import jail
@@ -504,10 +507,10 @@ def jail_vm(
     """Enter the jail (popek.jail) for one `popek run --jail` VM; its work dir is a fresh temporary directory."""
     from popek import jail
 
-    workdir = tempfile.mkdtemp(prefix="popek-jail-")  # left behind, empty: the jailed process cannot remove it
     try:
         jail.confine_vm(
-            workdir=workdir,
+            workdir=None,
+            scratch=JAIL_SCRATCH,  # a tmpfs of the jail's own: the VM's sockets leave nothing on the host
             kernel=kernel,
             initrd=initrd,
             disks=disks,

@@ -70,6 +70,7 @@ SYS_PIVOT_ROOT = 155  # x86-64
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 CAP_SYS_ADMIN = 21
 
+SCRATCH_OPTIONS = "mode=0700,size=64m"  # a `popek run --jail` VM's runtime directory: sockets, no data
 NEW_ROOT = "/tmp"  # where the root tmpfs is mounted first (in the private mount namespace only; hides nothing)
 DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom")
 KVM = "/dev/kvm"
@@ -294,12 +295,13 @@ class JailSpec:
     uid: int | None = None
     gid: int | None = None
     proc: bool = False  # mount the new PID namespace's /proc (popek's VMM does not need it)
+    scratch: str | None = None  # a fresh tmpfs at this path in the root (writable; nothing of it on the host)
 
     @classmethod
     def for_vm(
         cls,
         *,
-        workdir: str | os.PathLike[str],
+        workdir: str | os.PathLike[str] | None,
         kernel: str | os.PathLike[str] | None = None,
         initrd: str | os.PathLike[str] | None = None,
         disks: Iterable[tuple[str | os.PathLike[str], bool]] = (),
@@ -311,7 +313,7 @@ class JailSpec:
     ) -> JailSpec:
         """A VM's jail: its kernel and initrd and `readonly` paths read-only, disks (path, writable), and its
         work directory read-write (sockets, console, snapshots)."""
-        binds = [Bind(Path(workdir), writable=True)]
+        binds = [] if workdir is None else [Bind(Path(workdir), writable=True)]
         binds += [Bind(Path(p)) for p in (kernel, initrd) if p is not None]
         binds += [Bind(Path(p)) for p in readonly]
         binds += [Bind(Path(p), writable=bool(w)) for p, w in disks]
@@ -331,6 +333,10 @@ class JailSpec:
                 raise JailError(f"a jail path must not contain '..': {text!r}")
             if not os.path.lexists(text):
                 raise JailError(f"no such file to bind into the jail: {text}")
+        if self.scratch is not None and (
+            not self.scratch.startswith("/") or os.path.normpath(self.scratch) in ("/", "/dev") or "\0" in self.scratch
+        ):
+            raise JailError(f"the jail's scratch directory must be absolute, not / or /dev: {self.scratch!r}")
         for name, value in (("uid", self.uid), ("gid", self.gid)):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32 - 1
@@ -509,6 +515,11 @@ def _build_root(spec: JailSpec) -> None:
             _make_target(target, is_dir)
             _bind(fd, target, writable, device)
             os.close(fd)
+        if spec.scratch is not None:
+            os.makedirs(NEW_ROOT + spec.scratch, exist_ok=True)
+            _mount("tmpfs", NEW_ROOT + spec.scratch, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, SCRATCH_OPTIONS)
+            if spec.uid is not None and spec.gid is not None:
+                os.chown(NEW_ROOT + spec.scratch, spec.uid, spec.gid)
         if spec.proc:
             os.makedirs(NEW_ROOT + "/proc", exist_ok=True)
             _mount("proc", NEW_ROOT + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -619,7 +630,7 @@ PASST_REFUSED = (
 
 def confine_vm(
     *,
-    workdir: str | os.PathLike[str],
+    workdir: str | os.PathLike[str] | None,
     kernel: str | os.PathLike[str] | None,
     initrd: str | os.PathLike[str] | None,
     disks: Iterable[Any] = (),
@@ -628,11 +639,14 @@ def confine_vm(
     uid: int | None = None,
     gid: int | None = None,
     readonly: Iterable[str | os.PathLike[str]] = (),
+    scratch: str | None = None,
 ) -> None:
     """Confine this process to run one VM: `disks` are DiskSpecs (bound read-only where the VM reads them only),
     `net` a NetSpec or None (passt is refused: PASST_REFUSED; a TAP keeps the host's network namespace), and
     `workdir` the VM's own read-write directory, also the process's tempfile directory (the runtime directory
-    popek.VM makes goes there, not to the host's /tmp, which the jail lacks). Returns in the confined process."""
+    popek.VM makes goes there, not to the host's /tmp, which the jail lacks); or, without one, `scratch`: a
+    fresh tmpfs in the jail, the tempfile directory then, leaving nothing behind on the host. Returns in the
+    confined process."""
     import tempfile
 
     if net is not None and getattr(net, "backend", None) == "passt":
@@ -649,7 +663,8 @@ def confine_vm(
         uid=uid,
         gid=gid,
     )
+    spec.scratch = scratch
     spec.validate()
     preload()
-    tempfile.tempdir = os.fspath(workdir)
+    tempfile.tempdir = scratch if workdir is None else os.fspath(workdir)
     enter(spec)

@@ -187,6 +187,7 @@ def test_a_vm_runs_inside_the_jail_on_kvm(tmp_path: Path) -> None:
         "mov dx, 0x3f8\nmov si, msg\nl: lodsb\ntest al, al\njz done\nout dx, al\njmp l\n"
         "done: cli\nhlt\nmsg: db 'hello from the jail', 10, 0",
     )
+    before = set(Path("/tmp").glob("popek-*"))
     result = subprocess.run(
         [sys.executable, "-m", "popek", "run", "--accel", "kvm", "--kernel", str(image), "--timeout", "60", "--jail"],
         stdin=subprocess.DEVNULL,
@@ -197,6 +198,7 @@ def test_a_vm_runs_inside_the_jail_on_kvm(tmp_path: Path) -> None:
     )
     assert "hello from the jail" in result.stdout, result.stderr
     assert "halted" in result.stderr and "Traceback" not in result.stderr
+    assert set(Path("/tmp").glob("popek-*")) <= before  # its runtime directory was a tmpfs of the jail's own
 
 
 def test_a_jail_that_cannot_be_built_is_a_jail_error_in_the_caller(tmp_path: Path) -> None:

@@ -80,6 +80,13 @@ def test_a_spec_that_cannot_be_jailed_is_one_clear_error(
         jail.JailSpec(binds=binds, uid=uid, gid=gid, kvm=False).validate()
 
 
+@pytest.mark.parametrize("scratch", ["relative", "/", "/dev", "/dev/", "/x\0"])
+def test_a_scratch_tmpfs_needs_an_absolute_path_other_than_root_and_dev(scratch: str) -> None:
+    with pytest.raises(jail.JailError, match="scratch"):
+        jail.JailSpec(scratch=scratch, kvm=False).validate()
+    jail.JailSpec(scratch="/run/popek", kvm=False).validate()
+
+
 @given(st.text(max_size=60))
 def test_any_path_text_is_accepted_or_a_jail_error(text: str) -> None:
     try:
