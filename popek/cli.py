@@ -7,6 +7,7 @@ of `popek run` reflects how the guest ended (see `exit_status`).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import signal
@@ -169,6 +170,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--cold", action="store_true", help="with the agent: boot, even where the default guest's warm snapshot exists"
     )
+    run.add_argument(
+        "--jail",
+        action="store_true",
+        help="confine the VMM as Firecracker's jailer does: namespaces, a private root, no capabilities, seccomp "
+        "(root only; see docs/daemon.md, Confinement)",
+    )
+    run.add_argument("--jail-uid", type=int, default=None, metavar="N", help="with --jail: run as this uid")
+    run.add_argument("--jail-gid", type=int, default=None, metavar="N", help="with --jail: run as this gid")
     run.add_argument("guest_command", nargs=argparse.REMAINDER, help="-- COMMAND...: run it in the default guest")
     snap = sub.add_parser("snapshot", help="VM snapshots: create one of the default guest, show or verify one")
     snap_sub = snap.add_subparsers(dest="snapshot_command", required=True)
@@ -363,6 +372,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--image {image_name} boots the default kernel and initramfs: drop --kernel and --initrd")
     if (args.tty or args.interactive) and not agent:
         raise ConfigError("-t and -i need the guest agent: the default guest without --initrd or --no-agent")
+    if args.jail or args.jail_uid is not None or args.jail_gid is not None:
+        _check_jail(args, net, image_name)
     if agent and (command or args.tty or args.interactive):
         from popek import cli_agent
 
@@ -433,6 +444,8 @@ def _run_vm(
         net=net,
     )
     console: HostConsole | None = None
+    if args.jail:
+        jail_vm(args, spec.kernel, spec.initrd, disks, net)
 
     def to_console(data: bytes) -> None:
         if console is not None:
@@ -465,6 +478,56 @@ def _run_vm(
                 file=sys.stderr,
             )
         return exit_status(stop, guest_status)
+
+
+JAIL_SCRATCH = "/run/popek"
+
+
+def _check_jail(args: argparse.Namespace, net: NetSpec | None, image_name: str) -> None:
+    """--jail's own errors, before anything is built: one line each."""
+    from popek import jail
+    from popek.image import rootfs
+
+    if not args.jail:
+        raise ConfigError("--jail-uid and --jail-gid go with --jail")
+    if net is not None and net.backend == "passt":
+        raise ConfigError(jail.PASST_REFUSED)
+    if image_name != rootfs.DEFAULT_IMAGE:
+        raise ConfigError("--jail boots the default image only (the Debian root disk's cache is not in the jail)")
+    if args.console2 is not None or args.vsock is not None:
+        raise ConfigError("--jail has no --console2 or --vsock yet (their host files are not in the jail)")
+    try:
+        jail.check_possible()
+    except jail.JailError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def jail_vm(
+    args: argparse.Namespace,
+    kernel: str | os.PathLike[str] | None,
+    initrd: str | os.PathLike[str] | None,
+    disks: Sequence[DiskSpec],
+    net: NetSpec | None,
+    readonly: Sequence[str | os.PathLike[str]] = (),
+) -> None:
+    """Enter the jail (popek.jail) for one `popek run --jail` VM; its work dir is a fresh temporary directory."""
+    from popek import jail
+
+    try:
+        jail.confine_vm(
+            workdir=None,
+            scratch=JAIL_SCRATCH,  # a tmpfs of the jail's own: the VM's sockets leave nothing on the host
+            kernel=kernel,
+            initrd=initrd,
+            disks=disks,
+            net=net,
+            accel=args.accel,
+            uid=args.jail_uid,
+            gid=args.jail_gid,
+            readonly=readonly,
+        )
+    except jail.JailError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _guest_command(args: argparse.Namespace) -> list[str]:

@@ -129,8 +129,19 @@ def run(
     """Boot the default guest (or restore its warm snapshot: popek.warm; --cold boots), run the command through
     its agent, stop the VM: the command's exit status. With --vsock the agent is reached through that device (so
     other host programs can use it too)."""
+    jail = getattr(args, "jail", False)
+    kernel = initrd = None
+    append = args.append
+    if jail:  # the default guest made explicit: its cache (and the warm snapshots) are not in the jail
+        from popek import image
+
+        guest = image.ensure_default_guest(progress=sys.stderr.isatty())
+        kernel, initrd = guest.kernel, guest.initrd
+        append = " ".join(part for part in (guest.cmdline, args.append) if part)
     vm = VM(
-        append=args.append,
+        kernel=kernel,
+        initrd=initrd,
+        append=append,
         image=args.image,
         mem=args.mem,
         cpus=args.cpus,
@@ -150,6 +161,10 @@ def run(
         console_tail=64 << 10,
         cold=args.cold,
     )
+    if jail:
+        from popek.cli import jail_vm
+
+        jail_vm(args, kernel, initrd, disks, net)
     return drive(vm, args, command)
 
 

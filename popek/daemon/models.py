@@ -68,6 +68,7 @@ class VmCreate(_Body):
     snapshot: HostPath | None = None
     start: StrictBool = True
     boot_timeout: Annotated[float, Field(gt=0, le=MAX_TIMEOUT)] = 600.0
+    jail: StrictBool = False  # confine the VM process (popek.jail; docs/daemon.md "Confinement")
 
     @field_validator("kernel", "initrd", "snapshot", "cmdline", "net")
     @classmethod
@@ -85,6 +86,27 @@ class VmCreate(_Body):
         if value is not None and not value.startswith("/"):
             raise ValueError("a host path given to the daemon must be absolute")
         return value
+
+    @field_validator("jail")
+    @classmethod
+    def _jail_possible(cls, value: bool) -> bool:
+        """A jail this daemon cannot make (not root, no libseccomp) is refused before any process starts."""
+        if value:
+            from popek.jail import JailError, check_possible
+
+            try:
+                check_possible()
+            except JailError as exc:
+                raise ValueError(str(exc).replace("--jail", "jail")) from exc
+        return value
+
+    @model_validator(mode="after")
+    def _jail_net(self) -> VmCreate:
+        if self.jail and self.net is not None and self.net.partition(",")[0] == "passt":
+            from popek.jail import PASST_REFUSED
+
+            raise ValueError("net: " + PASST_REFUSED.replace("--net passt", "net passt").replace("--jail", "a jail"))
+        return self
 
 
 class Action(_Body):

@@ -37,6 +37,7 @@ CONTROL = "control.sock"
 VSOCK = "vsock.sock"
 CONSOLE = "console.log"
 EXIT_FILE = "exit.json"
+HOST_PID: int | None = None  # a jailed VM process is PID 1 of its own namespace: the pid the daemon sees is this
 
 
 class ConsoleFile:
@@ -101,7 +102,7 @@ class Controller:
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
         if op == "status":
-            return {"state": self.state, "pid": os.getpid(), "boot_error": self.boot_error}
+            return {"state": self.state, "pid": HOST_PID or os.getpid(), "boot_error": self.boot_error}
         if op == "stats":
             try:
                 return {"stats": self.vm.stats()}
@@ -201,8 +202,36 @@ def write_exit(workdir: Path, cause: str, **extra: object) -> None:
     tmp.replace(workdir / EXIT_FILE)
 
 
-async def amain(workdir: Path) -> int:
-    spec = json.loads((workdir / SPEC_FILE).read_text())
+def jail(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Confine this process (popek.jail, docs/daemon.md "Confinement") before the VM is built: the spec with the
+    default guest's kernel, initrd and command line made explicit (its cache is not in the jail, and a jailed VM
+    boots cold: the warm snapshots are not either). Everything else the VM uses is under workdir or bound."""
+    from popek import image
+    from popek.devices.virtio.blk import DiskSpec
+    from popek.devices.virtio.net import net_spec
+    from popek.jail import confine_vm
+
+    spec = dict(spec)
+    if not spec.get("snapshot") and spec.get("kernel") is None:
+        guest = image.ensure_default_guest(progress=False)
+        spec["kernel"] = str(guest.kernel)
+        spec["initrd"] = str(spec.get("initrd") or guest.initrd)
+        spec["cmdline"] = " ".join(part for part in (guest.cmdline, spec.get("cmdline")) if part)
+    confine_vm(
+        workdir=workdir,
+        kernel=spec.get("kernel"),
+        initrd=spec.get("initrd"),
+        disks=[DiskSpec.parse(text) for text in spec.get("disks", [])],
+        net=net_spec(spec.get("net"), spec.get("ports", [])),
+        accel=spec.get("accel", "kvm"),
+        readonly=[spec["snapshot"]] if spec.get("snapshot") else [],
+    )
+    return spec
+
+
+async def amain(workdir: Path, spec: dict[str, Any] | None = None) -> int:
+    if spec is None:
+        spec = json.loads((workdir / SPEC_FILE).read_text())
     loop = asyncio.get_running_loop()
     stop_event = asyncio.Event()
     requested: list[str] = []
@@ -257,7 +286,20 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m popek.daemon.vmproc DIR", file=sys.stderr)
         return 2
-    return asyncio.run(amain(Path(args[0])))
+    workdir = Path(args[0]).absolute()
+    spec = json.loads((workdir / SPEC_FILE).read_text())
+    if spec.get("jail"):
+        from popek.jail import JailError
+
+        global HOST_PID
+        HOST_PID = os.getpid()  # the jail's outer process, which the daemon started and watches
+        try:
+            spec = jail(spec, workdir)
+        except Exception as exc:  # a jail that cannot be made: the VM fails, saying why (never runs unconfined)
+            write_exit(workdir, f"the VM could not be confined: {type(exc).__name__}: {exc}", failed=True)
+            print(f"popek: {exc}" if isinstance(exc, JailError) else f"popek: jail: {exc!r}", file=sys.stderr)
+            return 2
+    return asyncio.run(amain(workdir, spec))
 
 
 if __name__ == "__main__":
