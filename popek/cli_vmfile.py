@@ -46,6 +46,10 @@ def add_parsers(sub: Any, with_socket: Any) -> None:
             group = parser.add_mutually_exclusive_group()
             group.add_argument("--provision", dest="provision", action="store_true", default=None)
             group.add_argument("--no-provision", dest="provision", action="store_false")
+        if verb in ("up", "resume"):
+            parser.add_argument(
+                "--boot-timeout", type=float, default=600.0, help="how long a guest's agent may take to answer (s)"
+            )
         if verb == "destroy":
             parser.add_argument("-f", "--force", action="store_true", help="do not ask")
 
@@ -59,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if not file.is_file():
         raise ConfigError(f"{file}: no such file")
     with Client(args.socket) as client:
-        project = Project(file, client)
+        project = Project(file, client, boot_timeout=getattr(args, "boot_timeout", 600.0))
         if args.command == "ssh":
             project.names([args.machine])
             command = list(args.vm_command)
@@ -77,10 +81,11 @@ def run(args: argparse.Namespace) -> int:
             if answer.strip().lower() not in ("y", "yes"):
                 print("not destroyed", file=sys.stderr)
                 return 1
+        if args.command == "up":
+            project.up(names, args.provision)
+            return 0
         for name in names:
-            if args.command == "up":
-                project.up(name, args.provision)
-            elif args.command == "provision":
+            if args.command == "provision":
                 project.provision(name)
             elif args.command == "sync":
                 project.sync(name)

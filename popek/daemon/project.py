@@ -35,6 +35,7 @@ from popek.errors import PopekError
 
 STATE_FILE = "state.json"
 SNAPSHOT_DIR = "snapshot"
+DEFAULT_BOOT_TIMEOUT = 600.0  # the daemon's default (models.VmCreate.boot_timeout)
 HALT_TIMEOUT = 30.0  # how long `halt` waits for the guest to go down by itself before the VM is stopped
 PROVISION_DIR = "/tmp/popek-provision"
 MAX_SYNC_FILE = 256 << 20  # the daemon moves at most this in one request (popek/daemon/app.py MAX_FILE)
@@ -103,7 +104,14 @@ def _default_accel() -> str:
 class Project:
     """The machines of one popek.toml, driven through a daemon (a popek.Client)."""
 
-    def __init__(self, file: Path, client: Client, out: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        file: Path,
+        client: Client,
+        out: Callable[[str], None] | None = None,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+    ) -> None:
+        self.boot_timeout = boot_timeout
         self.file = file.resolve()
         self.root = self.file.parent
         self.config = vmfile.load(self.file)
@@ -231,6 +239,7 @@ class Project:
             "accel": m.accel or _default_accel(),
             "disks": list(m.disks),
             "ports": list(m.ports),
+            "boot_timeout": self.boot_timeout,
         }
         for key, value in (("kernel", m.kernel), ("initrd", m.initrd), ("cmdline", m.append), ("net", m.net)):
             if value is not None:
@@ -239,38 +248,54 @@ class Project:
 
     # --- verbs
 
-    def up(self, name: str, provision: bool | None = None) -> None:
-        """Boot the machine (or restore it where it is suspended), sync its folder, provision it the first time
-        (`provision` True/False forces/skips it)."""
-        state = self.load_state(name)
-        found = self.daemon_vm(name)
-        if found is not None and found[1]["state"] in LIVE:
-            self.out(f"==> {name}: already {found[1]['state']} ({found[0].name})")
-            return
-        resume = state.state == "suspended" and self.snapshot_path(name).is_dir()
-        self.preflight(name, provision is not False and not state.provisioned)
-        if found is not None:  # a stopped, failed or crashed VM of an earlier up: make it anew
-            found[0].delete()
-        if resume:
-            self.out(f"==> {name}: resuming from {self.snapshot_path(name)}")
-            vm = self.client.create(name=vm_name(self.file, name), snapshot=str(self.snapshot_path(name)))
-        else:
-            self.out(f"==> {name}: booting ({self.config.machine[name].cpus} vCPU, {self.config.machine[name].memory})")
-            vm = self.client.create(**self.spec(name))
-        state.vm_id, state.vm_name, state.state = vm.id, vm.name, "running"
-        self.save_state(name, state)
-        try:
-            took = vm.wait_ready()
-        except ApiError as exc:
-            raise ProjectError(f"{name}: the VM did not come up: {exc}") from None
-        self.out(f"==> {name}: up in {took:.1f} s")
-        if resume:
-            shutil.rmtree(self.snapshot_path(name), ignore_errors=True)  # the VM is its own again
-        self.sync(name, vm)
-        if provision is True or (provision is None and not state.provisioned):
-            self.provision(name, vm)
-        elif state.provisioned:
-            self.out(f"==> {name}: already provisioned (`popek provision {name}` runs it again)")
+    def up(self, names: Sequence[str], provision: bool | None = None) -> None:
+        """Boot the machines (or restore those suspended), all at once, then for each as it comes up: sync its
+        folder and provision it the first time (`provision` True/False forces/skips it). Everything that can
+        be refused (a missing folder or script, a bad guest path) is refused before any VM starts."""
+        started: list[tuple[str, RemoteVM, bool]] = []
+        plans = []
+        for name in names:
+            state = self.load_state(name)
+            found = self.daemon_vm(name)
+            if found is not None and found[1]["state"] in LIVE:
+                self.out(f"==> {name}: already {found[1]['state']} ({found[0].name})")
+                continue
+            self.preflight(name, provision is True or (provision is None and not state.provisioned))
+            plans.append((name, state, found))
+        for name, state, found in plans:
+            resume = state.state == "suspended" and self.snapshot_path(name).is_dir()
+            if found is not None:  # a stopped, failed or crashed VM of an earlier up: made anew
+                found[0].delete()
+            if resume:
+                self.out(f"==> {name}: resuming from {self.snapshot_path(name)}")
+                vm = self.client.create(
+                    name=vm_name(self.file, name),
+                    snapshot=str(self.snapshot_path(name)),
+                    boot_timeout=self.boot_timeout,
+                )
+            else:
+                machine = self.config.machine[name]
+                self.out(f"==> {name}: booting ({machine.cpus} vCPU, {machine.memory})")
+                vm = self.client.create(**self.spec(name))
+            state.vm_id, state.vm_name, state.state = vm.id, vm.name, "running"
+            self.save_state(name, state)
+            started.append((name, vm, resume))
+        for name, vm, resume in started:
+            try:
+                took = vm.wait_ready(timeout=self.boot_timeout)
+            except ApiError as exc:
+                raise ProjectError(
+                    f"{name}: the VM did not come up: {exc} (`popek status`; `popek logs {vm.name}`)"
+                ) from None
+            self.out(f"==> {name}: up in {took:.1f} s")
+            if resume:
+                shutil.rmtree(self.snapshot_path(name), ignore_errors=True)  # the VM is its own again
+            self.sync(name, vm)
+            state = self.load_state(name)
+            if provision is True or (provision is None and not state.provisioned):
+                self.provision(name, vm)
+            elif state.provisioned:
+                self.out(f"==> {name}: already provisioned (`popek provision {name}` runs it again)")
 
     def _running(self, name: str) -> RemoteVM:
         found = self.daemon_vm(name)
@@ -392,7 +417,7 @@ class Project:
         status = self.status(name)
         if status != "suspended":
             raise ProjectError(f"machine {name} is {status}, not suspended (`popek suspend {name}` first)")
-        self.up(name, provision=False)
+        self.up([name], provision=False)
 
     def ssh(self, name: str, command: Sequence[str], socket_path: Path) -> int:
         """`popek ssh NAME [-- CMD]`: the command's exit status. Without a command, an interactive shell: on a
