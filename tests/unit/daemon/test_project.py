@@ -149,9 +149,9 @@ def test_preflight_refuses_missing_folders_scripts_and_escaping_targets(project_
 
 
 def test_status_without_a_daemon_shows_what_was_recorded(
-    project_file: Path, capsys: pytest.CaptureFixture[str]
+    project_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    os.chdir(project_file.parent / "src")  # found from a subfolder, as Vagrant finds its Vagrantfile
+    monkeypatch.chdir(project_file.parent / "src")  # found from a subfolder, as Vagrant finds its Vagrantfile
     assert main(["status", "--socket", str(project_file.parent / "no.sock")]) == 0
     out = capsys.readouterr().out
     assert "one" in out and "two" in out and "not created (recorded; no daemon answers)" in out
