@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from popek.daemon.client import Client
     from popek.daemon.project import Project
 
+    if getattr(args, "boot_timeout", 1.0) <= 0:
+        raise ConfigError(f"--boot-timeout {args.boot_timeout:g}: a number of seconds above 0")
     file = args.file if args.file is not None else vmfile.find()
     if not file.is_file():
         raise ConfigError(f"{file}: no such file")
