@@ -387,7 +387,7 @@ class Project:
             self.out(f"==> {name}: shutting down")
             # the default guest has no ACPI power-off: `reboot -f` with reboot=k resets it, and a guest reset
             # ends its VM; the exec never ends normally (the VM goes away under it), so it runs on a thread
-            threading.Thread(target=_quietly, args=(vm.exec, "sync; reboot -f"), daemon=True).start()
+            threading.Thread(target=_shutdown, args=(vm,), daemon=True).start()
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and vm.state in LIVE:
                 time.sleep(0.5)
@@ -485,6 +485,13 @@ def _exit_status(result: ExecResult) -> int:
     if result.signal is not None:
         return 128 + result.signal
     return 124 if result.timed_out else (result.exit_code or 0) & 0xFF
+
+
+def _shutdown(vm: RemoteVM) -> None:
+    """The guest's own shutdown; its exec ends with an error when the VM goes away under it (or, if the CLI
+    exits first, with its closed client): whichever it is, halt decides by the VM's state, not by this."""
+    with contextlib.suppress(Exception):
+        vm.exec("sync; reboot -f", timeout=HALT_TIMEOUT)
 
 
 def _quietly(call: Callable[..., object], *args: object) -> None:

@@ -59,8 +59,9 @@ def _serve(sock: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
 
 def _popek(project: Project, verb: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """A verb run in the project's folder, as a user runs it (the file is found there)."""
+    socket = [] if verb == "init" else ["--socket", str(project.socket)]
     return subprocess.run(
-        [sys.executable, "-m", "popek", verb, "--socket", str(project.socket), *args],
+        [sys.executable, "-m", "popek", verb, *socket, *args],
         cwd=project.root,
         capture_output=True,
         text=True,
