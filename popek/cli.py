@@ -34,6 +34,7 @@ EXIT_NO_STATUS = 125
 EXIT_TIMEOUT = 124
 
 DAEMON_COMMANDS = ("serve", "ps", "create", "exec", "stop", "rm", "logs")
+VMFILE_COMMANDS = ("up", "status", "ssh", "provision", "sync", "halt", "suspend", "resume", "destroy")
 _SIZE = re.compile(r"^\s*(\d{1,30})\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)  # VmSpec bounds the value
 
 
@@ -259,6 +260,10 @@ def _daemon_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
     logs = with_socket(sub.add_parser("logs", help="a daemon's VM's console log"))
     logs.add_argument("name")
     logs.add_argument("-f", "--follow", action="store_true", help="then follow it as it grows")
+    # --- the VM file's verbs (popek up/status/ssh/...: popek/cli_vmfile.py)
+    from popek import cli_vmfile
+
+    cli_vmfile.add_parsers(sub, with_socket)
 
 
 def _cmd_daemon(args: argparse.Namespace) -> int:
@@ -578,8 +583,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"popek: error: {e} (try {e.prog} --help)", file=sys.stderr)
         return EXIT_ERROR
-    if args.command in DAEMON_COMMANDS:
+    if args.command in DAEMON_COMMANDS or args.command in VMFILE_COMMANDS:
         try:
+            if args.command in VMFILE_COMMANDS:  # the VM file's verbs, through the daemon
+                from popek import cli_vmfile
+
+                return cli_vmfile.run(args)
             return _cmd_daemon(args)
         except KeyboardInterrupt:
             return 128 + signal.SIGINT
