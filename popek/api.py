@@ -134,6 +134,7 @@ class _Runtime:
         self.thread: threading.Thread | None = None
         self.stop: Stop | None = None
         self.stats = ""
+        self.io: dict[str, int] = {}
         self.done = threading.Event()
         self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
         self._lock = threading.Lock()
@@ -173,7 +174,8 @@ class _Runtime:
             self.stop = Stop(StopReason.ERROR, f"{type(exc).__name__}: {exc}")
         finally:
             with contextlib.suppress(Exception):
-                self.stats = vm.stats()  # for VM.stats() after the VM is gone
+                self.stats = vm.stats()  # for VM.stats() and io_counters() after the VM is gone
+                self.io = vm.io_counters()
             self.done.set()
             self.cut_all()
 
@@ -751,6 +753,13 @@ class VM:
             return runtime.stats
         assert runtime.vm is not None
         return runtime.vm.stats()
+
+    def io_counters(self) -> dict[str, int]:
+        """The bytes the VM's disks, network and vsock devices moved so far (popek.vm.IO_COUNTERS)."""
+        runtime = self._started()
+        if runtime.done.is_set() or runtime.vm is None:
+            return runtime.io
+        return runtime.vm.io_counters()
 
     @property
     def client(self) -> AgentClient:

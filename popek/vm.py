@@ -68,6 +68,9 @@ RESET_CONTROL_PORT = 0xCF9
 BOCHS_SHUTDOWN_PORT = 0x8900
 MMIO_STATS_GRANULE = PAGE_SIZE
 SERIAL_TAIL = 1 << 20
+# the bytes a VM's devices moved, by kind (VirtioDevice.counters): the daemon's /metrics per VM
+IO_COUNTERS = ("disk_read_bytes", "disk_written_bytes", "net_tx_bytes", "net_rx_bytes",
+               "vsock_to_guest_bytes", "vsock_to_host_bytes")  # fmt: skip
 ACCELS = ("kvm", "soft", "lockstep")
 # 64 TiB: the 46 physical address bits popek's CPU reports (CPUID 0x80000008) and KVM hosts commonly have, and
 # well inside the 128 TiB of address space a Linux process has for the mapping; beyond it a size is a typo
@@ -732,6 +735,15 @@ class Vm:
         for slot in self.virtio:
             lines.append(f"{slot.transport.device.name} @{slot.base:#x} irq {slot.irq}: {slot.transport.stats()}")
         return "\n".join(lines)
+
+    def io_counters(self) -> dict[str, int]:
+        """The bytes the VM's devices moved (IO_COUNTERS, each 0 where no device of its kind exists), summed over
+        devices of one kind: the daemon's /metrics reports them per VM."""
+        totals = dict.fromkeys(IO_COUNTERS, 0)
+        for slot in self.virtio:
+            for name, value in slot.transport.device.counters().items():
+                totals[name] += value
+        return totals
 
     def close(self) -> None:
         if self.accel is not None:

@@ -481,18 +481,21 @@ def create_app(sup: Supervisor) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> dict[str, Any]:
-        """Per VM: state, uptime, RSS of its process, and its exit and assist counts (popek.VM.stats)."""
+        """Per VM: state, uptime, RSS of its process, its exit and assist counts (popek.VM.stats), and the bytes
+        its disks, network and vsock moved (popek.VM.io_counters)."""
 
         async def one(record: VmRecord) -> dict[str, Any]:
             entry = await daemon.info(record)
             entry.pop("spec", None)
             entry["rss"] = supervisor.rss_bytes(record.pid) if record.live and record.pid else None
-            entry["stats"] = None
+            entry["stats"] = entry["io"] = None
             if entry["state"] in ("running", "paused", "booting"):
                 try:
-                    entry["stats"] = (await sup.control(record, {"op": "stats"}, timeout=5)).get("stats")
+                    answer = await sup.control(record, {"op": "stats"}, timeout=5)
                 except SupervisorError:
                     pass
+                else:
+                    entry["stats"], entry["io"] = answer.get("stats"), answer.get("io")
             return entry
 
         vms = list(await asyncio.gather(*(one(record) for record in list(sup.vms.values()))))

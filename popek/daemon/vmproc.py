@@ -105,7 +105,7 @@ class Controller:
             return {"state": self.state, "pid": HOST_PID or os.getpid(), "boot_error": self.boot_error}
         if op == "stats":
             try:
-                return {"stats": self.vm.stats()}
+                return {"stats": self.vm.stats(), "io": self.vm.io_counters()}
             except Exception as exc:
                 return {"error": f"stats: {exc}", "status": 409}
         if op == "pause":

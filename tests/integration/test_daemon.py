@@ -160,6 +160,10 @@ def test_kill_9_of_one_vm_process_leaves_the_daemon_and_the_other_vm(daemon: Dae
     assert by_name["a"]["state"] == "crashed" and by_name["a"]["rss"] is None
     assert by_name["b"]["state"] == "running" and by_name["b"]["rss"] > 10 << 20
     assert isinstance(by_name["b"]["stats"], str) and by_name["b"]["stats"]  # popek.VM.stats(): exit counts
+    io = by_name["b"]["io"]  # popek.VM.io_counters(): b has no disk or network; the agent's traffic is on vsock
+    assert io["disk_read_bytes"] == io["net_tx_bytes"] == 0, io
+    assert io["vsock_to_host_bytes"] > len("still here") and io["vsock_to_guest_bytes"] > 0, io
+    assert by_name["a"]["io"] is None
 
 
 def test_a_restarted_daemon_adopts_the_live_vm_and_keeps_the_dead_ones_cause(daemon: Daemon) -> None:

@@ -71,7 +71,13 @@ def test_devices_get_windows_irqs_and_kernel_parameters_and_the_guest_finds_them
         stop = vm.run()
         assert stop.status == 0x21, stop  # the guest read MagicValue "virt" at 0xD0000000
         stats = vm.stats()
+        vm.virtio[0].transport.device.bytes_read += 512  # as a served request counts them
+        vm.virtio[1].transport.device.bytes_written += 4096
+        io = vm.io_counters()
     assert "virtio-blk vda @0xd0000000 irq 5: status=0x0" in stats
+    # summed over both disks; every kind is there, 0 for the ones this VM has no device of
+    assert io == {"disk_read_bytes": 512, "disk_written_bytes": 4096, "net_tx_bytes": 0, "net_rx_bytes": 0,
+                  "vsock_to_guest_bytes": 0, "vsock_to_host_bytes": 0}  # fmt: skip
     assert (tmp_path / "hvc.out").exists()
 
 

@@ -278,6 +278,9 @@ class BlockDevice(VirtioDevice):
             f"read={self.bytes_read} written={self.bytes_written} ioerr={self.ioerr} unsupp={self.unsupported}"
         )
 
+    def counters(self) -> dict[str, int]:
+        return {"disk_read_bytes": self.bytes_read, "disk_written_bytes": self.bytes_written}
+
     def state(self) -> dict[str, Any]:
         return {"capacity": self.capacity}
 

@@ -108,6 +108,11 @@ class VirtioDevice:
         """Device-specific counters for `--stats`."""
         return ""
 
+    def counters(self) -> dict[str, int]:
+        """The bytes this device moved, by the names of popek.vm.IO_COUNTERS (the daemon's /metrics sums them
+        per VM); a device that moves no guest data has none."""
+        return {}
+
     def state(self) -> dict[str, Any]:
         """Device-specific state for a snapshot (the queues and transport are saved by the transport)."""
         return {}

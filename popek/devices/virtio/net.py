@@ -471,6 +471,9 @@ class NetDevice(VirtioDevice):
 
     # --- reporting and lifetime ---
 
+    def counters(self) -> dict[str, int]:
+        return {"net_tx_bytes": self.tx_bytes, "net_rx_bytes": self.rx_bytes}
+
     def stats(self) -> str:
         parts = [
             f"tx={self.tx_frames} frames/{self.tx_bytes} bytes rx={self.rx_frames} frames/{self.rx_bytes} bytes",

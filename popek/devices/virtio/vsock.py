@@ -889,6 +889,9 @@ class VsockDevice(VirtioDevice):
             + (f" events_dropped={self.events_dropped}" if self.events_dropped else "")
         )
 
+    def counters(self) -> dict[str, int]:
+        return {"vsock_to_guest_bytes": self.bytes_to_guest, "vsock_to_host_bytes": self.bytes_to_host}
+
     def close(self) -> None:
         for conn in list(self.conns.values()):
             self._close(conn)
