@@ -257,7 +257,7 @@ def test_vmproc_control_socket_speaks_json_lines_and_survives_garbage(tmp_path: 
         writer.write(b"not json\n[1]\n" + json.dumps({"op": "stats"}).encode() + b"\n")
         answers = [json.loads(await reader.readline()) for _ in range(3)]
         assert answers[0]["status"] == 400 and answers[1]["status"] == 400
-        assert answers[2] == {"stats": "exits: 0"}
+        assert answers[2] == {"stats": "exits: 0", "io": {"net_rx_bytes": 7}}
         writer.close()
         server.close()
 
