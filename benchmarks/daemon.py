@@ -1,9 +1,11 @@
 """The daemon (popek serve) with VMs restored from one snapshot: API latency, and how many idle VMs fit.
 
     python3 benchmarks/daemon.py [--latency 100] [--peer 100] [--density 16] [--mem 256M] [--accel kvm]
+                                 [--snapshot DIR]
 
 One daemon on a temporary socket; the default guest boots once in it (`--mem`), is snapshotted through the API
-(POST /vms/{id}/snapshots) and deleted. Then, in one run:
+(POST /vms/{id}/snapshots) and deleted (or `--snapshot DIR`, a snapshot of the default guest taken already, with
+`--mem` its memory size: no boot). Then, in one run:
 - API latency, `--latency` times in sequence: POST /vms {"snapshot"} -> the first answer of an exec of `true`
   (POST /vms/{id}/exec, retried every 10 ms while the VM is still starting) -> DELETE /vms/{id}; the time of
   each step and of the whole cycle. The peer, `--peer` times in the same run: the same snapshot with
@@ -106,8 +108,8 @@ def latency(client: Client, snap: Path, count: int) -> dict[str, list[float]]:
         t3 = time.monotonic()
         for key, value in zip(steps, (t1 - t0, t2 - t0, t3 - t2, t3 - t0), strict=True):
             steps[key].append(value)
-        if (i + 1) % 10 == 0:
-            print(f"  daemon {i + 1}/{count}: last cycle {t3 - t0:.2f} s ({load()})", flush=True)
+        print(f"  daemon {i + 1}/{count}: POST {t1 - t0:.2f} s, first exec {t2 - t0:.2f} s, DELETE {t3 - t2:.2f} s "
+              f"({load()})", flush=True)  # fmt: skip
     return steps
 
 
@@ -125,8 +127,7 @@ def peer(snap: Path, count: int) -> dict[str, list[float]]:
         t2 = time.monotonic()
         for key, value in zip(steps, (t1 - t0, t2 - t1, t2 - t0), strict=True):
             steps[key].append(value)
-        if (i + 1) % 10 == 0:
-            print(f"  in-process {i + 1}/{count}: last cycle {t2 - t0:.2f} s ({load()})", flush=True)
+        print(f"  in-process {i + 1}/{count}: first exec {t1 - t0:.2f} s, close {t2 - t1:.2f} s ({load()})", flush=True)
     return steps
 
 
@@ -195,6 +196,7 @@ def main() -> None:
     ap.add_argument("--density", type=int, default=16, help="idle VMs at once (0: skip)")
     ap.add_argument("--mem", default="256M")
     ap.add_argument("--accel", default="kvm")
+    ap.add_argument("--snapshot", type=Path, help="an existing snapshot of the default guest (no base boot)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="popek-daemonbench-"))
     sock, snap = tmp / "popek.sock", tmp / "snap"
@@ -203,15 +205,19 @@ def main() -> None:
     process = serve(sock, tmp / "daemon.log")
     client = Client(sock, timeout=600)
     try:
-        t0 = time.monotonic()
-        base = client.create(name="base", mem=args.mem, accel=args.accel, boot_timeout=READY_TIMEOUT)
-        base.wait_ready(timeout=READY_TIMEOUT, interval=0.2)
-        booted = time.monotonic() - t0
-        t0 = time.monotonic()
-        base.snapshot(snap)
-        print(f"base VM ({args.mem}) ready in {booted:.1f} s; snapshot in {time.monotonic() - t0:.2f} s; "
-              f"cgroups: {client.metrics()['cgroups']}", flush=True)  # fmt: skip
-        base.delete()
+        if args.snapshot is not None:
+            shutil.copytree(args.snapshot, snap)  # its own copy: the original's owner may remove it meanwhile
+            print(f"snapshot: a copy of {args.snapshot}; cgroups: {client.metrics()['cgroups']}", flush=True)
+        else:
+            t0 = time.monotonic()
+            base = client.create(name="base", mem=args.mem, accel=args.accel, boot_timeout=READY_TIMEOUT)
+            base.wait_ready(timeout=READY_TIMEOUT, interval=0.2)
+            booted = time.monotonic() - t0
+            t0 = time.monotonic()
+            base.snapshot(snap)
+            print(f"base VM ({args.mem}) ready in {booted:.1f} s; snapshot in {time.monotonic() - t0:.2f} s; "
+                  f"cgroups: {client.metrics()['cgroups']}", flush=True)  # fmt: skip
+            base.delete()
         results = []
         if args.latency:
             print(f"\nAPI latency, {args.latency} cycles ({load()})", flush=True)
