@@ -121,7 +121,8 @@ def vsock_unix_connector(uds_path: str | os.PathLike[str], port: int, timeout: f
                     ) from exc
                 if not byte:
                     raise AgentUnavailable(
-                        f"the vsock device closed the connection to guest port {port}: nothing listens there (yet)"
+                        f"the vsock device closed the connection to guest port {port}: nothing listens there (yet), "
+                        "or the guest did not answer in time"
                     )
                 line += byte
             if not _HANDSHAKE_LINE.fullmatch(line):

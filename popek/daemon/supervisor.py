@@ -36,6 +36,8 @@ from popek.daemon import vmproc
 from popek.errors import PopekError
 
 CONTROL_TIMEOUT = 10.0
+STATUS_TIMEOUT = 2.0  # one status probe (GET /vms asks every live VM)
+UNRESPONSIVE_AFTER = 60.0  # a live VM process whose control socket is silent this long is 'unresponsive'
 STOP_TIMEOUT = 40.0  # vmproc closes the VM within popek.api.JOIN_TIMEOUT (30 s), then SIGKILL
 CONSOLE_TAIL = 4096
 VMM_OVERHEAD = 512 << 20  # memory.max = guest memory + this (the Python VMM, its threads, device buffers)
@@ -67,6 +69,7 @@ class VmRecord:
     cgroup: str | None = None
     adopted: bool = False
     stopping: bool = False
+    answered: float | None = None  # time.time() of the VM process's last status answer (this daemon's)
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     pidfd: int | None = field(default=None, repr=False)
     exited: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
@@ -309,6 +312,7 @@ class Supervisor:
         record.started = time.time()
         record.cause = None
         record.state = "starting"
+        record.answered = None
         record.adopted = False
         record.exited = asyncio.Event()
         mem = record.spec.get("mem_bytes", 512 << 20)
@@ -432,12 +436,21 @@ class Supervisor:
         if not record.live:
             return record.state
         try:
-            answer = await self.control(record, {"op": "status"}, timeout=2.0)
+            answer = await self.control(record, {"op": "status"}, timeout=STATUS_TIMEOUT)
         except SupervisorError:
-            if record.live:  # still starting, or wedged
-                started = record.started or time.time()
-                record.state = "starting" if time.time() - started < 60 else "unresponsive"
+            if record.live:
+                # One slow answer is no news: with many VMs on few cores a busy VM process may miss a probe's
+                # deadline, and a running VM must not turn 'starting' (and refuse exec with 409) for that. Only
+                # a process that never answered is 'starting', and one silent for UNRESPONSIVE_AFTER s (since its
+                # last answer, or its start) is 'unresponsive'.
+                now = time.time()
+                last = record.answered or record.started or now
+                if now - last >= UNRESPONSIVE_AFTER:
+                    record.state = "unresponsive"
+                elif record.answered is None:
+                    record.state = "starting"
             return record.state
+        record.answered = time.time()
         state = answer.get("state")
         if isinstance(state, str) and record.live:
             record.state = state

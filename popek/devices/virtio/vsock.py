@@ -95,7 +95,12 @@ MAX_CONNECTIONS = 1024
 MAX_PENDING_CLIENTS = 64
 MAX_RESETS = 256
 LINE_MAX = 32  # "CONNECT 4294967295\n" is 19 bytes
-CONNECT_TIMEOUT = 5.0
+# How long a host client's CONNECT waits for the guest's RESPONSE. Not 5 s (Firecracker's figure): a guest on an
+# oversubscribed host (load average 7 on two cores, ring 0 emulated by a nested host: each agent call ~10 s) can
+# take longer than that to answer a REQUEST, and the daemon's first call after its VM's agent had answered a PING
+# was refused with "nothing listens there". A guest with no listener answers RST at once whatever this is, and
+# clients bound their own wait (the daemon: 60 s).
+CONNECT_TIMEOUT = 30.0
 ACCEPT_RETRY = 0.5  # out of fds: try accepting again after this long
 EPHEMERAL_BASE = 1 << 30  # host-side ports of host-initiated connections, as Firecracker numbers them
 U32 = 0xFFFFFFFF

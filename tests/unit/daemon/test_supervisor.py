@@ -162,6 +162,69 @@ def test_a_stop_before_the_process_is_set_up_is_a_stop(tmp_path: Path) -> None:
     assert record.state == "stopped" and record.cause is not None and "SIGTERM" in record.cause
 
 
+BUSY_AFTER_ONE_ANSWER = (
+    "import json, pathlib, socket, sys, time\n"
+    "s = socket.socket(socket.AF_UNIX)\n"
+    "s.bind(str(pathlib.Path(sys.argv[1]) / 'control.sock'))\n"
+    "s.listen(16)\n"
+    "held = []\n"
+    "while True:\n"
+    "    c, _ = s.accept()\n"
+    "    c.recv(4096)\n"
+    "    if not held:\n"
+    "        c.sendall(json.dumps({'state': 'running'}).encode() + b'\\n')\n"
+    "    held.append(c)  # every later request is read and never answered: a VM process too busy to answer\n"
+)
+
+
+def test_a_missed_status_probe_keeps_a_running_vm_running_until_60_s_of_silence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load (eight VMs on two cores) a VM process may miss one status probe's deadline: the VM stays
+    'running' (so exec is not refused with 409), and only 60 s without an answer make it 'unresponsive'."""
+    from popek.daemon import supervisor
+
+    monkeypatch.setattr(supervisor, "STATUS_TIMEOUT", 0.3)
+
+    async def go() -> list[str]:
+        sup = make(tmp_path, lambda workdir: [sys.executable, "-c", BUSY_AFTER_ONE_ANSWER, str(workdir)])
+        await sup.open()
+        record = sup.create({}, "a")
+        sup.start(record)
+        states = [await sup.refresh(record)]  # no control socket yet, or its first answer
+        for _ in range(100):
+            if record.answered is not None:
+                break
+            await asyncio.sleep(0.1)
+            states = [await sup.refresh(record)]
+        states.append(await sup.refresh(record))  # the probe times out: no news
+        assert record.answered is not None
+        record.answered -= supervisor.UNRESPONSIVE_AFTER  # as if the silence had lasted 60 s
+        states.append(await sup.refresh(record))
+        await sup.delete(record)
+        return states
+
+    assert asyncio.run(go()) == ["running", "running", "unresponsive"]
+
+
+def test_a_process_that_never_answers_is_starting_then_unresponsive(tmp_path: Path) -> None:
+    from popek.daemon import supervisor
+
+    async def go() -> list[str]:
+        sup = make(tmp_path, sleeper(60))  # no control socket at all
+        await sup.open()
+        record = sup.create({}, "a")
+        sup.start(record)
+        states = [await sup.refresh(record)]
+        assert record.started is not None
+        record.started -= supervisor.UNRESPONSIVE_AFTER
+        states.append(await sup.refresh(record))
+        await sup.delete(record)
+        return states
+
+    assert asyncio.run(go()) == ["starting", "unresponsive"]
+
+
 def test_start_twice_and_unknown_are_refused(tmp_path: Path) -> None:
     from popek.daemon.supervisor import SupervisorError
 
