@@ -20,6 +20,9 @@ import pytest
 from popek import image
 from popek.daemon.client import ApiError, Client, RemoteVM
 
+from .daemons import alive as _alive
+from .daemons import serve as _serve
+from .daemons import stop as _stop
 from .guests import linux_marks
 
 BOOT_TIMEOUT = 1200  # as test_api_linux: two guests booting at once on 2 shared cores
@@ -45,36 +48,6 @@ def _popek(socket: Path, verb: str, *args: str, timeout: float = 120) -> subproc
         text=True,
         timeout=timeout,
     )
-
-
-def _serve(sock: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "popek", "serve", "--socket", str(sock)], stdout=log, stderr=subprocess.STDOUT
-    )
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        assert process.poll() is None, "the daemon ended at once (see daemon.log)"
-        assert time.monotonic() < deadline, "the daemon did not create its socket"
-        time.sleep(0.1)
-    return process
-
-
-def _stop(process: subprocess.Popen[bytes]) -> int:
-    process.send_signal(signal.SIGTERM)
-    try:
-        return process.wait(60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return process.wait()
-
-
-def _alive(pid: int) -> bool:
-    """Running, not a zombie (an adopted VM process's new parent may be slow to reap it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @pytest.fixture(scope="module")

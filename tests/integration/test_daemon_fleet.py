@@ -28,8 +28,10 @@ import pytest
 from popek import image
 from popek.daemon.client import ApiError, Client, RemoteVM
 
+from .daemons import alive as _alive
+from .daemons import serve as _serve
+from .daemons import stop as _stop
 from .guests import linux_marks
-from .test_daemon import _alive, _serve, _stop
 
 BOOT_TIMEOUT = 1200  # one boot, then eight restores at once on 2 shared cores
 FLEET = 8

@@ -14,8 +14,9 @@ import pytest
 from popek import image, jail
 from popek.daemon.client import ApiError, Client, RemoteVM
 
+from .daemons import serve as _serve
+from .daemons import stop as _stop
 from .guests import linux_marks
-from .test_daemon import _serve, _stop
 
 BOOT_TIMEOUT = 1200
 

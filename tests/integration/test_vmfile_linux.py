@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import pytest
 
@@ -27,6 +25,8 @@ from popek import image
 from popek.daemon import vmfile
 from popek.daemon.client import Client
 
+from .daemons import serve as _serve
+from .daemons import stop as _stop
 from .guests import KVM_MARKS
 
 BOOT_TIMEOUT = 1200  # two guests booting at once on 2 shared cores (as test_daemon)
@@ -43,18 +43,6 @@ class Project:
     socket: Path
     state: Path  # the daemon's state dir
     client: Client
-
-
-def _serve(sock: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "popek", "serve", "--socket", str(sock)], stdout=log, stderr=subprocess.STDOUT
-    )
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        assert process.poll() is None, "the daemon ended at once (see daemon.log)"
-        assert time.monotonic() < deadline, "the daemon did not create its socket"
-        time.sleep(0.1)
-    return process
 
 
 def _popek(project: Project, verb: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -144,12 +132,7 @@ def project(guest: image.GuestImage, tmp_path_factory: pytest.TempPathFactory) -
         for vm in client.list() if process.poll() is None else []:  # a failed test's VMs
             client.get(vm["id"]).delete()
         client.close()
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _stop(process)
         log.close()
 
 

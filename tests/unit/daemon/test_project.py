@@ -6,11 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,24 +35,6 @@ def project_file(tmp_path: Path) -> Path:
     (folder / "src").mkdir(parents=True)
     (folder / vmfile.FILENAME).write_text(TWO)
     return folder / vmfile.FILENAME
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    sock = tmp_path_factory.mktemp("serve") / "popek.sock"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "popek", "serve", "--socket", str(sock)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        assert process.poll() is None, process.stdout.read() if process.stdout else ""
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    yield sock
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(30) == 0
 
 
 def test_daemon_names_differ_between_projects_and_fit_the_daemons_pattern(tmp_path: Path) -> None:
