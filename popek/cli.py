@@ -84,7 +84,10 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message, self.prog)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(separated: bool = False) -> argparse.ArgumentParser:
+    """separated: the guest command was cut off at `--` (_parse), so what is left of it is only a command given
+    without `--`; argparse's REMAINDER would otherwise take options after a positional as the command."""
+    rest: str | int = "*" if separated else argparse.REMAINDER
     p = _Parser(prog="popek", description="popek: a programmable virtual machine monitor")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="boot a VM (the default guest unless --kernel is given)")
@@ -179,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--jail-uid", type=int, default=None, metavar="N", help="with --jail: run as this uid")
     run.add_argument("--jail-gid", type=int, default=None, metavar="N", help="with --jail: run as this gid")
-    run.add_argument("guest_command", nargs=argparse.REMAINDER, help="-- COMMAND...: run it in the default guest")
+    run.add_argument("guest_command", nargs=rest, help="-- COMMAND...: run it in the default guest")
     snap = sub.add_parser("snapshot", help="VM snapshots: create one of the default guest, show or verify one")
     snap_sub = snap.add_subparsers(dest="snapshot_command", required=True)
     create = snap_sub.add_parser("create", help="boot the default guest, wait for its agent, snapshot it into DIR")
@@ -208,7 +211,7 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("--boot-timeout", type=float, default=None, help="how long to wait for the agent")
     restore.add_argument("-i", "--interactive", action="store_true", help="feed stdin to the command")
     restore.add_argument("-t", "--tty", action="store_true", help="run the command (default: sh) on a pseudo-terminal")
-    restore.add_argument("guest_command", nargs=argparse.REMAINDER, help="-- COMMAND...: run it in the clone")
+    restore.add_argument("guest_command", nargs=rest, help="-- COMMAND...: run it in the clone")
     image = sub.add_parser("image", help="the default guest image")
     image_sub = image.add_subparsers(dest="image_command", required=True)
     build = image_sub.add_parser("build", help="build (or reuse) the default guest kernel and initramfs")
@@ -577,9 +580,26 @@ def _cmd_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line; a guest command is what follows the first `--`, so that options may also come after a
+    positional (`popek restore DIR --accel soft -- CMD`: argparse's REMAINDER would take `--accel` as the command).
+    Commands without a guest command (exec, ssh, ...) keep argparse's own reading."""
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if "--" in raw:
+        cut = raw.index("--")
+        try:
+            args = _parser(separated=True).parse_args(raw[:cut])
+        except UsageError:
+            args = None  # what precedes `--` is not a whole command line of its own (exec NAME ...): as it was
+        if args is not None and hasattr(args, "guest_command") and not args.guest_command:
+            args.guest_command = raw[cut + 1 :]
+            return args
+    return _parser().parse_args(raw)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = _parser().parse_args(argv)
+        args = _parse(argv)
     except UsageError as e:
         print(f"popek: error: {e} (try {e.prog} --help)", file=sys.stderr)
         return EXIT_ERROR

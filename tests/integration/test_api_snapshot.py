@@ -140,3 +140,9 @@ def test_the_cli_shows_and_restores_a_snapshot(saved: tuple[Path, VM]) -> None:
     broken = subprocess.run([sys.executable, "-m", "popek", "restore", str(folder / "nope"), "--", "true"],
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert broken.returncode == 1 and broken.stderr.count("\n") == 1 and "not a snapshot" in broken.stderr
+    # the default guest saw the portable CPUID template, which offers more than the software CPU implements: its
+    # snapshot does not cross to --accel soft, and says so in one line (options may follow the snapshot's folder)
+    soft = subprocess.run([sys.executable, "-m", "popek", "restore", str(folder), "--accel", "soft", "--", "true"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert soft.returncode == 1 and soft.stderr.count("\n") == 1, soft.stderr
+    assert "cannot cross backends" in soft.stderr and "--cpu-template soft" in soft.stderr, soft.stderr
