@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from popek.kvm import consts, ioctl
+
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
@@ -246,7 +248,7 @@ ALLOWED = (
     "time",
     "times",
 )
-IOCTL_TYPES = (0xAE, 0x54)  # KVMIO; 'T' (TCGETS..., TIOCGWINSZ, TUNSETIFF, FIONBIO, FIOCLEX)
+IOCTL_TYPES = (consts.KVMIO, ioctl.TERMINAL_IOCTL_TYPE)  # 'T': TCGETS..., TIOCGWINSZ, TUNSETIFF, FIONBIO, FIOCLEX
 DENIED_ALWAYS = (
     "execve",
     "execveat",
@@ -430,7 +432,7 @@ def build_filter(tap: bool = False) -> Any:
     # ioctl by the request's type byte: KVM's (0xAE) and 'T' (terminals, TUNSETIFF, FIONBIO/FIOCLEX); no other
     # driver's (no block-device, socket-config or SCSI ioctls). tap=True needs no more: TUNSETIFF is a 'T' ioctl.
     for kind in IOCTL_TYPES:
-        filt.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFF00, kind << 8))
+        filt.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.MASKED_EQ, ioctl.IOC_TYPE_MASK, ioctl.type_field(kind)))
     filt.set_attr(sc.Attr.CTL_TSYNC, 1)
     return filt
 

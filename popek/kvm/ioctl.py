@@ -23,6 +23,15 @@ IOC_READ = 2
 CType = type[ctypes._SimpleCData] | type[ctypes.Structure] | type[ctypes.Array]  # type: ignore[type-arg]
 
 
+TERMINAL_IOCTL_TYPE = ord("T")  # <asm-generic/ioctls.h> TCGETS..., FIONBIO, FIOCLEX; <linux/if_tun.h> TUNSETIFF
+IOC_TYPE_MASK = ((1 << _IOC_TYPEBITS) - 1) << _IOC_TYPESHIFT  # where a request number keeps its type byte
+
+
+def type_field(type_: int) -> int:
+    """A request number's bits for ioctl type type_ (a seccomp filter matches requests by them: popek.jail)."""
+    return type_ << _IOC_TYPESHIFT
+
+
 def IOC(direction: int, type_: int, nr: int, size: int) -> int:
     if not 0 <= size < (1 << _IOC_SIZEBITS):
         raise ValueError(f"ioctl argument size {size} does not fit the request encoding")
