@@ -68,7 +68,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory, http_port: int) -> Iterator[
     with popek.VM(mem="256M", net="passt", cold=True, boot_timeout=900) as vm:
         assert fetch(vm, http_port) == PAGE
         mac = guest_mac(vm)
-        assert vm.net is not None and mac == vm.net.mac_text()
+        assert vm.net is not None and mac == vm.net.mac_text
         vm.snapshot(folder)
     yield folder, mac
 
@@ -80,7 +80,7 @@ def test_each_clone_gets_a_mac_of_its_own_and_its_network_works(saved: tuple[Pat
         for clone in (first, second):
             assert clone.net is not None and clone.net.backend == "passt"
             mac = guest_mac(clone)
-            assert mac == clone.net.mac_text(), "the guest's eth0 did not take its device's MAC"
+            assert mac == clone.net.mac_text, "the guest's eth0 did not take its device's MAC"
             macs.append(mac)
             assert fetch(clone, http_port) == PAGE
         assert len({original, *macs}) == 3, f"clones share a MAC: {original} {macs}"
