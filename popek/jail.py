@@ -668,5 +668,6 @@ def confine_vm(
     spec.scratch = scratch
     spec.validate()
     preload()
-    tempfile.tempdir = scratch if workdir is None else os.fspath(workdir)
     enter(spec)
+    # only in the confined process: a jail that could not be entered leaves this process's tempfiles as they were
+    tempfile.tempdir = scratch if workdir is None else os.fspath(workdir)

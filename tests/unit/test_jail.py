@@ -178,6 +178,7 @@ def test_a_disk_spec_becomes_a_bind_as_the_vm_uses_it(tmp_path: Path, monkeypatc
     monkeypatch.setattr(jail, "has_sys_admin", lambda: True)
     monkeypatch.setattr(jail, "preload", lambda extra=(): None)
     monkeypatch.setattr(jail, "enter", seen.append)
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)  # confine_vm sets it once "in the jail": undone after
     jail.confine_vm(workdir=tmp_path, kernel=disk, initrd=None, disks=[DiskSpec(disk, read_only=True)], accel="soft")
     (spec,) = seen
     assert jail.Bind(disk, writable=False) in spec.binds and not spec.kvm and not spec.tap
