@@ -35,7 +35,8 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def vm(guest: image.GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VM]:
     console = (tmp_path_factory.mktemp("api-console") / "console.log").open("wb", buffering=0)  # readable meanwhile
-    machine = VM(accel="kvm", mem="512M", boot_timeout=BOOT_TIMEOUT, console=console.write)
+    # 256 MiB, as the other default-guest tests: one warm snapshot (popek.warm) serves them all
+    machine = VM(accel="kvm", mem="256M", boot_timeout=BOOT_TIMEOUT, console=console.write)
     try:
         machine.start()
     except Exception as e:

@@ -1,6 +1,7 @@
 """A real Linux kernel (popek's default guest: Debian's linux-source-6.1, tinyconfig plus popek's fragment, and a
 busybox initramfs) boots on the KVM backend of this machine to userspace, where its init runs a command, and
-popek returns the command's status. On hosts that do only half of a SYSCALL from guest ring 3, that takes
+popek returns the command's status (the bzImage of the same kernel, through the 64-bit boot protocol, boots in
+test_virtio_linux's second boot). On hosts that do only half of a SYSCALL from guest ring 3, that takes
 popek's syscall assist (`popek.accel.kvm_syscall`).
 """
 
@@ -55,13 +56,3 @@ def test_default_guest_boots_linux_and_runs_commands_repeatedly_returning_the_st
     assert r.returncode == 7, log
     assert "assists:" in r.stderr, log
 
-
-def test_bzimage_of_the_same_kernel_boots_through_the_64_bit_protocol(guest: image.GuestImage) -> None:
-    append = f"{guest.cmdline} {image.command_parameter(['sh', '-c', 'exit 3'])}"
-    r = popek("--kernel", str(guest.bzimage), "--initrd", str(guest.initrd), "--append", append)
-    log = f"stdout:\n{r.stdout[-6000:]}\nstderr:\n{r.stderr[-4000:]}"
-    assert "Linux version 6.1" in r.stdout, log
-    assert "popek-guest-ready" in r.stdout and "popek-exit-status: 3" in r.stdout, log
-    # with --kernel popek does not read the default guest's protocol: the guest's reset ends the VM
-    assert "popek: VM stopped: reset" in r.stderr, log
-    assert r.returncode == 0, log

@@ -244,3 +244,13 @@ def test_a_console_callback_sees_the_output_and_one_that_raises_does_not_stop_th
         while b"popek-api-no-agent" not in vm.console_tail and time.monotonic() < deadline:
             time.sleep(0.05)
         assert vm.running and b"popek-api-no-agent" in vm.console_tail
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"cold": True}, {"disks": ["/tmp/popek-no-disk.img"]}, {"net": "passt"}, {"kernel": "/boot/vmlinuz"},
+     {"image": "debian"}],
+)  # fmt: skip
+def test_only_the_default_guest_with_popeks_own_devices_and_not_cold_can_start_warm(kwargs: dict[str, object]) -> None:
+    # decided before any image is looked up: a VM that cannot start warm never builds or finds the default guest
+    assert VM(**kwargs)._warm_key() is None  # type: ignore[arg-type]
