@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,24 @@ KVM_MARKS = [
 ]
 BACKENDS = [pytest.param("kvm", marks=KVM_MARKS), "soft"]
 LINUX_BOOT_TIMEOUT = 1200  # a default-guest boot: ~2 min alone on a nested host, many more beside other guests
+
+
+@dataclass
+class Boot:
+    """One `popek run` of a Linux guest and its folder: what it printed, and the `key=value` lines of its script."""
+
+    result: subprocess.CompletedProcess[str]
+    tmp: Path
+
+    @property
+    def log(self) -> str:
+        return f"stdout:\n{self.result.stdout[-6000:]}\nstderr:\n{self.result.stderr[-4000:]}"
+
+    def value(self, key: str) -> str:
+        for line in self.result.stdout.splitlines():
+            if line.startswith(key + "="):
+                return line[len(key) + 1 :].strip()
+        raise AssertionError(f"no {key}= in the guest's output\n{self.log}")
 
 
 def linux_marks(boot_timeout: float = LINUX_BOOT_TIMEOUT) -> list[pytest.MarkDecorator]:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from popek import image
+
+from .guests import Boot
 
 BOOT_TIMEOUT = 2400  # ~8 minutes on a busy 2-core machine; the margin is for slower ones
 
@@ -27,19 +27,10 @@ SCRIPT = (
 )
 
 
-@dataclass
-class SoftBoot:
-    result: subprocess.CompletedProcess[str]
-    disk: Path
-
-    @property
-    def log(self) -> str:
-        return f"stdout:\n{self.result.stdout[-6000:]}\nstderr:\n{self.result.stderr[-4000:]}"
-
-
 @pytest.fixture(scope="module")
-def soft_boot(guest: image.GuestImage, tmp_path_factory: pytest.TempPathFactory) -> SoftBoot:
-    disk = tmp_path_factory.mktemp("soft") / "soft.img"
+def soft_boot(guest: image.GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Boot:
+    tmp = tmp_path_factory.mktemp("soft")
+    disk = tmp / "soft.img"
     disk.write_bytes(b"HOST-DATA".ljust(256 * 512, b"\0"))
     r = subprocess.run(
         [sys.executable, "-m", "popek", "run", "--accel", "soft", "--timeout", str(BOOT_TIMEOUT), "--stats",
@@ -49,10 +40,10 @@ def soft_boot(guest: image.GuestImage, tmp_path_factory: pytest.TempPathFactory)
         text=True,
         timeout=BOOT_TIMEOUT + 120,
     )  # fmt: skip
-    return SoftBoot(r, disk)
+    return Boot(r, tmp)
 
 
-def test_default_guest_boots_to_userspace_on_the_software_cpu(soft_boot: SoftBoot) -> None:
+def test_default_guest_boots_to_userspace_on_the_software_cpu(soft_boot: Boot) -> None:
     r, log = soft_boot.result, soft_boot.log
     assert "Linux version 6.1" in r.stdout, log
     assert "popek-guest-ready" in r.stdout and "popek-soft-marker" in r.stdout, log
@@ -61,10 +52,10 @@ def test_default_guest_boots_to_userspace_on_the_software_cpu(soft_boot: SoftBoo
     assert "instructions: " in r.stderr, log
 
 
-def test_a_disk_is_read_and_written_on_the_software_cpu(soft_boot: SoftBoot) -> None:
+def test_a_disk_is_read_and_written_on_the_software_cpu(soft_boot: Boot) -> None:
     r, log = soft_boot.result, soft_boot.log
     assert "\nhost=HOST-DATA" in r.stdout and "soft-write-ok" in r.stdout, log
-    assert soft_boot.disk.read_bytes()[512:522] == b"SOFT-WROTE"
+    assert (soft_boot.tmp / "soft.img").read_bytes()[512:522] == b"SOFT-WROTE"
     stats = next((line for line in r.stderr.splitlines() if line.startswith("virtio-blk vda")), None)
     assert stats is not None, log
     assert "flushes=0" not in stats and "NEEDS RESET" not in stats, stats

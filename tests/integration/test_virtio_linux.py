@@ -13,12 +13,13 @@ import socket
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from popek import image
+
+from .guests import Boot
 
 BOOT_TIMEOUT = 1200
 
@@ -53,22 +54,6 @@ echo popek-hvc-out >&3
 read -r line <&3; echo "hvc-in=$line"
 """
 SECOND_BOOT = 'echo "read-back=$(dd if=/dev/vda bs=512 skip=8 count=1 2>/dev/null | head -c 24)"'
-
-
-@dataclass
-class Boot:
-    result: subprocess.CompletedProcess[str]
-    tmp: Path
-
-    @property
-    def log(self) -> str:
-        return f"stdout:\n{self.result.stdout[-6000:]}\nstderr:\n{self.result.stderr[-4000:]}"
-
-    def value(self, key: str) -> str:
-        for line in self.result.stdout.splitlines():
-            if line.startswith(key + "="):
-                return line[len(key) + 1 :].strip()
-        raise AssertionError(f"no {key}= in the guest's output\n{self.log}")
 
 
 def popek(*args: str) -> subprocess.CompletedProcess[str]:
