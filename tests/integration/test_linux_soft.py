@@ -19,6 +19,7 @@ BOOT_TIMEOUT = 2400  # ~8 minutes on a busy 2-core machine; the margin is for sl
 
 pytestmark = [pytest.mark.linux, pytest.mark.slow, pytest.mark.timeout(BOOT_TIMEOUT + 180)]
 
+DISK = "soft.img"  # in the module's folder (Boot.tmp)
 SCRIPT = (
     "echo popek-soft-marker; uname -sm;"
     " echo host=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 9);"
@@ -30,7 +31,7 @@ SCRIPT = (
 @pytest.fixture(scope="module")
 def soft_boot(guest: image.GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Boot:
     tmp = tmp_path_factory.mktemp("soft")
-    disk = tmp / "soft.img"
+    disk = tmp / DISK
     disk.write_bytes(b"HOST-DATA".ljust(256 * 512, b"\0"))
     r = subprocess.run(
         [sys.executable, "-m", "popek", "run", "--accel", "soft", "--timeout", str(BOOT_TIMEOUT), "--stats",
@@ -55,7 +56,7 @@ def test_default_guest_boots_to_userspace_on_the_software_cpu(soft_boot: Boot) -
 def test_a_disk_is_read_and_written_on_the_software_cpu(soft_boot: Boot) -> None:
     r, log = soft_boot.result, soft_boot.log
     assert "\nhost=HOST-DATA" in r.stdout and "soft-write-ok" in r.stdout, log
-    assert (soft_boot.tmp / "soft.img").read_bytes()[512:522] == b"SOFT-WROTE"
+    assert (soft_boot.tmp / DISK).read_bytes()[512:522] == b"SOFT-WROTE"
     stats = next((line for line in r.stderr.splitlines() if line.startswith("virtio-blk vda")), None)
     assert stats is not None, log
     assert "flushes=0" not in stats and "NEEDS RESET" not in stats, stats
