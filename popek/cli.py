@@ -312,9 +312,7 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
                 on_stdout=lambda data: (sys.stdout.buffer.write(data), sys.stdout.buffer.flush()),
                 on_stderr=lambda data: (sys.stderr.buffer.write(data), sys.stderr.buffer.flush()),
             )
-            if result.signal is not None:
-                return 128 + result.signal
-            return EXIT_TIMEOUT if result.timed_out else (result.exit_code or 0) & 0xFF
+            return result.status
         if args.command == "stop":
             vm.stop()
             return 0

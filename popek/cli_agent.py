@@ -45,12 +45,6 @@ def _writer(fd: int) -> Callable[[bytes], None]:
     return write
 
 
-def _status(exit_code: int | None, signum: int | None) -> int:
-    if exit_code is not None:
-        return exit_code & 0xFF
-    return 128 + (signum or 0)
-
-
 def _console_tail(tail: bytes) -> str:
     lines = tail.decode(errors="replace").replace("\r", "").splitlines()[-CONSOLE_LINES:]
     return "".join(f"  | {line}\n" for line in lines)
@@ -120,7 +114,7 @@ def _interactive(
     finally:
         if old_winch is not None:
             signal.signal(signal.SIGWINCH, old_winch)
-    return _status(result.exit_code, result.signal)
+    return result.status
 
 
 def run(
@@ -190,7 +184,7 @@ def drive(vm: VM, args: argparse.Namespace, command: list[str]) -> int:
                 status = _interactive(vm, command or DEFAULT_SHELL, args.tty)
             else:
                 result = vm.exec(command, on_stdout=_writer(1), on_stderr=_writer(2))
-                status = _status(result.exit_code, result.signal)
+                status = result.status
             if args.stats:
                 print(vm.stats(), file=sys.stderr)
             return status

@@ -155,6 +155,16 @@ class ExecResult:
     def ok(self) -> bool:
         return self.exit_code == 0 and not self.timed_out
 
+    @property
+    def status(self) -> int:
+        """The exit status a shell reports for it: 124 for a timeout, as timeout(1) reports one (the agent's kill at
+        the deadline is a signal too, but the timeout is the cause), 128+N for signal N, else the exit code."""
+        if self.timed_out:
+            return 124
+        if self.signal is not None:
+            return 128 + self.signal
+        return (self.exit_code or 0) & 0xFF
+
     def check(self) -> ExecResult:
         """self, or CommandTimeout / CommandFailed."""
         if self.timed_out:

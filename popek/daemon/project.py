@@ -426,7 +426,7 @@ class Project:
         run by /bin/sh -c)."""
         vm = self._running(name)
         if command:
-            return _exit_status(_stream_exec(vm, list(command)))
+            return _stream_exec(vm, list(command)).status
         from popek.daemon import vmproc
         from popek.daemon.server import state_dir_for
 
@@ -459,7 +459,7 @@ class Project:
             words = text.split()
             if words[0] == "exit" and len(words) <= 2:
                 return int(words[1]) & 0xFF if len(words) == 2 and words[1].isdigit() else status
-            status = _exit_status(_stream_exec(vm, ["/bin/sh", "-c", text]))
+            status = _stream_exec(vm, ["/bin/sh", "-c", text]).status
 
     def destroy(self, name: str) -> None:
         """Stop and delete the VM, remove .popek/<name> (and .popek/ when it is left empty): nothing left."""
@@ -478,13 +478,6 @@ def _stream_exec(vm: RemoteVM, command: list[str]) -> ExecResult:
         on_stdout=lambda data: (sys.stdout.buffer.write(data), sys.stdout.buffer.flush()),
         on_stderr=lambda data: (sys.stderr.buffer.write(data), sys.stderr.buffer.flush()),
     )
-
-
-def _exit_status(result: ExecResult) -> int:
-    """A command's exit status as a shell reports it (a signal N is 128+N, a timeout 124)."""
-    if result.signal is not None:
-        return 128 + result.signal
-    return 124 if result.timed_out else (result.exit_code or 0) & 0xFF
 
 
 def _shutdown(vm: RemoteVM) -> None:

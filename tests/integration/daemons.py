@@ -1,5 +1,6 @@
-"""Running `popek serve` in integration tests: one daemon process on a test's own socket, stopped as a user would
-stop it (SIGTERM), and whether a process is still alive (the daemon's VM processes)."""
+"""Running `popek serve` in integration tests: one daemon process on a test's own socket with a client for it
+(`running`, a context manager that deletes what a failed test left and requires a clean exit), stopped as a user
+would stop it (SIGTERM), and whether a process is still alive (the daemon's VM processes)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+from popek.daemon.client import DEFAULT_TIMEOUT, Client
 
 
 def serve(sock: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
@@ -41,3 +47,51 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@dataclass
+class Daemon:
+    """A `popek serve` on `folder`/popek.sock, its output in `folder`/daemon.log, and a client of its API."""
+
+    folder: Path
+    log: IO[bytes]
+    client_timeout: float
+    process: subprocess.Popen[bytes]
+    client: Client
+
+    @property
+    def socket(self) -> Path:
+        return self.folder / "popek.sock"
+
+    @property
+    def state(self) -> Path:
+        """The daemon's state folder (its VMs' folders are under vms/)."""
+        return self.socket.with_name(self.socket.name + ".d")
+
+    def stop(self) -> int:
+        """Close the client, SIGTERM the daemon; its exit status. Its VM processes outlive it."""
+        self.client.close()
+        return stop(self.process)
+
+    def start(self) -> None:
+        """Serve again on the same socket and state (a restarted daemon adopts the VMs it finds), with a new client."""
+        self.process = serve(self.socket, self.log)
+        self.client = Client(self.socket, timeout=self.client_timeout)
+
+
+@contextmanager
+def running(folder: Path, client_timeout: float = DEFAULT_TIMEOUT) -> Iterator[Daemon]:
+    """A daemon for a module's tests. On the way out the VMs a failed test left are deleted (the daemon keeps them),
+    the daemon is stopped, and it must have exited 0 (the assertion carries its log)."""
+    log = (folder / "daemon.log").open("wb")
+    sock = folder / "popek.sock"
+    daemon = Daemon(folder, log, client_timeout, serve(sock, log), Client(sock, timeout=client_timeout))
+    try:
+        yield daemon
+    finally:
+        if daemon.process.poll() is None:
+            for info in daemon.client.list():
+                daemon.client.get(info["id"]).delete()
+        status = daemon.stop()
+        log.close()
+    assert status == 0, (folder / "daemon.log").read_text()

@@ -13,16 +13,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import pytest
 
 from popek import image
 from popek.daemon.client import ApiError, Client, RemoteVM
 
+from . import daemons
 from .daemons import alive as _alive
-from .daemons import serve as _serve
-from .daemons import stop as _stop
 from .guests import linux_marks
 
 BOOT_TIMEOUT = 1200  # as test_api_linux: two guests booting at once on 2 shared cores
@@ -32,13 +30,25 @@ pytestmark = linux_marks(BOOT_TIMEOUT)
 
 @dataclass
 class Daemon:
-    process: subprocess.Popen[bytes]
-    socket: Path
-    state: Path
-    client: Client
+    server: daemons.Daemon
     a: RemoteVM
     b: RemoteVM
-    log: IO[bytes]
+
+    @property
+    def client(self) -> Client:
+        return self.server.client
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.server.process
+
+    @property
+    def socket(self) -> Path:
+        return self.server.socket
+
+    @property
+    def state(self) -> Path:
+        return self.server.state
 
 
 def _popek(socket: Path, verb: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -52,33 +62,16 @@ def _popek(socket: Path, verb: str, *args: str, timeout: float = 120) -> subproc
 
 @pytest.fixture(scope="module")
 def daemon(guest: image.GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    run = tmp_path_factory.mktemp("daemon")
-    sock = run / "popek.sock"
-    log = (run / "daemon.log").open("wb")
-    process = _serve(sock, log)
-    client = Client(sock)
-    state: Daemon | None = None
-    try:
-        a = client.create(name="a", mem="256M", boot_timeout=BOOT_TIMEOUT)
-        b = client.create(name="b", mem="256M", boot_timeout=BOOT_TIMEOUT)
+    with daemons.running(tmp_path_factory.mktemp("daemon")) as server:
+        a = server.client.create(name="a", mem="256M", boot_timeout=BOOT_TIMEOUT)
+        b = server.client.create(name="b", mem="256M", boot_timeout=BOOT_TIMEOUT)
         for vm in (a, b):
             try:
                 vm.wait_ready(timeout=BOOT_TIMEOUT)
             except ApiError as e:
                 tail = vm.console().decode(errors="replace")[-6000:]
                 pytest.fail(f"VM {vm.name} did not boot to its agent: {e}\nconsole:\n{tail}")
-        state = Daemon(process, sock, sock.with_name(sock.name + ".d"), client, a, b, log)
-        yield state
-    finally:
-        if state is not None:  # a test may have restarted the daemon
-            process, client = state.process, state.client
-        for vm in client.list() if process.poll() is None else []:  # a failed test's VMs: the daemon keeps them
-            client.get(vm["id"]).delete()
-        client.close()
-        status = _stop(process)
-        log.close()
-    assert status == 0, (run / "daemon.log").read_text()
-    assert not sock.exists(), "the daemon left its socket behind"
+        yield Daemon(server, a, b)
 
 
 def test_exec_streams_output_and_exit_code_in_both_vms(daemon: Daemon) -> None:
@@ -149,12 +142,10 @@ def test_kill_9_of_one_vm_process_leaves_the_daemon_and_the_other_vm(daemon: Dae
 
 def test_a_restarted_daemon_adopts_the_live_vm_and_keeps_the_dead_ones_cause(daemon: Daemon) -> None:
     pid_b = daemon.b.info()["pid"]
-    daemon.client.close()
-    assert _stop(daemon.process) == 0
+    assert daemon.server.stop() == 0
     assert not daemon.socket.exists()
     assert _alive(pid_b)  # the VM process outlives its daemon
-    daemon.process = _serve(daemon.socket, daemon.log)
-    daemon.client = Client(daemon.socket)
+    daemon.server.start()
     daemon.a, daemon.b = daemon.client.get("a"), daemon.client.get("b")
     info = daemon.b.info()
     assert info["pid"] == pid_b and info["state"] == "running", info

@@ -14,23 +14,21 @@ from __future__ import annotations
 import hashlib
 import random
 import secrets
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import TypeVar
 
 import pytest
 
 from popek import image
 from popek.daemon.client import ApiError, Client, RemoteVM
 
+from . import daemons
 from .daemons import alive as _alive
-from .daemons import serve as _serve
-from .daemons import stop as _stop
 from .guests import linux_marks
 
 BOOT_TIMEOUT = 1200  # one boot, then FLEET restores at once on 2 shared cores
@@ -49,13 +47,11 @@ T = TypeVar("T")
 
 @dataclass
 class Fleet:
-    process: subprocess.Popen[bytes]
     socket: Path
     state: Path
     client: Client
     vms: list[RemoteVM]
     pids: dict[str, int]
-    log: IO[bytes]
 
 
 def _parallel(calls: list[Callable[[], T]], workers: int) -> list[T]:
@@ -81,12 +77,9 @@ def _processes_naming(folder: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def fleet(guest: image.GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     run = tmp_path_factory.mktemp("fleet")
-    sock = run / "popek.sock"
-    log = (run / "daemon.log").open("wb")
-    process = _serve(sock, log)
-    client = Client(sock, timeout=300)
     snap = run / "snap"
-    try:
+    with daemons.running(run, client_timeout=300) as server:
+        sock, client = server.socket, server.client
         base = client.create(name="base", mem="256M", boot_timeout=BOOT_TIMEOUT)
         try:
             base.wait_ready(timeout=BOOT_TIMEOUT)
@@ -114,15 +107,7 @@ def fleet(guest: image.GuestImage, tmp_path_factory: pytest.TempPathFactory) -> 
         for vm in vms:  # each clone's identity, which every later answer repeats
             vm.files.write(ID_FILE, f"{vm.name} {vm.id}\n".encode())
         pids = {vm.name: int(vm.info()["pid"]) for vm in vms}
-        yield Fleet(process, sock, sock.with_name(sock.name + ".d"), client, vms, pids, log)
-    finally:
-        if process.poll() is None:
-            for info in client.list():  # what a failed test left: the daemon keeps its VMs
-                client.get(info["id"]).delete()
-        client.close()
-        status = _stop(process)
-        log.close()
-    assert status == 0, (run / "daemon.log").read_text()
+        yield Fleet(sock, server.state, client, vms, pids)
     assert not sock.exists(), "the daemon left its socket behind"
     assert not sock.with_name(sock.name + ".lock").exists(), "the daemon left its lock behind"
 

@@ -14,8 +14,7 @@ import pytest
 from popek import image, jail
 from popek.daemon.client import ApiError, Client, RemoteVM
 
-from .daemons import serve as _serve
-from .daemons import stop as _stop
+from . import daemons
 from .guests import linux_marks
 
 BOOT_TIMEOUT = 1200
@@ -36,27 +35,14 @@ class Jailed:
 
 @pytest.fixture(scope="module")
 def jailed(guest: image.GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jailed]:
-    run = tmp_path_factory.mktemp("jaild")
-    sock = run / "popek.sock"
-    log = (run / "daemon.log").open("wb")
-    process = _serve(sock, log)
-    client = Client(sock)
-    try:
-        vm = client.create(name="jailed", mem="256M", jail=True, boot_timeout=BOOT_TIMEOUT)
+    with daemons.running(tmp_path_factory.mktemp("jaild")) as server:
+        vm = server.client.create(name="jailed", mem="256M", jail=True, boot_timeout=BOOT_TIMEOUT)
         try:
             vm.wait_ready(timeout=BOOT_TIMEOUT)
         except ApiError as e:
             tail = vm.console().decode(errors="replace")[-6000:]
             pytest.fail(f"the jailed VM did not boot to its agent: {e}\nconsole:\n{tail}")
-        yield Jailed(process.pid, client, vm, sock.with_name(sock.name + ".d"))
-    finally:
-        if process.poll() is None:
-            for info in client.list():
-                client.get(info["id"]).delete()
-        client.close()
-        status = _stop(process)
-        log.close()
-    assert status == 0, (run / "daemon.log").read_text()
+        yield Jailed(server.process.pid, server.client, vm, server.state)
 
 
 def test_exec_and_files_work_in_a_jailed_vm(jailed: Jailed) -> None:
@@ -106,3 +92,26 @@ def test_a_jailed_vm_snapshots_into_its_own_directory_only(jailed: Jailed, tmp_p
     assert refused.value.status == 409 and not outside.exists()
     r = jailed.vm.exec(["true"])
     assert r.exit_code == 0  # the VM runs on after both
+
+
+def test_a_jailed_vm_restored_from_a_snapshot_is_confined_and_has_the_snapshots_files(jailed: Jailed) -> None:
+    snap = jailed.state / "vms" / jailed.vm.id / "clone-source"
+    jailed.vm.files.write("/tmp/before-the-snapshot", b"written in the source\n")
+    jailed.vm.snapshot(snap)
+    clone = jailed.client.create(name="jailed-clone", snapshot=str(snap), jail=True, boot_timeout=BOOT_TIMEOUT)
+    try:
+        try:
+            clone.wait_ready(timeout=BOOT_TIMEOUT)
+        except ApiError as e:
+            pytest.fail(f"the jailed clone did not restore: {e}\nconsole:\n{clone.console().decode(errors='replace')}")
+        assert clone.files.read("/tmp/before-the-snapshot") == b"written in the source\n"
+        assert clone.exec(["sh", "-c", "echo restored; exit 5"]).exit_code == 5
+        pid = clone.info()["pid"]
+        assert isinstance(pid, int) and pid != jailed.vm.info()["pid"]
+        (inner,) = _children(pid)
+        status = _status(inner)
+        assert int(status["CapEff"], 16) == 0 and status["NoNewPrivs"] == "1" and status["Seccomp"] == "2", status
+        assert "etc" not in os.listdir(f"/proc/{inner}/root")
+    finally:
+        clone.delete()
+    assert jailed.vm.exec(["true"]).exit_code == 0  # the source runs on

@@ -25,8 +25,7 @@ from popek import image
 from popek.daemon import vmfile
 from popek.daemon.client import Client
 
-from .daemons import serve as _serve
-from .daemons import stop as _stop
+from . import daemons
 from .guests import KVM_MARKS
 
 BOOT_TIMEOUT = 1200  # two guests booting at once on 2 shared cores (as test_daemon)
@@ -120,20 +119,9 @@ def _edited_template() -> str:
 
 @pytest.fixture(scope="module")
 def project(guest: image.GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
-    run = tmp_path_factory.mktemp("vmfile-daemon")
     root = tmp_path_factory.mktemp("vmfile-project")
-    sock = run / "popek.sock"
-    log = (run / "daemon.log").open("wb")
-    process = _serve(sock, log)
-    client = Client(sock)
-    try:
-        yield Project(root, sock, sock.with_name(sock.name + ".d"), client)
-    finally:
-        for vm in client.list() if process.poll() is None else []:  # a failed test's VMs
-            client.get(vm["id"]).delete()
-        client.close()
-        _stop(process)
-        log.close()
+    with daemons.running(tmp_path_factory.mktemp("vmfile-daemon")) as server:
+        yield Project(root, server.socket, server.state, server.client)
 
 
 def test_init_writes_the_template_and_an_edited_two_machine_file_loads(project: Project) -> None:

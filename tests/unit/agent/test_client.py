@@ -272,3 +272,18 @@ def test_refresh_values_the_protocol_cannot_carry_are_refused_without_connecting
         client.refresh(entropy=b"")
     with pytest.raises(InvalidRequest, match="not a u64"):
         client.refresh(time_ns=-1)
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "signum", "timed_out", "status"),
+    [(0, None, False, 0), (3, None, False, 3), (256 + 7, None, False, 7), (None, 9, False, 137),
+     (None, 15, True, 124), (None, 9, True, 124)],
+)  # fmt: skip
+def test_an_exec_results_status_is_what_a_shell_would_report(
+    exit_code: int | None, signum: int | None, timed_out: bool, status: int
+) -> None:
+    """`popek run`, `popek exec` and `popek ssh` exit with it: timeout(1)'s 124 even though the agent's kill at the
+    deadline is a signal, 128+N for a signal N, the exit code's low byte."""
+    from popek.agent.client import ExecResult
+
+    assert ExecResult(b"", b"", exit_code, signum, 0.0, timed_out).status == status

@@ -4,14 +4,18 @@ real `popek serve` whose VMs are created but never started."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from popek.agent.client import ExecResult
 from popek.cli import main
 from popek.daemon import models, vmfile
 from popek.daemon.client import Client
@@ -171,3 +175,44 @@ def test_status_and_destroy_through_the_daemon(project_file: Path, served: Path)
         assert (project_file.parent / ".popek").exists()  # two's state is still there
         project.destroy("two")
         assert not (project_file.parent / ".popek").exists()
+
+
+class ShellVM:
+    """A RemoteVM's exec as the line shell uses it: each command recorded, its output given to the callback, and
+    an exit status, a signal or a timeout chosen by the command's text."""
+
+    def __init__(self) -> None:
+        self.commands: list[list[str]] = []
+
+    def exec(self, command: list[str], on_stdout: Callable[[bytes], object], **_: object) -> ExecResult:
+        self.commands.append(command)
+        text = command[-1]
+        on_stdout(f"ran {text}\n".encode())
+        code, sig, timed_out = {"fail": (4, None, False), "killed": (None, 9, False), "slow": (None, 9, True)}.get(
+            text, (0, None, False)
+        )
+        return ExecResult(b"", b"", code, sig, 0.0, timed_out)
+
+
+@pytest.mark.parametrize(
+    ("lines", "status", "ran"),
+    [
+        ("echo a\n\n  \nfail\n", 4, ["echo a", "fail"]),  # the end of input: the last command's status
+        ("fail\nexit\n", 4, ["fail"]),
+        ("fail\nexit 3\nnot run\n", 3, ["fail"]),
+        ("exit 300\n", 300 & 0xFF, []),
+        ("killed\n", 128 + 9, ["killed"]),
+        ("slow\n", 124, ["slow"]),
+        ("exit now please\n", 0, ["exit now please"]),  # not the exit builtin's form: a command like any other
+    ],
+)
+def test_the_line_shell_runs_each_line_by_sh_and_ends_with_a_shells_status(
+    project_file: Path, lines: str, status: int, ran: list[str], capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """`popek ssh NAME` where the VM's vsock socket is out of reach (another user's daemon): each line runs through
+    the daemon by /bin/sh -c, its output streamed; exit N, or the end of input, ends it."""
+    project = Project(project_file, cast(Any, None), out=lambda line: None)
+    vm = ShellVM()
+    assert project.line_shell("one", cast(Any, vm), io.StringIO(lines)) == status
+    assert vm.commands == [["/bin/sh", "-c", text] for text in ran]
+    assert capsysbinary.readouterr().out == b"".join(f"ran {text}\n".encode() for text in ran)
