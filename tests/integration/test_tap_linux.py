@@ -3,7 +3,9 @@
 and ptap1. The guest on ptap0, given a static address on the kernel command line (popek.ip=), fetches a page
 from an HTTP server on the bridge's address and serves a line to a host client (both directions, no NAT); then
 it is snapshotted and stopped, and its clone on ptap1 has a MAC of its own (the device's, which the guest's eth0
-took through the agent's REFRESH) that the host's neighbour table learns from its traffic.
+took through the agent's REFRESH) that the host's neighbour table learns from its traffic. Last, a VM confined as
+`popek run --jail` confines it (its own mount, PID and IPC namespaces, but the TAP device's network namespace) on
+ptap2 fetches the same page.
 
 The scenario runs in a child Python (`unshare -n python3 -c ...`: this process stays in the host's namespace)
 that prints one JSON line of what it saw."""
@@ -29,7 +31,7 @@ pytestmark = [
     *KVM_MARKS,
     pytest.mark.linux,
     pytest.mark.slow,
-    pytest.mark.timeout(1800),
+    pytest.mark.timeout(2700),
     pytest.mark.skipif(os.geteuid() != 0, reason="TAP devices and a network namespace need root"),
     pytest.mark.skipif(not os.path.exists("/dev/net/tun"), reason="needs /dev/net/tun"),
     pytest.mark.skipif(shutil.which("unshare") is None or shutil.which("ip") is None, reason="needs unshare and ip"),
@@ -47,7 +49,7 @@ SCENARIO = textwrap.dedent(
     sh("ip", "link", "add", "pbr0", "type", "bridge")
     sh("ip", "addr", "add", "10.77.0.1/24", "dev", "pbr0")
     sh("ip", "link", "set", "pbr0", "up")
-    for tap in ("ptap0", "ptap1"):
+    for tap in ("ptap0", "ptap1", "ptap2"):
         sh("ip", "tuntap", "add", tap, "mode", "tap")
         sh("ip", "link", "set", tap, "master", "pbr0")
         sh("ip", "link", "set", tap, "up")
@@ -115,6 +117,14 @@ SCENARIO = textwrap.dedent(
         seen["clone_mac"] = mac_of(clone)
         seen["clone_fetch"] = clone.exec(fetch, check=True, timeout=120).stdout.decode()
         seen["clone_neighbour"] = neighbour()
+    # a confined VMM (popek run --jail) keeps this network namespace for its TAP device, and nothing else of the host
+    jailed = subprocess.run(
+        [sys.executable, "-m", "popek", "run", "--jail", "--mem", "256M", "--boot-timeout", "900",
+         "--net", "tap:ptap2,ip=10.77.0.3/24", "--", *fetch],
+        capture_output=True, text=True, timeout=1200,
+    )
+    seen["jailed_fetch"] = jailed.stdout
+    seen["jailed_status"] = str(jailed.returncode) + " " + jailed.stderr[-3000:]
     print(json.dumps(seen))
     '''
 )
@@ -126,7 +136,7 @@ def seen(guest: image.GuestImage, tmp_path_factory: pytest.TempPathFactory) -> I
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), *sys.path])}
     done = subprocess.run(
         ["unshare", "-n", sys.executable, "-c", SCENARIO, str(folder)],
-        capture_output=True, text=True, timeout=1500, env=env, check=False,
+        capture_output=True, text=True, timeout=2400, env=env, check=False,
     )  # fmt: skip
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert done.returncode == 0 and lines, f"the scenario failed ({done.returncode}):\n{done.stderr[-6000:]}"
@@ -144,3 +154,7 @@ def test_its_clone_on_the_same_bridge_has_a_mac_of_its_own(seen: dict[str, str |
     assert seen["clone_mac"] == seen["clone_device_mac"] != seen["original_mac"]
     assert seen["clone_fetch"] == "popek-tap-page\n"
     assert seen["clone_neighbour"] == seen["clone_mac"], "the host still knows the guest by the snapshot's MAC"
+
+
+def test_a_jailed_vm_on_a_tap_reaches_the_host(seen: dict[str, str | None]) -> None:
+    assert seen["jailed_fetch"] == "popek-tap-page\n", seen["jailed_status"]

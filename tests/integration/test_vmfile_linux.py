@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import time
@@ -165,6 +166,40 @@ def test_ssh_runs_a_command_in_each_machine_with_its_exit_status(project: Projec
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
     assert shell.returncode == 3 and "42" in shell.stdout, shell
+
+
+def test_ssh_on_a_terminal_is_a_shell_on_a_pty_in_the_guest(project: Project) -> None:
+    """`popek ssh NAME` with a terminal on stdin and stdout: a shell on a guest pty through the agent (its tty is a
+    /dev/pts), the keys typed reaching it raw, and popek's exit status the shell's."""
+    master, slave = os.openpty()
+    shell = subprocess.Popen(
+        [sys.executable, "-m", "popek", "ssh", "--socket", str(project.socket), "two"],
+        cwd=project.root, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )  # fmt: skip
+    os.close(slave)
+    os.write(master, b"echo $((6 * 7)); tty; exit 3\r")
+    seen = b""
+    deadline = time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: every holder of the terminal's other side has closed it
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+            elif shell.poll() is not None:
+                break
+        status = shell.wait(30)
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+        os.close(master)
+    assert status == 3, seen
+    assert b"42" in seen and b"/dev/pts/" in seen, seen
 
 
 def test_hostile_requests_are_one_line_each(project: Project) -> None:
