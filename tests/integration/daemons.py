@@ -82,16 +82,20 @@ class Daemon:
 @contextmanager
 def running(folder: Path, client_timeout: float = DEFAULT_TIMEOUT) -> Iterator[Daemon]:
     """A daemon for a module's tests. On the way out the VMs a failed test left are deleted (the daemon keeps them),
-    the daemon is stopped, and it must have exited 0 (the assertion carries its log)."""
+    the daemon is stopped, and it must have exited 0 (the assertion carries its log) leaving no socket or lock."""
     log = (folder / "daemon.log").open("wb")
     sock = folder / "popek.sock"
     daemon = Daemon(folder, log, client_timeout, serve(sock, log), Client(sock, timeout=client_timeout))
     try:
         yield daemon
     finally:
-        if daemon.process.poll() is None:
-            for info in daemon.client.list():
-                daemon.client.get(info["id"]).delete()
-        status = daemon.stop()
-        log.close()
+        try:
+            if daemon.process.poll() is None:
+                for info in daemon.client.list():
+                    daemon.client.get(info["id"]).delete()
+        finally:  # stopped even when the clean-up's calls fail
+            status = daemon.stop()
+            log.close()
     assert status == 0, (folder / "daemon.log").read_text()
+    assert not sock.exists(), "the daemon left its socket behind"
+    assert not sock.with_name(sock.name + ".lock").exists(), "the daemon left its lock behind"
