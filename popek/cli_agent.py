@@ -57,7 +57,7 @@ def _raw_terminal(fd: int) -> Iterator[None]:
         yield
         return
     saved = termios.tcgetattr(fd)
-    tty.setraw(fd)
+    tty.setraw(fd, termios.TCSADRAIN)  # not TCSAFLUSH: keys typed while popek starts reach the guest (as in ssh)
     try:
         yield
     finally:

@@ -178,8 +178,8 @@ def test_ssh_on_a_terminal_is_a_shell_on_a_pty_in_the_guest(project: Project) ->
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )  # fmt: skip
     os.close(slave)
-    os.write(master, b"echo $((6 * 7)); tty; exit 3\r")
     seen = b""
+    typed = False
     deadline = time.monotonic() + 180
     try:
         while time.monotonic() < deadline:
@@ -191,6 +191,9 @@ def test_ssh_on_a_terminal_is_a_shell_on_a_pty_in_the_guest(project: Project) ->
                 if not chunk:
                     break
                 seen += chunk
+                if not typed:  # the guest shell's prompt: type a line
+                    os.write(master, b"echo $((6 * 7)); tty; exit 3\r")
+                    typed = True
             elif shell.poll() is not None:
                 break
         status = shell.wait(30)
