@@ -11,7 +11,8 @@
   p99) against the host spawning `true` itself, and `vm.files.write/read` MB/s against the host writing and
   reading the same bytes through a file.
 
-4 KiB random IOPS is not measured: busybox has no fio, and a `dd` per request would measure process creation.
+4 KiB random IOPS is benchmarks/blk_iops.py's (busybox has no fio, and a `dd` per request would measure process
+creation: it runs python3 in the Debian root disk).
 """
 
 from __future__ import annotations
