@@ -24,17 +24,20 @@ import base64
 import re
 import resource
 import socket
-import statistics
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import popek
 from popek.image import GuestImage
 from popek.image.build import ensure_default_guest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from virtio_linux import latency_rows  # benchmarks/virtio_linux.py: one way to print latency rows
 
 MIB = 1 << 20
 # Debian 12's passt (0.0~git20230309) resets a connection the guest opened 24 s after its handshake (a 10 s SYN
@@ -198,11 +201,6 @@ def finished(lines: list[str], who: str, received: int) -> None:
                          f"received):\n{tail}")  # fmt: skip
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=2, help="MiB the guest sends to the host")
@@ -238,10 +236,7 @@ def main() -> None:
           f"{args.mib} MiB guest -> host, {args.pings} round trips")  # fmt: skip
     print("| | popek `--accel kvm`, passt | QEMU 7.2 TCG (microvm), user networking | popek / QEMU |")
     print("|---|---|---|---|")
-    pm, qm = statistics.median(popek_rtt) * 1e3, statistics.median(qemu_rtt) * 1e3
-    p99, q99 = percentile(popek_rtt, 0.99) * 1e3, percentile(qemu_rtt, 0.99) * 1e3
-    print(f"| TCP round trip host -> guest -> host, median ms ({args.pings}) | {pm:.3f} | {qm:.3f} | {pm / qm:.1f} |")
-    print(f"| TCP round trip, p99 ms | {p99:.3f} | {q99:.3f} | {p99 / q99:.1f} |")
+    print("\n".join(latency_rows("TCP round trip host -> guest -> host", popek_rtt, qemu_rtt, digits=3)))
     print(f"| TCP guest -> host, MB/s ({args.mib} MiB) | {popek_rate:.2f} | {qemu_rate:.2f} | "
           f"{popek_rate / qemu_rate:.4f} |")  # fmt: skip
     ratio = popek_cpu_mb / qemu_cpu_mb if qemu_cpu_mb else float("inf")

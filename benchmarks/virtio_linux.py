@@ -78,6 +78,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def latency_rows(label: str, ours: list[float], peer: list[float], digits: int = 2) -> list[str]:
+    """Two markdown rows, the median and the p99 of two sets of seconds, in ms, and their ratio (ours / peer)."""
+    rows = []
+    for name, pick in (("median", statistics.median), ("p99", lambda v: percentile(v, 0.99))):
+        a, b = pick(ours) * 1e3, pick(peer) * 1e3
+        rows.append(f"| {label} {name}, ms ({len(ours)}) | {a:.{digits}f} | {b:.{digits}f} | {a / b:.1f} |")
+    return rows
+
+
 def host_exec(calls: int) -> list[float]:
     out = []
     for _ in range(calls):
@@ -156,10 +165,7 @@ def main() -> None:
     print()
     print("| | popek agent | host | popek / host |")
     print("|---|---|---|---|")
-    pm, hm = statistics.median(latencies) * 1e3, statistics.median(host_lat) * 1e3
-    p99, h99 = percentile(latencies, 0.99) * 1e3, percentile(host_lat, 0.99) * 1e3
-    print(f"| exec(['true']) median, ms ({args.exec_calls} calls) | {pm:.2f} | {hm:.2f} | {pm / hm:.1f} |")
-    print(f"| exec(['true']) p99, ms | {p99:.2f} | {h99:.2f} | {p99 / h99:.1f} |")
+    print("\n".join(latency_rows("exec(['true'])", latencies, host_lat)))
     for name, seconds, host in (("write", write_s, host_w), ("read", read_s, host_r)):
         rate = mb / seconds
         print(f"| files.{name} {args.file_mib} MiB, MB/s | {rate:.2f} | {host:.1f} | {rate / host:.4f} |")
