@@ -52,7 +52,9 @@ PROBES: dict[str, tuple[bytes, dict[str, int]]] = {
 }
 VMCALL = bytes.fromhex("0f01c1")
 VMMCALL = bytes.fromhex("0f01d9")
-HYPERCALL_WAIT = 0.1
+# a hypercall that does not come back in this long hangs (some nested hosts): long enough that a loaded host's
+# scheduler cannot make a working hypercall look like a hanging one, since the answer is part of the CPUID
+HYPERCALL_WAIT = 0.5
 USER_PAGE_TABLES = 0x10000  # PML4, PDPT, PD: the first 2 MiB, user-accessible
 MSR_STAR, MSR_LSTAR, MSR_SFMASK = 0xC0000081, 0xC0000082, 0xC0000084
 EFER_SCE = 1 << 0
@@ -73,11 +75,24 @@ def hypercall_instruction(kvm: Kvm) -> bytes:
 
 
 def _run_with_deadline(vcpu: VcpuFd, seconds: float) -> ExitReason | int | None:
-    """KVM_RUN in a helper thread; None if it did not come back in time (the thread is kicked out)."""
-    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
-        return ExitReason.HLT  # no safe way to interrupt KVM_RUN here: assume the host is sound
+    """KVM_RUN in a helper thread; None if it did not come back in time (the thread is kicked out).
+
+    The helper keeps KICK_SIGNAL blocked except inside KVM_RUN (KVM_SET_SIGNAL_MASK, api.rst 4.13, as QEMU's
+    vCPU threads do with SIG_IPI): a kick ends KVM_RUN with EINTR and stays pending, and the helper takes it with
+    sigtimedwait, so it is never delivered. No handler is needed, and the probe gives the same answer whether or
+    not the caller's process installed one, from any thread: a snapshot's CPUID, made from these answers, is
+    then the CPUID a restore in another process makes again."""
     result: list[ExitReason | int] = []
-    thread = threading.Thread(target=lambda: result.append(vcpu.run()), daemon=True)
+
+    def run() -> None:
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
+        try:
+            vcpu.set_signal_mask(before - {KICK_SIGNAL})
+            result.append(vcpu.run())
+        finally:
+            signal.sigtimedwait({KICK_SIGNAL}, 0)
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(seconds)
     if thread.is_alive():
@@ -86,7 +101,7 @@ def _run_with_deadline(vcpu: VcpuFd, seconds: float) -> ExitReason | int | None:
             signal.pthread_kill(thread.ident or 0, KICK_SIGNAL)
             thread.join(0.01)
         return None
-    return result[0]
+    return result[0] if result else None
 
 
 _cache: dict[int, frozenset[str]] = {}

@@ -241,6 +241,28 @@ def _cpuid(vcpu: VcpuFd) -> list[list[int]]:
     return sorted(rows)
 
 
+def _cpuid_difference(saved: object, here: list[list[list[int]]]) -> str:
+    """The first CPUID leaf where a snapshot's vCPUs and these differ, for the error that refuses it."""
+    if not isinstance(saved, list) or len(saved) != len(here):
+        return "the snapshot's list is not one per vCPU"
+    for number, (theirs, ours) in enumerate(zip(saved, here)):
+        if theirs == ours:
+            continue
+        rows = theirs if isinstance(theirs, list) else []
+        if not all(isinstance(row, list) and len(row) == 7 and all(type(v) is int for v in row) for row in rows):
+            return f"vCPU {number}: the snapshot's leaves are not [function, index, flags, eax, ebx, ecx, edx]"
+        mine = {(row[0], row[1]): row[3:] for row in ours}
+        their = {(row[0], row[1]): row[3:] for row in rows}
+        for leaf in sorted(set(mine) | set(their)):
+            if mine.get(leaf) != their.get(leaf):
+                saved_row, row_here = (
+                    " ".join(f"{v:#x}" for v in r) if r else "absent" for r in (their.get(leaf), mine.get(leaf))
+                )
+                return f"vCPU {number} leaf {leaf[0]:#x}.{leaf[1]}: saved EAX..EDX {saved_row}, here {row_here}"
+        return f"vCPU {number}: the same leaves, with other flags"
+    return "the same leaves"
+
+
 def xsave2_size(kvm: Kvm | VmFd) -> int | None:
     """The XSAVE buffer KVM_GET_XSAVE2 wants, or None where the host has only KVM_GET_XSAVE."""
     size = kvm.check_extension(Cap.XSAVE2)
@@ -272,9 +294,13 @@ class VmSnapshotter:
         saved = state["vcpus"]
         if not isinstance(saved, list) or len(saved) != len(vcpus):
             raise SnapshotError(f"KVM state: {len(vcpus)} vCPUs here, the snapshot has another number")
-        if state["cpuid"] != [_cpuid(v) for v in vcpus]:
+        here = [_cpuid(v) for v in vcpus]
+        if state["cpuid"] != here:
             # the registers, XSAVE image and MSRs are only meaningful for the CPU model they were saved on
-            raise SnapshotError("KVM state: the snapshot's vCPUs had another CPUID (another host or CPU template)")
+            raise SnapshotError(
+                "KVM state: the snapshot's vCPUs had another CPUID (another host or CPU template): "
+                + _cpuid_difference(state["cpuid"], here)
+            )
         restore_vm(self.vm, state["vm"], apply=False)
         for vcpu, vcpu_state in zip(vcpus, saved, strict=True):
             restore_vcpu(vcpu, vcpu_state, xsave_size=self.xsave_size, apply=False)

@@ -179,6 +179,12 @@ def _pkru_offset(rows: dict[tuple[int, int], list[int]]) -> int | None:
     return row[4] if row is not None and row[3] == 4 else None
 
 
+def _offers_pku(rows: dict[tuple[int, int], list[int]]) -> bool:
+    """CPUID.(EAX=7,ECX=0):ECX.PKU[bit 3] (SDM vol. 2A, CPUID): the guest may set CR4.PKE and use PKRU."""
+    row = rows.get((7, 0))
+    return row is not None and bool(row[5] & cpuid_mod.L7_ECX_PKU)
+
+
 def _fpu_from_xsave(image: bytes, xcr0: int, rows: dict[tuple[int, int], list[int]], cpu: CpuState, what: str) -> None:
     xstate_bv = int.from_bytes(image[XSTATE_BV_OFFSET : XSTATE_BV_OFFSET + 8], "little")
     if xstate_bv & ~(XSTATE_X87 | XSTATE_SSE | XSTATE_PKRU):
@@ -198,11 +204,14 @@ def _fpu_from_xsave(image: bytes, xcr0: int, rows: dict[tuple[int, int], list[in
             cpu.st[(top + i) % 8] = int.from_bytes(image[32 + 16 * i : 42 + 16 * i], "little")
     if xstate_bv & XSTATE_SSE:
         cpu.xmm = [int.from_bytes(image[160 + 16 * i : 176 + 16 * i], "little") for i in range(16)]
-    if xstate_bv & XSTATE_PKRU:
+    if xstate_bv & XSTATE_PKRU and _offers_pku(rows):
         offset = _pkru_offset(rows)
         if offset is None or offset + 4 > len(image):
             raise SnapshotError(f"{what}.xsave: PKRU is in the image, but the saved CPUID does not say where")
         cpu.pkru = int.from_bytes(image[offset : offset + 4], "little")
+    # else KVM's image holds the host's PKRU component for a guest whose CPUID hides PKU (and with it leaf 0xD,
+    # which would say where PKRU is): CR4.PKE is reserved for that guest (SDM vol. 3A §2.5), so RDPKRU is #UD
+    # and PKRU checks no access (§4.6.2). Nothing the guest can see depends on it; the soft CPU keeps 0.
 
 
 def _fpu_to_xsave(cpu: CpuState, image: bytearray, rows: dict[tuple[int, int], list[int]], what: str) -> int:

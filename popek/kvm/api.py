@@ -105,6 +105,7 @@ def _cpuid_from_struct(buf: s.kvm_cpuid2) -> list[CpuidEntry]:
 
 
 RFLAGS_IF = 1 << 9
+KERNEL_SIGSET_BITS = 64  # the kernel's sigset_t on x86-64 (_NSIG), which KVM_SET_SIGNAL_MASK's len must equal
 # the XSAVE image's legacy (FXSAVE) area and header (Intel SDM vol. 1 §10.5.1, §13.4)
 FXSAVE_ST, FXSAVE_XMM, XSAVE_HEADER = 32, 160, 512
 XFEATURE_X87_SSE = 0x3
@@ -333,6 +334,21 @@ class VcpuFd(_FdOwner):
         io = self.run_page.exit.io
         start = io.data_offset
         return memoryview(self._map)[start : start + io.size * io.count]
+
+    def set_signal_mask(self, blocked: Iterable[int]) -> None:
+        """The signals blocked while this vCPU is in KVM_RUN, in place of its thread's own mask (api.rst 4.13,
+        KVM_SET_SIGNAL_MASK). A thread that blocks a signal everywhere else and unblocks it here, as QEMU's vCPU
+        threads do with SIG_IPI, can be kicked out of KVM_RUN by that signal without a handler: the kernel's
+        sigset_t is 64 bits on x86-64, bit N-1 for signal N."""
+        mask = 0
+        for signum in blocked:
+            if not 1 <= signum <= KERNEL_SIGSET_BITS:
+                raise ValueError(f"signal {signum} is not in the kernel's sigset_t")
+            mask |= 1 << (signum - 1)
+        buf = s.with_entries(s.kvm_signal_mask, KERNEL_SIGSET_BITS // 8)
+        buf.len = KERNEL_SIGSET_BITS // 8
+        buf.sigset[:] = mask.to_bytes(KERNEL_SIGSET_BITS // 8, "little")
+        _ioctl(self.fd, c.KVM_SET_SIGNAL_MASK, buf)
 
     def set_immediate_exit(self, value: bool) -> None:
         self.run_page.immediate_exit = 1 if value else 0

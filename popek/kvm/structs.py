@@ -130,6 +130,12 @@ class kvm_cpuid_entry2(ctypes.Structure):
     ]
 
 
+class kvm_signal_mask(ctypes.Structure):
+    """KVM_SET_SIGNAL_MASK's header; `len` bytes of the kernel's sigset_t follow (8 on x86-64)."""
+
+    _fields_ = [("len", u32), ("sigset", u8 * 0)]
+
+
 class kvm_cpuid2(ctypes.Structure):
     _fields_ = [("nent", u32), ("padding", u32), ("entries", kvm_cpuid_entry2 * 0)]
 

@@ -144,3 +144,53 @@ def test_the_observed_cpuid_is_what_the_guests_cpuid_instruction_returns() -> No
     assert vendor in (b"GenuineIntel", b"AuthenticAMD", b"HygonGenuine"), vendor  # EBX, EDX, ECX, in that order
     ext = next(e for e in seen if e.function == 0x80000000)
     assert ext.eax >= 0x80000001  # the highest extended leaf, as the guest reads it
+
+
+def test_a_vcpu_in_a_loop_is_kicked_out_of_kvm_run_without_a_signal_handler() -> None:
+    """KVM_SET_SIGNAL_MASK: the kick signal ends KVM_RUN and is never delivered, so a process without a
+    handler for it (SIGUSR1's default action ends the process) survives the kick."""
+    import signal
+    import threading
+
+    from popek.accel import kvm_probe
+    from popek.boot.gdt import long_mode_entry
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are set from the main thread")
+    previous = signal.signal(kvm_probe.KICK_SIGNAL, signal.SIG_DFL)
+    try:
+        with Kvm() as kvm, kvm_probe._scratch_vcpu(kvm) as (mem, vcpu):
+            mem.write(0x10000, bytes.fromhex("ebfe"))  # jmp $
+            apply_entry(vcpu, long_mode_entry(mem, 0x10000, {}))
+            assert kvm_probe._run_with_deadline(vcpu, 0.2) is None
+            assert signal.sigpending() == set()
+    finally:
+        signal.signal(kvm_probe.KICK_SIGNAL, previous)
+
+
+def test_the_probes_answer_the_same_with_or_without_a_handler_and_from_any_thread() -> None:
+    """The CPUID a snapshot saves is made from these answers: a restore in another process makes it again."""
+    import signal
+    import threading
+
+    from popek.accel import kvm_probe
+    from popek.accel.kvm import install_kick_handler
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are set from the main thread")
+    previous = signal.signal(kvm_probe.KICK_SIGNAL, signal.SIG_DFL)
+    try:
+        with Kvm() as kvm:
+            def answers() -> dict[str, bool]:
+                return {family: kvm_probe._runs(kvm, family) for family in kvm_probe.PROBES}
+
+            without = answers()
+            in_thread: list[dict[str, bool]] = []
+            helper = threading.Thread(target=lambda: in_thread.append(answers()))
+            helper.start()
+            helper.join(60)
+            install_kick_handler()
+            assert in_thread == [without]
+            assert answers() == without
+    finally:
+        signal.signal(kvm_probe.KICK_SIGNAL, previous)

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
+from popek import cpuid
 from popek.accel import portable, soft_snapshot
 from popek.accel.kvm_snapshot import _pack
 from popek.cpu.interp import MSR_DEFAULTS, default_cpuid
@@ -195,6 +196,18 @@ def latch(kvm: dict[str, Any]) -> None:
 def test_what_cannot_cross_to_soft_is_named(mutate: Any, match: str) -> None:
     with pytest.raises(SnapshotError, match=match):
         portable.convert(kvm_top(mutate), "soft")
+
+
+def test_the_hosts_pkru_in_the_image_of_a_guest_without_pku_is_left_behind() -> None:
+    """KVM's XSAVE image carries the host's PKRU component even where the guest's CPUID hides PKU and leaf 0xD
+    (a host that cannot run XSAVE at ring 0); that guest cannot reach PKRU, so it does not stop the crossing."""
+    no_pku = copy.deepcopy(SOFT_ROWS)
+    no_pku[2][5] &= ~cpuid.L7_ECX_PKU_OSPKE
+    state = kvm_top(lambda k: (set_xsave(k, 0b1000000011), k["cpuid"].__setitem__(0, no_pku)))
+    soft = portable.convert(state, "soft")
+    assert soft["accel"]["vcpus"][0]["pkru"] == 0
+    with pytest.raises(SnapshotError, match="PKRU is in the image"):  # a guest with PKU: its PKRU is needed
+        portable.convert(kvm_top(lambda k: set_xsave(k, 0b1000000011)), "soft")
 
 
 def test_what_cannot_cross_to_kvm_is_named() -> None:
