@@ -289,6 +289,7 @@ class VM:
         console: Callable[[bytes], object] | None = None,
         console_tail: int = DEFAULT_CONSOLE_TAIL,
         cold: bool = False,
+        virtual_time: bool = False,
     ) -> None:
         if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
             raise ConfigError(f"cpus must be a whole number of at least 1, not {cpus!r}")
@@ -354,6 +355,7 @@ class VM:
         self._finalizer: weakref.finalize[[], VM] | None = None
         self._start_lock = threading.Lock()
         self.cold = bool(cold)
+        self.virtual_time = bool(virtual_time)  # soft only: an idle guest jumps to its next timer (VmSpec)
         self._restore_from: Path | None = None  # VM.restore's snapshot
         self._snapshot_mac: bytes | None = None  # the MAC of the snapshot's virtio-net, which the guest still has
         self._incoming: socket.socket | None = None  # VM.incoming's listening socket
@@ -409,6 +411,7 @@ class VM:
             kvm_eventfds=self.eventfds,
             vsock=vsock,
             net=self.net,
+            virtual_time=self.virtual_time,
         )
 
     def _check_spec(self) -> None:
@@ -522,11 +525,12 @@ class VM:
     def _adjust(self, vsock: VsockSpec, saved: VmSpec) -> VmSpec:
         """A restored VM's spec: the snapshot's machine, with this VM's own host resources and limits."""
         return dataclasses.replace(
-            saved, vsock=vsock, timeout=self.timeout, disks=list(self.disks), net=self.net, accel=self.accel
+            saved, vsock=vsock, timeout=self.timeout, disks=list(self.disks), net=self.net, accel=self.accel,
+            virtual_time=self.virtual_time,
         )
 
     def _own_vsock(self, vsock: VsockSpec, saved: VmSpec) -> VmSpec:
-        return dataclasses.replace(saved, vsock=vsock, timeout=self.timeout)
+        return dataclasses.replace(saved, vsock=vsock, timeout=self.timeout, virtual_time=self.virtual_time)
 
     def _warm_key(self) -> str | None:
         """The warm snapshot key of this VM, or None if it cannot start warm (see popek.warm)."""
@@ -545,6 +549,8 @@ class VM:
         shape = {"mem": self.mem, "cpus": self.cpus, "accel": self.accel, "cpu_template": self.cpu_template,
                  "acpi": self.acpi, "eventfds": self.eventfds, "rng": self.rng, "agent_port": self.agent_port,
                  "kvm_device": self.kvm_device}  # fmt: skip
+        if self.virtual_time:
+            shape["virtual_time"] = True  # only when set, so the warm snapshots of every other VM keep their key
         return warm.key(guest.key, cmdline, shape)
 
     def _save_warm(self, cache: Path, warm_key: str) -> None:
@@ -610,6 +616,7 @@ class VM:
         disks: Sequence[DiskArg] | None = None,
         net: str | NetSpec | None = None,
         accel: str | None = None,
+        virtual_time: bool = False,
         timeout: float | None = None,
         boot_timeout: float = DEFAULT_RESTORE_TIMEOUT,
         agent_timeout: float = DEFAULT_AGENT_TIMEOUT,
@@ -636,7 +643,7 @@ class VM:
             cpu_template=spec.cpu_template, disks=spec.disks if disks is None else disks, rng=spec.rng,
             acpi=spec.acpi, eventfds=spec.kvm_eventfds, kvm_device=spec.kvm_device, net=net, timeout=timeout,
             boot_timeout=boot_timeout, agent_timeout=agent_timeout, agent_port=agent_port, console=console,
-            console_tail=console_tail, cold=True,
+            console_tail=console_tail, cold=True, virtual_time=virtual_time,
         )  # fmt: skip
         vm._restore_from = Path(path)
         vm._snapshot_mac = spec.net.mac if spec.net is not None else None

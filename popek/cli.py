@@ -112,6 +112,12 @@ def _parser(separated: bool = False) -> argparse.ArgumentParser:
     run.add_argument("--kvm-device", default="/dev/kvm", help="the KVM device (default /dev/kvm)")
     run.add_argument("--timeout", type=float, default=None, help="stop the VM after this many seconds")
     run.add_argument("--stats", action="store_true", help="print exit, port, MMIO and assist counts at the end")
+    run.add_argument(
+        "--virtual-time",
+        action="store_true",
+        help="--accel soft: a halted guest skips to its next timer at once (replays, instruction counts); "
+        "by default idle time passes in wall time and costs no host CPU",
+    )
     run.add_argument("--no-acpi", action="store_true", help="no ACPI tables or PM registers (the MP table only)")
     run.add_argument(
         "--pc-testdev", action="store_true", help="attach QEMU's pc-testdev (ports 0xe0, 0x2000; MMIO 0xff000000)"
@@ -448,6 +454,7 @@ def _run_vm(
         vsock=vsock,
         kvm_eventfds=not args.no_eventfds,
         net=net,
+        virtual_time=args.virtual_time,
     )
     console: HostConsole | None = None
     if args.jail:

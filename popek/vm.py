@@ -105,6 +105,9 @@ class VmSpec:
     vsock: VsockSpec | None = None  # virtio-vsock with Firecracker's Unix-socket convention (--vsock CID:SOCKET)
     kvm_eventfds: bool = True  # KVM: virtio notifications by ioeventfd, interrupts by irqfd, where the host can
     net: NetSpec | None = None  # a virtio-net device (eth0) on passt or a TAP device
+    # --accel soft: a halted machine skips to its next timer at once instead of sleeping until then (replays,
+    # instruction-count benchmarks). How this host paces the VM, not part of the machine: snapshots leave it out.
+    virtual_time: bool = False
 
     @property
     def virtio_devices(self) -> int:
@@ -127,6 +130,10 @@ class VmSpec:
             raise ConfigError(f"a VM needs at least one vCPU (got {self.cpus})")
         if self.accel not in ACCELS:
             raise ConfigError(f"unknown accelerator {self.accel!r}: choose one of {', '.join(ACCELS)}")
+        if self.virtual_time and self.accel != "soft":
+            raise ConfigError(
+                f"--virtual-time is the software CPU's (--accel soft); --accel {self.accel} runs in real time"
+            )
         if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
             raise ConfigError(f"the timeout must be a positive number of seconds, not {self.timeout}")
         if self.virtio_devices and self.accel == "lockstep":
@@ -257,7 +264,7 @@ class Vm:
         self._unattached: list[VirtioDevice] = []
         try:
             if spec.accel == "soft":
-                self.accel = SoftAccel(self.mem, spec.cpus, spec.cpu_template)
+                self.accel = SoftAccel(self.mem, spec.cpus, spec.cpu_template, virtual_time=spec.virtual_time)
             elif spec.accel == "lockstep":
                 self.accel = LockstepAccel(self.mem, spec.cpus, spec.cpu_template, spec.kvm_device)
             else:

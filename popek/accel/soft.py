@@ -12,6 +12,13 @@ guest with the same inputs therefore retires the same instructions and prints th
 which is what makes the lockstep checker and instruction-count benchmarks meaningful. (Input typed on the
 console is the one outside influence: it enters between quanta.)
 
+Idle time follows wall time (QEMU's `-icount sleep=on`): when every vCPU is halted, the run loop sleeps until the
+host time of the next timer deadline, waking early for a host fd, an interrupt raised from another thread or a
+stop, and virtual time then advances by the wall time slept (to the deadline exactly when nothing woke it early,
+so a guest without outside input keeps its determinism). An idle guest therefore costs no host CPU, and a guest's
+sleep(1) takes a second. `virtual_time=True` (`--virtual-time`) keeps pure virtual time instead: a halted machine
+skips to its next deadline at once, for replays and instruction-count benchmarks.
+
 `run_vcpu` is this backend's only exit-handling loop. Port and MMIO accesses go to `popek.accel.exits.
 handle_exit` exactly as the KVM backend's do, except the local APIC page, which each vCPU sees as its own.
 
@@ -25,8 +32,11 @@ rewritten pages, as the MMU does for the guest's own writes.
 from __future__ import annotations
 
 import collections
+import os
 import select
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -60,7 +70,9 @@ from popek.memory import PAGE_SIZE, GuestMemory
 NS_PER_INSTRUCTION = 1  # a 1 GHz virtual processor: TSC, APIC timer and PIT all count from this
 QUANTUM = 20_000  # instructions a vCPU runs before the next one gets its turn (and before input is taken in)
 PORT_IO_NS = 1_000  # virtual time an IN or OUT takes
-IDLE_WAIT = 0.05  # seconds a fully halted machine waits for console input before looking again
+IDLE_WAIT = 1.0  # seconds a halted machine with no timer sleeps at most before it looks again (a safety net:
+# input, interrupts from other threads and stops all wake it at once)
+MAX_SLEEP_NS = 60 * 10**9  # the longest one idle sleep lasts before the loop looks again
 MAX_CPUS = 16
 
 
@@ -202,7 +214,9 @@ class SoftAccel:
     snapshots = True  # pause, snapshot_state and restore_state (popek.vm.Vm.snapshot)
     run_threads = 1  # every vCPU runs in `run_vcpu(0)`, round-robin, for determinism
 
-    def __init__(self, mem: GuestMemory, cpus: int, cpu_template: str = "portable") -> None:
+    def __init__(
+        self, mem: GuestMemory, cpus: int, cpu_template: str = "portable", *, virtual_time: bool = False
+    ) -> None:
         if not 1 <= cpus <= MAX_CPUS:
             raise ConfigError(f"--cpus must be between 1 and {MAX_CPUS} with --accel soft, not {cpus}")
         if cpu_template not in TEMPLATES:
@@ -233,7 +247,13 @@ class SoftAccel:
         self._run_thread: int | None = None
         self._running: int | None = None  # the vCPU whose quantum is in progress
         self._pending_irqs: collections.deque[tuple[int, bool]] = collections.deque()
-        self._wakeup = threading.Event()
+        self.virtual_time = virtual_time
+        # the run loop sleeps in poll(2) on this while the machine is idle; other threads write it to wake it
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._close_wake_fd = weakref.finalize(self, os.close, self._wake_fd)
+        self.idle_sleeps = 0
+        self.idle_wakeups = 0  # sleeps that ended before their deadline: input, an interrupt, a stop
+        self.idle_ns = 0  # wall time slept
         # this round's accounting, per vCPU: where its instruction count started, and the extra virtual time
         # it spent (port accesses, PAUSE) beyond one nanosecond per instruction
         self._quantum_start = [0] * cpus
@@ -339,7 +359,6 @@ class SoftAccel:
             self.platform.set_irq(number, level)
         else:
             self._pending_irqs.append((number, level))
-            self._wakeup.set()
             self.kick()
 
     def _memory_written(self, gpa: int, size: int) -> None:
@@ -405,9 +424,12 @@ class SoftAccel:
         apply_entry(self.cpus[0].state, entry)
 
     def kick(self, only: int | None = None) -> None:
+        """End the running quantum, and wake the run loop if it sleeps (callable from any thread)."""
         for i, interp in enumerate(self.interps):
             if only in (None, i):
                 interp.stop_requested = True
+        if self._close_wake_fd.alive:
+            os.eventfd_write(self._wake_fd, 1)
 
     def watch(self, stopping: threading.Event) -> None:
         """Nothing to watch: the run loop is never blocked inside a host call."""
@@ -419,7 +441,10 @@ class SoftAccel:
             f"instructions: {total} retired, virtual time {self.clock.now_ns() / 1e9:.6f} s",
             f"tlb: hits={sum(m.tlb_hits for m in mmus)} misses={sum(m.tlb_misses for m in mmus)} "
             f"walks={sum(m.walks for m in mmus)} flushes={sum(m.flushes for m in mmus)}",
-        ]
+            "idle: pure virtual time (a halted machine skips to its next timer)" if self.virtual_time else
+            f"idle: slept {self.idle_ns / 1e9:.3f} s of wall time in {self.idle_sleeps} sleeps "
+            f"({self.idle_wakeups} woken early)",
+        ]  # fmt: skip
 
     # --- running ---
 
@@ -465,24 +490,62 @@ class SoftAccel:
                 # a port access at the end of a turn may overrun it by a little: time never runs backwards
                 clock.advance_by(max(self._quantum_ns, *(self._spent_ns(i) for i in range(len(self.cpus)))))
                 continue
-            # every vCPU is halted: skip to the next timer, or wait for input if nothing else can wake them
+            # every vCPU is halted: on to the next timer (at once, or when its time comes), or wait for input
             self.exit_counts["hlt"] += 1
             if deadline is not None:
-                clock.advance_to(deadline)
+                if self.virtual_time:
+                    clock.advance_to(deadline)
+                else:
+                    self._sleep_until(deadline)
                 continue
             wakeable = [not waiting and cpu.state.rflags & IF for cpu, waiting in zip(self.cpus, self.waiting_for_sipi)]
             if not any(wakeable) and not self._pending_irqs:
                 # halted with interrupts disabled, or waiting for a SIPI no running vCPU is left to send
                 return Stop(StopReason.HALTED, "the guest halted with interrupts disabled: nothing can wake it")
-            self._wakeup.wait(IDLE_WAIT)
-            self._wakeup.clear()
+            if not stopping.is_set():
+                self._wait_host(IDLE_WAIT)
         return None
+
+    def _sleep_until(self, deadline: int) -> None:
+        """The machine is idle until virtual time `deadline`: sleep that long in wall time, or less if the host
+        wakes it; virtual time advances by what was slept, and to the deadline exactly when nothing woke it."""
+        clock = self.clock
+        start = clock.now_ns()
+        began = time.monotonic_ns()
+        wait = min(deadline - start, MAX_SLEEP_NS)  # a guest may set a timer centuries away
+        self.idle_sleeps += 1  # counted as it begins: a watcher sees a sleep in progress
+        woken = self._wait_host(wait / 1e9)
+        slept = time.monotonic_ns() - began
+        self.idle_ns += slept
+        if woken and slept < wait:
+            self.idle_wakeups += 1
+        if woken or wait < deadline - start:
+            clock.advance_to(min(deadline, start + slept))
+        else:
+            clock.advance_to(deadline)
+
+    def _wait_host(self, seconds: float) -> bool:
+        """Sleep up to `seconds` in poll(2) on the wake fd and the watched host fds; whether one of them woke it.
+        The watched fds' callbacks run afterwards, in the loop's own poll (`_poll_host_fds`)."""
+        self._polled = [w for w in self._polled if not w.closed]
+        poller = select.poll()
+        poller.register(self._wake_fd, select.POLLIN)
+        for watch in self._polled:
+            if watch.events:
+                poller.register(watch.fd, watch.events)
+        ready = poller.poll(max(0.0, seconds) * 1000)
+        try:
+            os.eventfd_read(self._wake_fd)
+        except BlockingIOError:
+            pass
+        return bool(ready)
 
     def register_dumps(self) -> str:
         return "\n".join(format_state(i, cpu.state) for i, cpu in enumerate(self.cpus))
 
     def close(self) -> None:
-        """Nothing outside Python to release: guest memory belongs to the VM."""
+        """The wake fd is the one host resource (guest memory belongs to the VM)."""
+        self._close_wake_fd()
 
     # --- pause and snapshots (popek.vm.Vm.pause, Vm.snapshot) ---
 

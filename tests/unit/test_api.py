@@ -103,6 +103,7 @@ def vm_threads() -> list[threading.Thread]:
         {"net": "passt", "ports": "8080:80"},  # a string, not a list of forwards
         {"net": "passt", "ports": ["80"]},
         {"net": "passt", "disks": [f"d{i}.img" for i in range(6)]},  # net and vsock take the last two IRQs
+        {"virtual_time": True},  # pure virtual time is the soft CPU's: KVM's guest clock is the host's
     ],
 )
 def test_bad_arguments_are_config_errors_before_anything_boots(kwargs: dict[str, object]) -> None:
@@ -117,6 +118,13 @@ def test_sizes_read_as_the_cli_reads_them() -> None:
     assert VM(mem=256 << 20).mem == 256 << 20
     vm = VM(disks=["a.img,ro,serial=abc", Path("b.img"), DiskSpec(Path("c.img"))])
     assert vm.disks == [DiskSpec(Path("a.img"), True, "abc"), DiskSpec(Path("b.img")), DiskSpec(Path("c.img"))]
+
+
+def test_virtual_time_reaches_the_soft_vms_spec() -> None:
+    vm = VM(accel="soft", virtual_time=True)
+    spec = vm._spec(Path("k"), None, "", None)
+    assert spec.virtual_time and spec.accel == "soft"
+    assert not VM(accel="soft")._spec(Path("k"), None, "", None).virtual_time
 
 
 def test_the_package_exports_the_api() -> None:

@@ -9,11 +9,15 @@ Implemented from the datasheet: the ICW1-ICW4 initialisation sequence (single or
 special fully nested mode), OCW1 (IMR), OCW2 (non-specific/specific EOI, rotation on EOI and in auto-EOI mode,
 set priority), OCW3 (IRR/ISR read selection, poll, special mask mode), fully nested priority resolution with
 rotation, edge and level triggering, and the default IR7 that the datasheet specifies when a request is no longer
-there at INTA (the spurious IRQ7, or IRQ15 from the slave, that Linux counts).
+there at INTA (the spurious IRQ7, or IRQ15 from the slave, that Linux counts: a request masked, or a level input
+lowered, between INTR and INTA).
 
-As on the datasheet's edge-sense circuit, an edge-triggered IRR bit is set by a rising edge and cleared if the
-line falls before the acknowledge; a level-triggered IRR bit simply follows the line. MCS-80/85 mode (ICW4 µPM=0)
-and buffered mode are accepted but behave as 8086 mode: there is no 8080 on the other end.
+An edge-triggered IRR bit is set by a rising edge and stays set until the acknowledge, even if the line falls
+first; a level-triggered IRR bit simply follows the line. The datasheet's edge-sense circuit would drop a request
+whose line fell before INTA, but popek's devices send edges as pulses (virtio-mmio's interrupt; a KVM irqfd is
+one), and the PIC of popek's other backend, KVM's in-kernel i8259 (arch/x86/kvm/i8259.c `pic_set_irq1`), like
+QEMU's hw/intc/i8259.c, latches the edge: a guest sees one PIC on both backends. MCS-80/85 mode (ICW4 µPM=0) and
+buffered mode are accepted but behave as 8086 mode: there is no 8080 on the other end.
 
 The cascade input (master IR2) is wired to the slave's INT output and treated as level-sensitive whatever ELCR
 says: the slave's INT stays high while it has a request the master has not yet been able to take, and the
@@ -149,9 +153,7 @@ class Pic8259:
         if self._level_triggered(irq):
             self.irr = self.irr | mask if level else self.irr & ~mask
         elif level and not was:
-            self.irr |= mask
-        elif not level:
-            self.irr &= ~mask  # the request vanished before INTA: the datasheet's default IR7 if it is too late
+            self.irr |= mask  # latched until INTA: a falling edge before it does not withdraw it (module docstring)
 
     def _resync_level_irr(self) -> None:
         """A change of trigger mode re-derives IRR for level inputs from the line as it is now."""

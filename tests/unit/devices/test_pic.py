@@ -165,11 +165,27 @@ def test_elcr_cannot_make_timer_and_cascade_level_triggered() -> None:
     assert pic.elcr_port.read(1, 1) == b"\xde"
 
 
-def test_request_gone_before_inta_gives_spurious_irq7() -> None:
-    pic, _ = make()
+def test_an_edge_request_stays_latched_when_its_line_falls_before_inta() -> None:
+    pic, changes = make()
     pic.set_irq(1, True)
+    pic.set_irq(1, False)  # a pulse: as KVM's in-kernel PIC and QEMU's keep it, so does popek's
+    assert pic.interrupt_pending() and changes == [True]
+    assert pic.acknowledge() == 0x21
+    assert read_isr(pic) == 0x02 and pic.spurious == 0
+    pic.set_irq(1, True)  # the next edge is a request of its own
+    eoi(pic)
+    assert pic.acknowledge() == 0x21
+
+
+def test_a_request_gone_before_inta_gives_spurious_irq7() -> None:
+    pic, _ = make()
+    pic.elcr_port.write(0, b"\x20")  # IRQ5 level-triggered
+    pic.set_irq(5, True)
     assert pic.interrupt_pending()
-    pic.set_irq(1, False)  # an edge request that vanished before INTA
+    pic.set_irq(5, False)  # the device withdrew its request before INTA
+    assert not pic.interrupt_pending()
+    pic.set_irq(1, True)
+    pic.master.imr = 0x02  # as if masked between INTR and INTA (the port write would update INTR at once)
     assert pic.acknowledge() == 0x27
     assert read_isr(pic) == 0  # the default IR7 sets no ISR bit
     assert pic.spurious == 1
