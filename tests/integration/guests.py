@@ -502,6 +502,30 @@ istack_top:
 ustack_top:
 """
 
+def pic_init(master_mask: int, slave_mask: int = 0xFF) -> str:
+    """Assembly that initialises both 8259As as a protected-mode OS remaps them (ICW1-ICW4: cascade on IR2,
+    vectors 0x20 and 0x28, 8086 mode; 8259A datasheet) and then masks them (OCW1) as given."""
+    return (
+        """
+    mov al, 0x11
+    out 0x20, al
+    out 0xa0, al
+    mov al, 0x20
+    out 0x21, al
+    mov al, 0x28
+    out 0xa1, al
+    mov al, 4
+    out 0x21, al
+    mov al, 2
+    out 0xa1, al
+    mov al, 1
+    out 0x21, al
+    out 0xa1, al
+"""
+        f"    mov al, {master_mask:#x}\n    out 0x21, al\n    mov al, {slave_mask:#x}\n    out 0xa1, al\n"
+    )
+
+
 DONE = 0x21  # the status of `out 0xf4` with 0x10
 
 

@@ -16,7 +16,7 @@ from popek.accel.exits import Stop, StopReason
 from popek.snapshot import SnapshotError
 from popek.vm import Vm, VmSpec
 
-from .guests import KVM_MARKS, PROTECTED_MODE, boot_sector
+from .guests import KVM_MARKS, PROTECTED_MODE, boot_sector, pic_init
 from .test_vm_snapshot import GUEST, Console, expected_hash, finish, start
 
 pytestmark = KVM_MARKS
@@ -36,24 +36,9 @@ TICK_GUEST = (
     mov dword [0x1000 + 0x20 * 8 + 4], 0x00008e00
     mov word [0x1000 + 0x20 * 8 + 2], 0x08
     lidt [idt_desc]
-    mov al, 0x11
-    out 0x20, al
-    out 0xa0, al
-    mov al, 0x20
-    out 0x21, al
-    mov al, 0x28
-    out 0xa1, al
-    mov al, 4
-    out 0x21, al
-    mov al, 2
-    out 0xa1, al
-    mov al, 1
-    out 0x21, al
-    out 0xa1, al
-    mov al, 0xfe
-    out 0x21, al
-    mov al, 0xff
-    out 0xa1, al
+"""
+    + pic_init(0xFE)
+    + """
     mov al, 0x34
     out 0x43, al
     mov al, 240

@@ -13,7 +13,7 @@ from popek.accel.exits import Stop, StopReason
 from popek.accel.soft import SoftAccel
 from popek.vm import Vm, VmSpec
 
-from .guests import PROTECTED_MODE, boot_sector
+from .guests import PROTECTED_MODE, boot_sector, pic_init
 from .test_vm_snapshot import Console, finish, start
 
 TICKS = 16  # PIT periods of 65536 / 1.193182 MHz = 54.9 ms: 0.88 s of idle guest
@@ -28,25 +28,7 @@ IDLE_GUEST = (
     mov dword [0x1000 + {vector} * 8 + 4], 0x00008e00
     mov word [0x1000 + {vector} * 8 + 2], 0x08
     lidt [idt_desc]
-    mov al, 0x11
-    out 0x20, al
-    out 0xa0, al
-    mov al, 0x20
-    out 0x21, al
-    mov al, 0x28
-    out 0xa1, al
-    mov al, 4
-    out 0x21, al
-    mov al, 2
-    out 0xa1, al
-    mov al, 1
-    out 0x21, al
-    out 0xa1, al
-    mov al, {mask}
-    out 0x21, al
-    mov al, 0xff
-    out 0xa1, al
-{timer}
+{pics}{timer}
     sti
 idle:
     hlt
@@ -92,7 +74,7 @@ APIC_FAR_AWAY = """
 
 def spec(tmp: Path, *, virtual_time: bool, timer: str = PIT_LONGEST, mask: int = 0xFE, vector: int = 0x20,
          ticks: int = TICKS) -> VmSpec:  # fmt: skip
-    source = IDLE_GUEST.format(timer=timer, mask=mask, vector=vector, ticks=ticks)
+    source = IDLE_GUEST.format(timer=timer, pics=pic_init(mask), vector=vector, ticks=ticks)
     return VmSpec(kernel=boot_sector(tmp, source), mem=2 << 20, accel="soft", timeout=120, virtual_time=virtual_time)
 
 
@@ -101,6 +83,17 @@ def run_measured(vm: Vm) -> tuple[Stop, float, float]:
     wall, cpu = time.monotonic(), time.process_time()
     stop = vm.run()
     return stop, time.monotonic() - wall, time.process_time() - cpu
+
+
+def asleep(vm: Vm) -> SoftAccel:
+    """The VM's backend, once its run loop (started in another thread) has begun an idle sleep (60 s at most)."""
+    accel = vm.accel
+    assert isinstance(accel, SoftAccel)
+    deadline = time.monotonic() + 60
+    while accel.idle_sleeps == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert accel.idle_sleeps, "the guest never went idle"
+    return accel
 
 
 def test_an_idle_guest_sleeps_in_wall_time_and_uses_little_host_cpu(tmp_path: Path) -> None:
@@ -136,11 +129,7 @@ def test_idle_sleeping_keeps_the_run_deterministic_as_pure_virtual_time(tmp_path
 def test_a_stop_wakes_a_guest_sleeping_until_a_far_timer(tmp_path: Path) -> None:
     with Vm(spec(tmp_path, virtual_time=False, timer=APIC_FAR_AWAY, mask=0xFF, vector=0x2F), Console()) as vm:
         thread, stops = start(vm)
-        accel = vm.accel
-        assert isinstance(accel, SoftAccel)
-        deadline = time.monotonic() + 60
-        while accel.idle_sleeps == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        accel = asleep(vm)
         time.sleep(0.2)
         assert thread.is_alive() and accel.idle_sleeps == 1  # one sleep, toward the timer 550 s away
         asked = time.monotonic()
@@ -157,11 +146,7 @@ def test_an_interrupt_from_another_thread_wakes_the_sleeping_guest(tmp_path: Pat
     console = Console()
     with Vm(source, console) as vm:
         thread, stops = start(vm)
-        accel = vm.accel
-        assert isinstance(accel, SoftAccel)
-        deadline = time.monotonic() + 60
-        while accel.idle_sleeps == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        accel = asleep(vm)
         line = accel.irq_line(1)
         raised = time.monotonic()
         threading.Thread(target=line.pulse).start()
