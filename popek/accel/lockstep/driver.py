@@ -1,57 +1,5 @@
-"""The lockstep checker: a guest runs on popek's software CPU and on KVM side by side, KVM single-stepping, and the
-architectural state of the two is compared after every instruction; the first divergence is reported with the
-instruction (bytes and disassembly), the state before it and both states after it, differing fields marked.
-
-On hosts that run guest ring 3 natively, KVM is a hardware oracle for user-level instruction semantics.
-
-How one step goes (`Lockstep.step`):
-1. The software CPU executes the instruction first, *speculatively*: its port and MMIO writes are recorded, not
-   performed; a port or MMIO *read* aborts the attempt (`_NeedKvm`) before any state is written (handlers read
-   their operands first), because the value must come from KVM's side.
-2. KVM executes one instruction: single-step (KVM_GUESTDBG_SINGLESTEP) plus a hardware execute breakpoint (DR0)
-   at the address where the software CPU went (or, after an aborted attempt, the next instruction). The
-   breakpoint is what makes the step exact on hosts that emulate guest ring 0: their emulator runs an
-   exception handler's first instruction before trapping, runs the instruction after an IRET, completes an OUT
-   before exiting, and loses RFLAGS.TF across an IRET to ring 3, where the guest then runs natively. A REP
-   string instruction traps after some iterations with RIP unchanged; KVM is resumed until it moves on.
-   Such hosts also deliver the single-step trap of a native ring-3 instruction to the guest's #DB handler
-   instead of exiting: a second breakpoint on that handler stops KVM there, and the trap is taken back
-   (`_undo_debug_trap`: registers from the frame, the frame's stack bytes restored), so ring 3 can be stepped
-   only by guests with a present #DB gate on those hosts. And since no breakpoint or trap stops KVM right after
-   a return to ring 3, IRET/SYSRET/SYSEXIT from ring 0 to ring 3 are executed by the software CPU alone and its
-   result loaded into KVM (`transplant_returns`; on these hosts they are emulated in software anyway). Port
-   and MMIO exits go to the machine's buses (`popek.accel.exits.handle_exit`) and are recorded; emulation
-   failures are completed with `popek.accel.kvm_assist`, as the KVM backend does.
-3. After an aborted attempt the software CPU executes the instruction again, its reads answered from KVM's
-   recorded accesses (same port or address, same size, in the same order; anything else is an "io"
-   divergence). Its writes are compared with KVM's, never performed twice.
-4. The two states are compared (`popek.accel.kvm_convert.ArchState`: GPRs, RIP, RFLAGS without TF and RF, which
-   single-stepping disturbs, segment registers, TR, LDTR, GDTR, IDTR, CR0, CR2, CR3, CR4, EFER), then the bytes
-   each side's instruction wrote to memory (as iced-x86 lists the instruction's memory writes; not the frames
-   of exception delivery, nor REP strings), both memories read at the address the software CPU's page tables
-   give.
-
-What is taken from KVM instead of compared:
-- Flags the SDM leaves undefined after the instruction (`undefined_flags`, table `UNDEFINED_FLAGS` below): a
-  difference only there is not a divergence, and the software CPU takes KVM's values, so that the next
-  instructions compare from equal states.
-- The results of CPUID, RDTSC, RDTSCP, RDPMC, RDRAND and RDSEED (`NONDETERMINISTIC`): the software CPU executes the
-  instruction (faults included) and then takes KVM's output registers (and RDRAND/RDSEED's flags).
-- Reads from devices KVM keeps in the kernel (PIC, PIT, port 0x61, ELCR, local APIC, I/O APIC), which never
-  exit to popek: the software CPU gets the value from KVM's destination register after the step, where the
-  instruction is IN or a MOV load; writes to them are not compared. Any other form is an "io" divergence.
-
-Interrupts: the KVM side keeps the in-kernel irqchip and PIT, so the machine's devices work as with `--accel kvm`,
-but nothing is replayed on the software CPU (it has no interrupt source). An interrupt KVM delivers shows up as a
-divergence; when KVM's RIP is then at (or one instruction into) the handler of IDT vector 2 or >= 32 the kind is
-"external event" and the vector is named. Guests to check should run with interrupts off, or until their first.
-HLT ends the run (single-stepping KVM does not wait in HLT): reason "halted".
-
-Limits: one vCPU. SYSCALL from ring 3 on hosts that do only half of it (`popek.accel.kvm_syscall`) is reported as
-a divergence, not completed. A guest that sets RFLAGS.TF or uses debug registers conflicts with the single-step
-machinery. A REP string instruction reading MMIO cannot be replayed if it had already done iterations. x87/SSE
-registers and MSRs are not compared (their effects show up in GPRs or memory soon enough).
-"""
+"""The single-step driver (see the package docstring): `Lockstep` runs one step on the software CPU and
+on KVM, single-stepped to a breakpoint, and compares them; `run_lockstep` runs it to the first divergence."""
 
 from __future__ import annotations
 
@@ -59,56 +7,54 @@ import ctypes
 import functools
 import signal
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import iced_x86
 
 from popek.accel import kvm_assist
-from popek.accel.exits import MmioRead, MmioWrite, PioIn, PioOut, Stop, StopReason, handle_exit
-from popek.accel.kvm import KICK_SIGNAL, KvmAccel
+from popek.accel.exits import MmioRead, MmioWrite, PioIn, PioOut, handle_exit
+from popek.accel.kvm import KICK_SIGNAL
 from popek.accel.kvm_convert import (
-    NOT_COMPARED,
     ArchState,
     arch_from_cpu,
     arch_from_kvm,
-    describe_attributes,
     load_cpu_from_kvm,
     store_cpu_to_kvm,
 )
 from popek.accel.kvm_convert import store_segment as _store_segment
 from popek.accel.kvm_softcpu import SoftStep
 from popek.accel.kvm_state import register_dump
-from popek.accel.soft import format_state
-from popek.boot.entry import EntryState
+from popek.accel.lockstep.compare import (
+    IGNORED_FLAGS,
+    NONDETERMINISTIC,
+    STATUS,
+    Access_,
+    Divergence,
+    Instruction,
+    IoDivergence,
+    NeedKvm,
+    Outcome,
+    ReplayBus,
+    differences,
+    flag_names,
+    undefined_flags,
+)
 from popek.bus import BoundedCounter, Bus
 from popek.cpu import xsave
 from popek.cpu.core import Cpu
-from popek.cpu.interp import MEMSIZE, RBITS, RIDX, Interpreter
+from popek.cpu.interp import MEMSIZE, RIDX, Interpreter
 from popek.cpu.mmu import Access
 from popek.cpu.state import (
-    AF,
-    CF,
     CS,
-    DF,
     GPR_NAMES,
-    IF,
-    OF,
-    PF,
     RF,
     SEGMENT_NAMES,
-    SF,
     TF,
-    ZF,
     CpuException,
     Segment,
     TripleFault,
 )
-from popek.devices.event_loop import FdWatch
-from popek.devices.irq import IrqLine, Pulse
-from popek.devices.platform import PortRange
-from popek.errors import ConfigError, GuestMemoryError, VmStateError
+from popek.errors import GuestMemoryError
 from popek.kvm import ExitReason, GuestDebug, InternalError, KvmError, VcpuFd
 from popek.kvm.consts import KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
 from popek.memory import PAGE_SIZE, GuestMemory
@@ -117,63 +63,11 @@ M = iced_x86.Mnemonic
 R = iced_x86.Register
 K = iced_x86.OpKind
 
-STATUS = CF | PF | AF | ZF | SF | OF
-IGNORED_FLAGS = TF | RF  # single-stepping sets and clears them behind the guest's back
 DR7_L0 = 1 << 0
 DR7_RESERVED = 1 << 10
 MAX_EXITS_PER_STEP = 100_000  # a REP string instruction may trap after every iteration
-_FLAG_NAMES = ((CF, "CF"), (PF, "PF"), (AF, "AF"), (ZF, "ZF"), (SF, "SF"), (TF, "TF"), (IF, "IF"), (DF, "DF"),
-               (OF, "OF"), (RF, "RF"))  # fmt: skip
-
-# Flags the SDM (vol. 2, each instruction's "Flags Affected") leaves undefined. Shifts, rotates and double
-# shifts depend on the count and are computed in `undefined_flags`.
-UNDEFINED_FLAGS: dict[int, int] = {
-    M.MUL: SF | ZF | AF | PF,
-    M.IMUL: SF | ZF | AF | PF,
-    M.DIV: STATUS,
-    M.IDIV: STATUS,
-    M.AND: AF,
-    M.OR: AF,
-    M.XOR: AF,
-    M.TEST: AF,
-    M.BSF: CF | OF | SF | AF | PF,
-    M.BSR: CF | OF | SF | AF | PF,
-    M.BT: OF | SF | AF | PF,
-    M.BTS: OF | SF | AF | PF,
-    M.BTR: OF | SF | AF | PF,
-    M.BTC: OF | SF | AF | PF,
-    M.LZCNT: OF | SF | AF | PF,
-    M.TZCNT: OF | SF | AF | PF,
-    M.ANDN: AF | PF,
-    M.BLSI: AF | PF,
-    M.BLSMSK: AF | PF,
-    M.BLSR: AF | PF,
-    M.BZHI: AF | PF,
-    M.BEXTR: AF | SF | PF,
-    M.AAA: OF | SF | ZF | PF,
-    M.AAS: OF | SF | ZF | PF,
-    M.AAM: OF | AF | CF,
-    M.AAD: OF | AF | CF,
-    M.DAA: OF,
-    M.DAS: OF,
-}
-SHIFTS = frozenset({M.SHL, M.SAL, M.SHR, M.SAR})  # AF undefined (count != 0), OF undefined (count > 1)
-ROTATES = frozenset({M.ROL, M.ROR, M.RCL, M.RCR})  # OF undefined (count > 1)
-DOUBLE_SHIFTS = frozenset({M.SHLD, M.SHRD})  # as shifts; everything undefined when count > operand size
-# instructions whose results are the host's, not the architecture's: KVM's are copied to the software CPU
-NONDETERMINISTIC: dict[int, tuple[str, ...]] = {
-    M.CPUID: ("rax", "rbx", "rcx", "rdx"),
-    M.RDTSC: ("rax", "rdx"),
-    M.RDTSCP: ("rax", "rdx", "rcx"),
-    M.RDPMC: ("rax", "rdx"),
-    M.RDRAND: (),  # the destination register, and the flags
-    M.RDSEED: (),
-}
 # returns from ring 0 to ring 3 that the software CPU executes alone, KVM taking its result (see the docstring)
 RETURNS_TO_USER = frozenset({M.IRET, M.IRETD, M.IRETQ, M.SYSRET, M.SYSRETQ, M.SYSEXIT, M.SYSEXITQ})
-# devices KVM emulates in the kernel (KvmAccel creates the irqchip and PIT): their accesses never exit
-IN_KERNEL_PORTS = frozenset({0x20, 0x21, 0xA0, 0xA1, 0x40, 0x41, 0x42, 0x43, 0x61, 0x4D0, 0x4D1})
-IN_KERNEL_MMIO = ((0xFEE00000, 0x1000), (0xFEC00000, 0x1000))
 _STRING_MNEMONICS = frozenset({
     M.MOVSB, M.MOVSW, M.MOVSD, M.MOVSQ, M.STOSB, M.STOSW, M.STOSD, M.STOSQ, M.LODSB, M.LODSW, M.LODSD, M.LODSQ,
     M.SCASB, M.SCASW, M.SCASD, M.SCASQ, M.CMPSB, M.CMPSW, M.CMPSD, M.CMPSQ, M.INSB, M.INSW, M.INSD, M.OUTSB,
@@ -183,209 +77,6 @@ _WRITE_ACCESSES = frozenset({iced_x86.OpAccess.WRITE, iced_x86.OpAccess.READ_WRI
 _MNEMONIC_NAMES = {v: k.lower() for k, v in vars(M).items() if k.isupper()}
 _formatter = iced_x86.Formatter(iced_x86.FormatterSyntax.INTEL)
 _info_factory = iced_x86.InstructionInfoFactory()
-
-Instruction = Any  # iced_x86.Instruction (iced ships no type information)
-
-
-def flag_names(mask: int) -> str:
-    return " ".join(name for bit, name in _FLAG_NAMES if mask & bit) or "-"
-
-
-def _operand_bits(ins: Instruction) -> int:
-    if ins.op0_kind == K.REGISTER:
-        return RBITS[ins.op0_register] or 64
-    return MEMSIZE[ins.memory_size] * 8 or 64
-
-
-def undefined_flags(ins: Instruction, pre: ArchState) -> int:
-    """The status flags the SDM leaves undefined after `ins` executed from state `pre`."""
-    mn = ins.mnemonic
-    if mn == M.MOV and any(
-        ins.op_kind(i) == K.REGISTER
-        and (R.CR0 <= ins.op_register(i) <= R.CR15 or R.DR0 <= ins.op_register(i) <= R.DR15)
-        for i in range(ins.op_count)
-    ):
-        return STATUS  # MOV to or from a control or debug register
-    if mn not in SHIFTS and mn not in ROTATES and mn not in DOUBLE_SHIFTS:
-        return UNDEFINED_FLAGS.get(mn, 0)
-    count_op = 2 if mn in DOUBLE_SHIFTS else 1
-    if ins.op_count <= count_op:
-        count = 1
-    elif ins.op_kind(count_op) == K.REGISTER:
-        count = pre["rcx"] & 0xFF
-    else:
-        count = ins.immediate(count_op) & 0xFF
-    bits = _operand_bits(ins)
-    count &= 0x3F if bits == 64 else 0x1F
-    if count == 0:
-        return 0
-    if mn in ROTATES:
-        return OF if count > 1 else 0
-    undefined = AF | (OF if count > 1 else 0)
-    if mn in DOUBLE_SHIFTS and count > bits:
-        undefined = STATUS
-    return undefined
-
-
-class Access_(NamedTuple):
-    """One device access of an instruction: kind "in", "out", "read" (MMIO) or "write" (MMIO)."""
-
-    kind: str
-    addr: int
-    size: int
-    data: bytes
-
-    def __str__(self) -> str:
-        where = f"port {self.addr:#x}" if self.kind in ("in", "out") else f"MMIO {self.addr:#x}"
-        return f"{self.kind} {where} size {self.size} data {self.data.hex() or '-'}"
-
-
-def _in_kernel(kind: str, addr: int) -> bool:
-    if kind in ("in", "out"):
-        return addr in IN_KERNEL_PORTS
-    return any(base <= addr < base + size for base, size in IN_KERNEL_MMIO)
-
-
-class _NeedKvm(Exception):
-    """The software CPU's speculative attempt read a device: KVM's side must execute the instruction first."""
-
-
-class _IoDivergence(Exception):
-    """The software CPU's device accesses differ from KVM's."""
-
-
-class ReplayBus:
-    """The software CPU's `SystemBus` in lockstep: it never reaches a device. Reads are answered from KVM's recorded
-    accesses, writes are compared with them (or, during the speculative attempt, kept for comparison)."""
-
-    def __init__(self) -> None:
-        self.records: list[Access_] = []
-        self.cursor = 0
-        self.replaying = False
-        self.soft_writes: list[Access_] = []
-        self.fallback: Callable[[int], int | None] = lambda size: None
-
-    def speculate(self) -> None:
-        self.replaying, self.soft_writes, self.records, self.cursor = False, [], [], 0
-
-    def replay(self, records: list[Access_], fallback: Callable[[int], int | None]) -> None:
-        self.replaying, self.soft_writes, self.records, self.cursor = True, [], records, 0
-        self.fallback = fallback
-
-    def check_speculated(self, records: list[Access_]) -> None:
-        """After a speculative step that read nothing: KVM's accesses must be exactly the software CPU's writes."""
-        writes = self.soft_writes
-        self.replaying, self.records, self.cursor = True, records, 0
-        for w in writes:
-            self._write(w.kind, w.addr, w.size, w.data)
-        self.finish()
-
-    def finish(self) -> None:
-        if self.cursor < len(self.records):
-            extra = "; ".join(str(r) for r in self.records[self.cursor :])
-            raise _IoDivergence(f"KVM made device accesses the software CPU did not: {extra}")
-
-    def _next(self) -> Access_ | None:
-        return self.records[self.cursor] if self.cursor < len(self.records) else None
-
-    def _read(self, kind: str, addr: int, size: int) -> int:
-        if not self.replaying:
-            raise _NeedKvm
-        rec = self._next()
-        if rec is not None and (rec.kind, rec.addr, rec.size) == (kind, addr, size):
-            self.cursor += 1
-            return int.from_bytes(rec.data, "little")
-        mine = Access_(kind, addr, size, b"")
-        if _in_kernel(kind, addr):
-            value = self.fallback(size)
-            if value is not None:
-                return value
-            raise _IoDivergence(f"the software CPU did {mine}, which KVM's in-kernel devices answered, in an "
-                                "instruction form lockstep cannot replay")  # fmt: skip
-        raise _IoDivergence(f"the software CPU did {mine}; KVM's next access was {rec or 'none'}")
-
-    def _write(self, kind: str, addr: int, size: int, data: bytes) -> None:
-        mine = Access_(kind, addr, size, data)
-        if not self.replaying:
-            self.soft_writes.append(mine)
-            return
-        rec = self._next()
-        if rec == mine:
-            self.cursor += 1
-            return
-        if _in_kernel(kind, addr):
-            return  # KVM's in-kernel device took it: nothing to compare
-        raise _IoDivergence(f"the software CPU did {mine}; KVM's next access was {rec or 'none'}")
-
-    # --- popek.cpu.core.SystemBus ---
-
-    def pio_read(self, port: int, size: int) -> int:
-        return self._read("in", port, size)
-
-    def pio_write(self, port: int, size: int, value: int) -> None:
-        self._write("out", port, size, value.to_bytes(size, "little"))
-
-    def mmio_read(self, addr: int, size: int) -> int:
-        return self._read("read", addr, size)
-
-    def mmio_write(self, addr: int, size: int, value: int) -> None:
-        self._write("write", addr, size, value.to_bytes(size, "little"))
-
-
-@dataclass
-class Divergence:
-    """The first difference between the two sides. `step` counts lockstep steps before this one (instructions and
-    exception deliveries), `instructions` the instructions the software CPU retired before it."""
-
-    kind: str  # "state", "memory", "io", "external event", "triple fault", "soft cpu"
-    step: int
-    instructions: int
-    rip: int
-    raw: bytes
-    disassembly: str
-    detail: str
-    pre: ArchState
-    kvm: ArchState | None
-    soft: ArchState
-    fields: tuple[str, ...] = ()
-
-    @property
-    def mnemonic(self) -> str:
-        return self.disassembly.split(" ", 1)[0] if self.disassembly else ""
-
-    def report(self) -> str:
-        lines = [
-            f"lockstep divergence ({self.kind}) at step {self.step} (instruction {self.instructions}):",
-            f"  {self.rip:#x}: {self.raw.hex(' ') or '??'}  {self.disassembly or '(not decodable)'}",
-        ]
-        lines += [f"  {line}" for line in self.detail.splitlines()]
-        lines.append(f"  {'':2}{'field':<10} {'before':>18} {'kvm after':>18} {'soft after':>18}")
-        for name, before in self.pre.items():
-            k = self.kvm.get(name, NOT_COMPARED) if self.kvm is not None else NOT_COMPARED
-            s = self.soft.get(name, NOT_COMPARED)
-            mark = "*" if name in self.fields else " "
-            lines.append(f"  {mark} {name:<10} {_fmt(before):>18} {_fmt(k):>18} {_fmt(s):>18}")
-            if mark == "*" and name.endswith(".attr"):
-                lines.append(f"      kvm: {describe_attributes(k)}; soft: {describe_attributes(s)}")
-        return "\n".join(lines)
-
-    __str__ = report
-
-
-def _fmt(value: int) -> str:
-    return "-" if value == NOT_COMPARED else f"{value:#x}"
-
-
-@dataclass
-class Outcome:
-    """How a lockstep run ended: "divergence", "halted", "shutdown" (both sides triple-faulted), "stopped" (from
-    outside), "limit" (max_steps reached) or "error" (KVM failed in a way that is not a guest divergence)."""
-
-    reason: str
-    steps: int
-    instructions: int
-    divergence: Divergence | None = None
-    detail: str = ""
 
 
 class _KvmStep(NamedTuple):
@@ -499,7 +190,7 @@ class Lockstep:
         speculated, soft_triple, soft_error = True, False, ""
         try:
             self.interp.step()
-        except _NeedKvm:
+        except NeedKvm:
             speculated = False
             s.rip = pre_rip
         except TripleFault as e:
@@ -527,7 +218,7 @@ class Lockstep:
             try:
                 bus.check_speculated([])
                 self._transplant()
-            except _IoDivergence as e:
+            except IoDivergence as e:
                 return self._diverge("io", raw, ins, str(e), None)
             except KvmError as e:
                 return self._outcome("error", detail=f"{e}\n" + register_dump(self.vcpu))
@@ -555,7 +246,7 @@ class Lockstep:
                 bus.replay(kvm.records, lambda size: self._value_from_kvm(ins, kvm_post, size))
                 self.interp.step()
                 bus.finish()
-        except _IoDivergence as e:
+        except IoDivergence as e:
             return self._diverge("io", raw, ins, str(e), kvm_post)
         except TripleFault as e:
             return self._diverge("triple fault", raw, ins, f"only the software CPU triple-faulted: {e}", kvm_post)
@@ -567,7 +258,7 @@ class Lockstep:
             self._take_results(ins, kvm_post)
         soft_post = arch_from_cpu(s)
         undefined = undefined_flags(ins, pre) if ins is not None and self.cpu.instructions > instructions_before else 0
-        differing = _differences(kvm_post, soft_post, undefined)
+        differing = differences(kvm_post, soft_post, undefined)
         if differing:
             return self._diverge("state", raw, ins, "", kvm_post, soft_post, differing)
         if undefined:
@@ -674,7 +365,7 @@ class Lockstep:
             return None
         try:
             gate = self.cpu.mmu.read_bytes(s.idtr.base + 16, 16, Access.READ, False, implicit=True)
-        except (CpuException, GuestMemoryError, _NeedKvm):
+        except (CpuException, GuestMemoryError, NeedKvm):
             return None
         if not gate[5] & 0x80:
             return None
@@ -747,7 +438,7 @@ class Lockstep:
             try:
                 raw = self.cpu.mmu.read_bytes(lin, min(n, 15), Access.EXECUTE, user)
                 break
-            except (CpuException, _NeedKvm, GuestMemoryError):
+            except (CpuException, NeedKvm, GuestMemoryError):
                 continue
         if not raw:
             return b"", None
@@ -811,7 +502,7 @@ class Lockstep:
     ) -> Outcome:
         soft_post = soft_post if soft_post is not None else arch_from_cpu(self.cpu.state)
         if kvm_post is not None and not differing:
-            differing = _differences(kvm_post, soft_post, 0)
+            differing = differences(kvm_post, soft_post, 0)
         text = _formatter.format(ins) if ins is not None and ins.code != iced_x86.Code.INVALID else ""
         notes = [detail] if detail else []
         if kind == "state" and kvm_post is not None:
@@ -839,7 +530,7 @@ class Lockstep:
         """The length of the 64-bit instruction at `linear` in the software CPU's memory (0 if unreadable)."""
         try:
             raw = self.cpu.mmu.read_bytes(linear, 15, Access.READ, False, implicit=True)
-        except (CpuException, GuestMemoryError, _NeedKvm):
+        except (CpuException, GuestMemoryError, NeedKvm):
             return 0
         return int(iced_x86.Decoder(64, raw, ip=linear).decode().len)
 
@@ -853,7 +544,7 @@ class Lockstep:
                 break
             try:
                 gate = self.cpu.mmu.read_bytes(base + vector * size, size, Access.READ, False, implicit=True)
-            except (CpuException, GuestMemoryError, _NeedKvm):
+            except (CpuException, GuestMemoryError, NeedKvm):
                 return None
             offset = int.from_bytes(gate[0:2], "little") | int.from_bytes(gate[6:8], "little") << 16
             if long_mode:
@@ -867,17 +558,6 @@ _SEG_NAME = {R.ES: "es", R.CS: "cs", R.SS: "ss", R.DS: "ds", R.FS: "fs", R.GS: "
 _ADDRESS_MASKS = {iced_x86.CodeSize.CODE16: 0xFFFF, iced_x86.CodeSize.CODE32: 0xFFFFFFFF}
 
 
-def _differences(kvm: ArchState, soft: ArchState, undefined: int) -> tuple[str, ...]:
-    out = []
-    for name, value in kvm.items():
-        other = soft.get(name, NOT_COMPARED)
-        if name == "rflags":
-            mask = ~(IGNORED_FLAGS | undefined)
-            if (value ^ other) & mask:
-                out.append(name)
-        elif value != other:
-            out.append(name)
-    return tuple(out)
 
 
 def run_lockstep(
@@ -892,135 +572,3 @@ def run_lockstep(
     """Run `vcpu` and a software CPU in lockstep until they diverge (returned), or the run ends another way
     (None; `Lockstep.run` tells which)."""
     return Lockstep(vcpu, kvm_mem, soft_mem, **options).run(pio, mmio, max_steps=max_steps).divergence
-
-
-class LockstepAccel:
-    """`--accel lockstep`: the KVM backend drives the machine (its devices, its in-kernel irqchip), a software CPU
-    follows every instruction on its own copy of guest memory; the first divergence stops the VM."""
-
-    name = "lockstep"
-    run_threads = 1
-
-    def __init__(
-        self,
-        mem: GuestMemory,
-        cpus: int,
-        cpu_template: str = "portable",
-        kvm_path: str = "/dev/kvm",
-        interpreter: type[Interpreter] = Interpreter,
-    ) -> None:
-        if cpus != 1:
-            raise ConfigError(f"--accel lockstep runs one vCPU, not {cpus}")
-        self.mem = mem
-        self.kvm = KvmAccel(mem, 1, cpu_template, kvm_path)
-        try:
-            self.soft_mem = GuestMemory(mem.size)
-        except BaseException:
-            self.kvm.close()
-            raise
-        self.interpreter = interpreter
-        self.unavailable = self.kvm.unavailable
-        self.exit_counts: BoundedCounter[str] = BoundedCounter()
-        self.assists: BoundedCounter[str] = BoundedCounter()
-        self.lockstep: Lockstep | None = None
-        self.outcome: Outcome | None = None
-
-    def irq_line(self, number: int) -> IrqLine:
-        return self.kvm.irq_line(number)
-
-    def time_ns(self) -> int:
-        """KVM's clock: KVM drives the devices, and the software CPU replays what they answered."""
-        return self.kvm.time_ns()
-
-    # Devices that write guest memory behind the CPU (virtio DMA) would make the software CPU's copy of memory
-    # diverge from KVM's: the builder refuses them with --accel lockstep, and these say so if called anyway.
-    NO_DMA_DEVICES = "virtio devices need --accel kvm or soft (lockstep keeps two copies of guest memory)"
-
-    def device_interrupt(self, irq: int) -> Pulse:
-        raise ConfigError(self.NO_DMA_DEVICES)
-
-    def attach_notify(self, addr: int, value: int, callback: Callable[[], None]) -> bool:
-        raise ConfigError(self.NO_DMA_DEVICES)
-
-    def watch_fd(self, fd: int, callback: Callable[[], None]) -> FdWatch:
-        raise ConfigError(self.NO_DMA_DEVICES)
-
-    def start_devices(self, on_error: Callable[[str], None]) -> None:
-        """No devices to start."""
-
-    def platform_devices(self) -> tuple[list[PortRange], list[PortRange]]:
-        """None: the interrupt platform is the KVM side's, in the kernel."""
-        return [], []
-
-    def device_stats(self) -> list[str]:
-        return []
-
-    def set_boot_state(self, entry: EntryState) -> None:
-        """Called once the VM has loaded the guest: the moment to give the software CPU its copy of memory."""
-        self.kvm.set_boot_state(entry)
-        copy_guest_memory(self.mem, self.soft_mem)
-        self.lockstep = Lockstep(
-            self.kvm.vcpus[0], self.mem, self.soft_mem, xsave_layout=self.kvm.xsave_layout,
-            interpreter=self.interpreter, assist=self.kvm.soft_steps[0],
-        )  # fmt: skip
-        self.lockstep.exit_counts = self.exit_counts
-        self.lockstep.assists = self.assists
-
-    def run_vcpu(self, index: int, pio: Bus, mmio: Bus, stopping: threading.Event) -> Stop | None:
-        assert self.lockstep is not None, "set_boot_state first"
-        outcome = self.lockstep.run(pio, mmio, stopping=stopping)
-        self.outcome = outcome
-        if outcome.reason == "divergence":
-            return Stop(StopReason.DIVERGENCE, outcome.detail)
-        if outcome.reason == "halted":
-            return Stop(StopReason.POWEROFF, "the guest halted")
-        if outcome.reason == "shutdown":
-            return Stop(StopReason.TRIPLE_FAULT, "triple fault on both sides (the guest's exception handling failed)")
-        if outcome.reason == "error":
-            return Stop(StopReason.ERROR, outcome.detail)
-        return None
-
-    snapshots = False  # two machines compared step by step: a snapshot of one would not restore the pair
-
-    def kick(self, only: int | None = None) -> None:
-        if self.lockstep is not None and only in (None, 0):
-            self.lockstep.kick()
-
-    def watch(self, stopping: threading.Event) -> None:
-        """Nothing to watch: every KVM_RUN is one instruction long."""
-
-    # --- pause and snapshots: not for a pair of machines (`snapshots` is False, and Vm asks it first) ---
-
-    def settle_vcpu(self, index: int) -> None:
-        """Never paused: `run_vcpu` returns only when the VM stops."""
-
-    def pause_devices(self) -> bool:
-        return True
-
-    def resume_devices(self) -> None:
-        """See pause_devices: no device loop (no virtio devices under lockstep)."""
-
-    def snapshot_state(self) -> dict[str, Any]:
-        raise VmStateError("--accel lockstep takes no snapshots")
-
-    def restore_state(self, state: object) -> None:
-        raise VmStateError("--accel lockstep restores no snapshots")
-
-    def start_dirty_log(self) -> None:
-        raise VmStateError("--accel lockstep keeps no dirty log")
-
-    def collect_dirty(self) -> bool:
-        return False
-
-    def extra_stats(self) -> list[str]:
-        ls = self.lockstep
-        steps, retired = (ls.steps, ls.instructions) if ls is not None else (0, 0)
-        return [f"lockstep: {steps} steps compared, {retired} instructions retired"]
-
-    def register_dumps(self) -> str:
-        soft = format_state(0, self.lockstep.cpu.state) if self.lockstep is not None else ""
-        return "\n".join(x for x in (self.kvm.register_dumps(), soft) if x)
-
-    def close(self) -> None:
-        self.kvm.close()
-        self.soft_mem.close()
